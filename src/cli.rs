@@ -1,0 +1,595 @@
+//! The command line: `run`, `demo`, `simulate`, `validate` and `tail`.
+//! Runtime behaviour (addresses, durations, log level) is set here by flags;
+//! what the pipeline does is in its TOML file.
+//!
+//! Not for: pipeline semantics (see `config`) or engine logic.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use tracing::{error, info};
+
+use crate::config::{PipelineConfig, SinkKind, SourceKind};
+use crate::error::chain;
+use crate::kafka::{client_config, ensure_topics, pipeline_topics};
+use crate::runtime::Engine;
+use crate::schema::{self, RoomStats};
+use crate::simulator::publish::{publish, PublishOptions};
+use crate::simulator::{default_start_ms, sim_config, Simulator};
+use crate::sinks::console::ConsoleSink;
+
+/// onair: real-time live-stream processing.
+#[derive(Parser, Debug)]
+#[command(name = "onair", version, about)]
+pub struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `onair=debug`.
+    #[arg(long, global = true, default_value = "info", env = "ONAIR_LOG")]
+    pub log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a pipeline as a member of its consumer group until SIGTERM/Ctrl-C.
+    Run(RunArgs),
+    /// Run the whole pipeline in one process on simulated rooms (no broker).
+    Demo(DemoArgs),
+    /// Generate simulated live rooms into Kafka, with their ground truth.
+    Simulate(SimulateArgs),
+    /// Check pipeline files and report every problem at once.
+    Validate {
+        /// Pipeline files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print a topic's records as JSON lines.
+    Tail(TailArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    /// Override `kafka.brokers`.
+    #[arg(long, env = "ONAIR_BROKERS")]
+    brokers: Option<String>,
+    /// Override `kafka.group_id`.
+    #[arg(long)]
+    group_id: Option<String>,
+    /// Where to serve Prometheus metrics.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// The pipeline file (source must be `simulator`).
+    #[arg(long, default_value = "pipelines/demo.toml")]
+    pipeline: PathBuf,
+    /// How long to run (simulated time at the pipeline's speed), e.g. `30s`.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Override `simulator.rooms`.
+    #[arg(long)]
+    rooms: Option<u32>,
+    /// Override `simulator.seed`.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override `simulator.speed`.
+    #[arg(long)]
+    speed: Option<f64>,
+    /// Turn off video (saves CPU on small machines).
+    #[arg(long)]
+    no_video: bool,
+    /// Where to serve Prometheus metrics.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: SocketAddr,
+    /// Don't print the live view every second (summary only).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct SimulateArgs {
+    /// Bootstrap servers.
+    #[arg(long, env = "ONAIR_BROKERS")]
+    brokers: String,
+    /// Pipeline file whose `[kafka.topics]` and `[simulator]` to use.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Rooms.
+    #[arg(long)]
+    rooms: Option<u32>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Simulated duration, e.g. `60s`.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Simulated seconds per wall second; `0` = as fast as possible.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Mean comments per second per room.
+    #[arg(long)]
+    comments_per_sec: Option<f64>,
+    /// Viewer population per room.
+    #[arg(long)]
+    viewers: Option<u32>,
+    /// Video frame rate (0 = no video).
+    #[arg(long)]
+    fps: Option<u32>,
+    /// No audio.
+    #[arg(long)]
+    no_audio: bool,
+    /// No synthesized speech in the audio.
+    #[arg(long)]
+    no_speech: bool,
+    /// Event time of the first instant (ms since epoch); default: now, to the minute.
+    #[arg(long)]
+    start_ms: Option<i64>,
+    /// Send every n-th comment/action as JSON (0 = never).
+    #[arg(long, default_value_t = 0)]
+    json_every: u64,
+    /// Partitions of the topics, when they are created.
+    #[arg(long)]
+    partitions: Option<i32>,
+    /// Write the ground truth (JSON lines) here.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct TailArgs {
+    /// Topic to read.
+    topic: String,
+    /// Bootstrap servers.
+    #[arg(long, env = "ONAIR_BROKERS")]
+    brokers: String,
+    /// Record type: room-stats, dead-letter, comment, action, video, audio
+    /// (default: guessed from the topic name).
+    #[arg(long = "type")]
+    record_type: Option<String>,
+    /// Stop after this many records.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Stop after this long without a record, e.g. `5s` (default: never).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle: Option<Duration>,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Run(a) => run(a).await,
+            Command::Demo(a) => demo(a).await,
+            Command::Simulate(a) => simulate(a).await,
+            Command::Validate { files } => validate(&files),
+            Command::Tail(a) => tail(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult = Result<(), String>;
+
+fn load(path: &Path) -> Result<PipelineConfig, String> {
+    PipelineConfig::load(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Sets `stop` on the first SIGINT/SIGTERM; exits at once on the second.
+fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            wait_signal().await;
+            seen += 1;
+            if seen == 1 {
+                info!("stopping: draining in-flight work (signal again to exit at once)");
+                flag.store(true, Ordering::SeqCst);
+            } else {
+                error!("second signal: exiting without draining");
+                std::process::exit(130);
+            }
+        }
+    });
+    stop
+}
+
+async fn wait_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run(a: RunArgs) -> CliResult {
+    let mut config = load(&a.pipeline)?;
+    if config.source.kind != SourceKind::Kafka || config.sink.kind != SinkKind::Kafka {
+        return Err(format!(
+            "{}: `run` needs source.kind and sink.kind = \"kafka\" (use `demo` for the simulator)",
+            a.pipeline.display()
+        ));
+    }
+    if let Some(b) = a.brokers {
+        config.kafka.brokers = b;
+    }
+    if let Some(g) = a.group_id {
+        config.kafka.group_id = g;
+    }
+    crate::metrics::install(a.metrics_addr)
+        .map_err(|e| format!("metrics endpoint on {}: {e}", a.metrics_addr))?;
+    info!(metrics = %a.metrics_addr, "serving /metrics");
+    let stop = stop_on_signal();
+    Engine::new(config)
+        .run_kafka(stop)
+        .await
+        .map_err(|e| chain(&e))
+}
+
+async fn demo(a: DemoArgs) -> CliResult {
+    let mut config = load(&a.pipeline)?;
+    if config.source.kind != SourceKind::Simulator {
+        return Err(format!(
+            "{}: `demo` needs source.kind = \"simulator\"",
+            a.pipeline.display()
+        ));
+    }
+    if let Some(r) = a.rooms {
+        config.simulator.rooms = r;
+    }
+    if let Some(s) = a.seed {
+        config.simulator.seed = s;
+    }
+    if let Some(s) = a.speed {
+        config.simulator.speed = s;
+    }
+    if a.no_video {
+        config.simulator.video = false;
+    }
+    crate::metrics::install(a.metrics_addr)
+        .map_err(|e| format!("metrics endpoint on {}: {e}", a.metrics_addr))?;
+    let start = default_start_ms();
+    let sim_cfg = sim_config(
+        &config.simulator,
+        start,
+        a.duration.as_millis() as i64,
+        config.runtime.tick_ms,
+    );
+    println!(
+        "onair demo: {} rooms, {} of event time at {}x, metrics on http://{}/metrics",
+        config.simulator.rooms,
+        humantime::format_duration(a.duration),
+        config.simulator.speed,
+        a.metrics_addr
+    );
+    let sim = tokio::task::spawn_blocking(move || Simulator::new(sim_cfg))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| chain(&e))?;
+    let truth_sim_rooms = sim.rooms().to_vec();
+    let console = Arc::new(ConsoleSink::new());
+    let stop = stop_on_signal();
+    let printer = if a.quiet {
+        None
+    } else {
+        let view = console.clone();
+        let stop = stop.clone();
+        Some(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(2));
+            every.tick().await;
+            while !stop.load(Ordering::Relaxed) {
+                every.tick().await;
+                let table = view.render(5);
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "\n{table}");
+            }
+        }))
+    };
+    let engine = Engine::new(config);
+    let started = Instant::now();
+    // The simulator is moved into the feed; keep a second, identical one for the truth.
+    let summary = engine
+        .run_simulated(sim, console.clone(), stop.clone())
+        .await
+        .map_err(|e| chain(&e))?;
+    stop.store(true, Ordering::SeqCst);
+    if let Some(p) = printer {
+        p.abort();
+    }
+    let totals = console.totals();
+    println!("\n{}", console.render(usize::MAX));
+    println!(
+        "summary: {} rooms, {} room-ticks, {} comments, {} gifts worth {}, {} dead letters, {} replayed duplicates, {} conflicting, in {:.1}s",
+        totals.rooms,
+        totals.ticks,
+        totals.comments,
+        totals.gifts,
+        totals.gift_value,
+        totals.dead_letters,
+        totals.duplicates,
+        totals.conflicting,
+        started.elapsed().as_secs_f64()
+    );
+    for room in truth_sim_rooms
+        .iter()
+        .filter(|r| !r.highlights.is_empty())
+        .take(8)
+    {
+        let spans: Vec<String> = room
+            .highlights
+            .iter()
+            .map(|(s, e)| format!("{}s-{}s", (s - start) / 1000, (e - start) / 1000))
+            .collect();
+        println!(
+            "  {} highlights (truth): {}",
+            room.room_id,
+            spans.join(", ")
+        );
+    }
+    let _ = summary;
+    Ok(())
+}
+
+async fn simulate(a: SimulateArgs) -> CliResult {
+    let mut config = match &a.pipeline {
+        Some(p) => load(p)?,
+        None => PipelineConfig::default(),
+    };
+    config.kafka.brokers = a.brokers.clone();
+    if let Some(p) = a.partitions {
+        config.kafka.topics.partitions = p;
+    }
+    let s = &mut config.simulator;
+    if let Some(r) = a.rooms {
+        s.rooms = r;
+    }
+    if let Some(x) = a.seed {
+        s.seed = x;
+    }
+    if let Some(c) = a.comments_per_sec {
+        s.comments_per_sec = c;
+    }
+    if let Some(v) = a.viewers {
+        s.viewers = v;
+    }
+    match a.fps {
+        Some(0) => s.video = false,
+        Some(f) => s.video_fps = f,
+        None => {}
+    }
+    if a.no_audio {
+        s.audio = false;
+    }
+    if a.no_speech {
+        s.speech = false;
+    }
+    ensure_topics(&config.kafka, &pipeline_topics(&config.kafka))
+        .await
+        .map_err(|e| chain(&e))?;
+    let start = a.start_ms.unwrap_or_else(default_start_ms);
+    let sim_cfg = sim_config(
+        &config.simulator,
+        start,
+        a.duration.as_millis() as i64,
+        config.runtime.tick_ms,
+    );
+    let sim = tokio::task::spawn_blocking(move || Simulator::new(sim_cfg))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| chain(&e))?;
+    let opts = PublishOptions {
+        speed: if a.speed > 0.0 {
+            a.speed
+        } else {
+            f64::INFINITY
+        },
+        json_every: a.json_every,
+        ..PublishOptions::default()
+    };
+    info!(brokers = %a.brokers, rooms = config.simulator.rooms, start_ms = start, "publishing simulated rooms");
+    let (sim, report) = publish(sim, &config.kafka, &opts)
+        .await
+        .map_err(|e| chain(&e))?;
+    eprintln!(
+        "published video={} audio={} comments={} actions={} ({} bytes) in {:.1}s",
+        report.records[0],
+        report.records[1],
+        report.records[2],
+        report.records[3],
+        report.bytes,
+        report.wall.as_secs_f64()
+    );
+    if let Some(path) = a.truth {
+        let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        sim.truth()
+            .write_jsonl(&mut w)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        w.flush().map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn validate(files: &[PathBuf]) -> CliResult {
+    let mut failed = 0;
+    for f in files {
+        match PipelineConfig::load(f) {
+            Ok(_) => println!("{}: ok", f.display()),
+            Err(e) => {
+                failed += 1;
+                println!("{}: {e}", f.display());
+            }
+        }
+    }
+    if failed > 0 {
+        Err(format!(
+            "{failed} of {} pipeline file(s) invalid",
+            files.len()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Renders one record of a known type as JSON.
+pub fn record_json(record_type: &str, payload: &[u8]) -> Result<serde_json::Value, String> {
+    fn enc<M: prost::Message + Default + serde::Serialize>(
+        b: &[u8],
+    ) -> Result<serde_json::Value, String> {
+        let m = M::decode(b).map_err(|e| e.to_string())?;
+        serde_json::to_value(&m).map_err(|e| e.to_string())
+    }
+    match record_type {
+        "room-stats" => enc::<RoomStats>(payload),
+        "dead-letter" => enc::<schema::DeadLetter>(payload),
+        "comment" => enc::<schema::Comment>(payload),
+        "action" => enc::<schema::ViewerAction>(payload),
+        "audio" => enc::<schema::AudioChunk>(payload).map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "payload".into(),
+                    serde_json::json!(format!("<{} bytes>", payload.len())),
+                );
+            }
+            v
+        }),
+        "video" => enc::<schema::VideoSegment>(payload).map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "payload".into(),
+                    serde_json::json!(format!("<{} bytes>", payload.len())),
+                );
+            }
+            v
+        }),
+        other => Err(format!("unknown record type {other:?}")),
+    }
+}
+
+fn guess_type(topic: &str) -> &'static str {
+    if topic.contains("stats") {
+        "room-stats"
+    } else if topic.contains("dead") {
+        "dead-letter"
+    } else if topic.contains("comment") {
+        "comment"
+    } else if topic.contains("video") {
+        "video"
+    } else if topic.contains("audio") {
+        "audio"
+    } else {
+        "action"
+    }
+}
+
+async fn tail(a: TailArgs) -> CliResult {
+    let record_type = a
+        .record_type
+        .clone()
+        .unwrap_or_else(|| guess_type(&a.topic).to_string());
+    tokio::task::spawn_blocking(move || tail_blocking(&a, &record_type))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+fn tail_blocking(a: &TailArgs, record_type: &str) -> CliResult {
+    let cfg = crate::config::KafkaConfig {
+        brokers: a.brokers.clone(),
+        ..Default::default()
+    };
+    let mut c = client_config(&cfg);
+    c.set("group.id", format!("onair-tail-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    let consumer: BaseConsumer = c.create().map_err(|e| e.to_string())?;
+    consumer.subscribe(&[&a.topic]).map_err(|e| e.to_string())?;
+    let mut seen = 0u64;
+    let mut last = Instant::now();
+    let stdout = std::io::stdout();
+    loop {
+        if a.max.is_some_and(|m| seen >= m) || a.idle.is_some_and(|d| last.elapsed() > d) {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => {
+                seen += 1;
+                last = Instant::now();
+                let mut line = match record_json(record_type, msg.payload().unwrap_or_default()) {
+                    Ok(v) => v,
+                    Err(e) => serde_json::json!({ "error": e }),
+                };
+                if let Some(o) = line.as_object_mut() {
+                    o.insert("_partition".into(), msg.partition().into());
+                    o.insert("_offset".into(), msg.offset().into());
+                    if let Some(h) = msg.headers() {
+                        for hdr in h.iter() {
+                            if let Some(v) = hdr.value {
+                                o.insert(
+                                    format!("_header_{}", hdr.key),
+                                    String::from_utf8_lossy(v).into(),
+                                );
+                            }
+                        }
+                    }
+                }
+                let mut out = stdout.lock();
+                if writeln!(out, "{line}").is_err() {
+                    break;
+                }
+            }
+            Some(Err(e)) => eprintln!("warning: {e}"),
+            None => {}
+        }
+    }
+    Ok(())
+}

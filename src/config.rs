@@ -1,0 +1,629 @@
+//! Pipeline files: what a deployment reads, processes and writes. One TOML
+//! file per pipeline (see `pipelines/`), validated as a whole so that a user
+//! sees every mistake at once, each with the path of its field.
+//!
+//! Not for: runtime behaviour of one process (metrics address, log level,
+//! durations); those are command-line flags.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::schema::Limits;
+
+/// A whole pipeline.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Where records come from.
+    pub source: SourceConfig,
+    /// Kafka connection and topic names (used by the kafka source and sink).
+    pub kafka: KafkaConfig,
+    /// The built-in simulator (used by the simulator source).
+    pub simulator: SimulatorConfig,
+    /// Event-time processing.
+    pub runtime: RuntimeConfig,
+    /// Input size limits.
+    pub limits: Limits,
+    /// Where results go.
+    pub sink: SinkConfig,
+    /// Dead-letter policy.
+    pub dead_letters: DeadLetterConfig,
+    /// Operators and their settings.
+    pub operators: OperatorsConfig,
+}
+
+/// Which source feeds the pipeline.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Kafka topics (see `[kafka]`).
+    #[default]
+    Kafka,
+    /// The in-process simulator (see `[simulator]`): no broker needed.
+    Simulator,
+}
+
+/// `[source]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `kafka` or `simulator`.
+    pub kind: SourceKind,
+}
+
+/// `[kafka]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`. The `--brokers` flag overrides it.
+    pub brokers: String,
+    /// Consumer group shared by every instance of this pipeline.
+    pub group_id: String,
+    /// Consumer session timeout (ms). A revoked partition is drained within
+    /// `runtime.drain_timeout_ms`, which must be shorter.
+    pub session_timeout_ms: u32,
+    /// How often safe offsets are committed (ms).
+    pub commit_interval_ms: u32,
+    /// How often librdkafka statistics (consumer lag) are refreshed (ms).
+    pub statistics_interval_ms: u32,
+    /// Producer linger (ms): how long outputs wait to be batched.
+    pub linger_ms: u32,
+    /// Largest message the producer sends (bytes); dead letters carry the
+    /// original payload, so keep it above the input limits.
+    pub message_max_bytes: u32,
+    /// Topic names.
+    pub topics: TopicsConfig,
+    /// Extra librdkafka properties applied to every client (free-form).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "onair".into(),
+            session_timeout_ms: 10_000,
+            commit_interval_ms: 1_000,
+            statistics_interval_ms: 5_000,
+            linger_ms: 5,
+            message_max_bytes: 16 << 20,
+            topics: TopicsConfig::default(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[kafka.topics]`: every topic the engine reads or writes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Input: video segments (room-keyed).
+    pub video: String,
+    /// Input: audio chunks (room-keyed).
+    pub audio: String,
+    /// Input: comments (room-keyed).
+    pub comments: String,
+    /// Input: live viewer actions (room-keyed).
+    pub actions: String,
+    /// Input: short-video actions (user-keyed; read by the user stage).
+    pub short_video_actions: String,
+    /// Output: per-room per-tick activity.
+    pub room_stats: String,
+    /// Output: records that could not be processed.
+    pub dead_letters: String,
+    /// Partitions of the room-keyed topics when onair creates them.
+    pub partitions: i32,
+    /// Whether `run` creates missing topics at start (admin API).
+    pub create: bool,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            video: "video".into(),
+            audio: "audio".into(),
+            comments: "comments".into(),
+            actions: "actions".into(),
+            short_video_actions: "short-video-actions".into(),
+            room_stats: "room-stats".into(),
+            dead_letters: "dead-letters".into(),
+            partitions: 4,
+            create: true,
+        }
+    }
+}
+
+/// `[simulator]`: the built-in generator of live rooms.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulatorConfig {
+    /// Seed; the same seed gives the same rooms, events and media.
+    pub seed: u64,
+    /// Number of live rooms.
+    pub rooms: u32,
+    /// Mean comments per second per room at average excitement.
+    pub comments_per_sec: f64,
+    /// Viewer population per room.
+    pub viewers: u32,
+    /// Whether rooms send H.264 MPEG-TS video segments.
+    pub video: bool,
+    /// Video width (px).
+    pub video_width: u32,
+    /// Video height (px).
+    pub video_height: u32,
+    /// Video frame rate.
+    pub video_fps: u32,
+    /// Video segment length (ms).
+    pub segment_ms: i64,
+    /// Whether rooms send PCM audio.
+    pub audio: bool,
+    /// Whether the audio carries synthesized speech (espeak-ng).
+    pub speech: bool,
+    /// Simulated seconds per wall-clock second (1 = real time).
+    pub speed: f64,
+    /// Partition tasks the simulated rooms are spread over.
+    pub partitions: u32,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        SimulatorConfig {
+            seed: 1,
+            rooms: 8,
+            comments_per_sec: 2.0,
+            viewers: 40,
+            video: true,
+            video_width: 256,
+            video_height: 144,
+            video_fps: 5,
+            segment_ms: 2000,
+            audio: true,
+            speech: true,
+            speed: 1.0,
+            partitions: 4,
+        }
+    }
+}
+
+/// `[runtime]`: event time, ticks and queues.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Tick length in ms of event time; every operator sees each room once per tick.
+    pub tick_ms: i64,
+    /// How long (wall ms) a partition waits for a modality that has nothing
+    /// queued before processing the others without it.
+    pub max_wait_ms: u64,
+    /// How far (event ms) the watermark trails the newest event: records up
+    /// to this late still count in their own tick; later ones are dropped.
+    pub allowed_lateness_ms: i64,
+    /// After this long (wall ms) with no input, a partition's watermark
+    /// advances with the wall clock so idle rooms still tick.
+    pub idle_timeout_ms: u64,
+    /// Capacity of each partition's input queue per modality; when full the
+    /// source pauses that topic-partition.
+    pub queue_capacity: usize,
+    /// Most output records in flight per partition before it stops reading.
+    pub max_in_flight: usize,
+    /// Deadline (ms) to drain a revoked partition or shut down.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            tick_ms: 1000,
+            max_wait_ms: 500,
+            allowed_lateness_ms: 2000,
+            idle_timeout_ms: 3000,
+            queue_capacity: 1024,
+            max_in_flight: 10_000,
+            drain_timeout_ms: 5000,
+        }
+    }
+}
+
+/// Where outputs go.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// Kafka topics (see `[kafka.topics]`).
+    #[default]
+    Kafka,
+    /// Standard output: a live view of the rooms (the embedded demo).
+    Console,
+}
+
+/// `[sink]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkConfig {
+    /// `kafka` or `console`.
+    pub kind: SinkKind,
+}
+
+/// `[dead_letters]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Dead letters per second each partition may write on average.
+    pub rate_per_sec: f64,
+    /// Burst each partition may write at once.
+    pub burst: u32,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            rate_per_sec: 100.0,
+            burst: 1000,
+        }
+    }
+}
+
+/// `[operators]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OperatorsConfig {
+    /// Per-room activity statistics.
+    pub room_activity: RoomActivityConfig,
+}
+
+impl Default for OperatorsConfig {
+    fn default() -> Self {
+        OperatorsConfig {
+            room_activity: RoomActivityConfig { enabled: true },
+        }
+    }
+}
+
+/// `[operators.room_activity]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomActivityConfig {
+    /// Whether the operator runs.
+    pub enabled: bool,
+}
+
+impl Default for RoomActivityConfig {
+    fn default() -> Self {
+        RoomActivityConfig { enabled: true }
+    }
+}
+
+/// One problem in a pipeline file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the field, e.g. `runtime.tick_ms`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A pipeline file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid; every problem found is listed.
+    #[error("{} problem(s):\n{}", .0.len(), .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl crate::error::Classify for ConfigError {
+    fn fault(&self) -> crate::error::Fault {
+        crate::error::Fault::Input
+    }
+}
+
+/// Tables whose keys are free-form.
+const FREE_MAPS: &[&str] = &["kafka.properties"];
+
+impl PipelineConfig {
+    /// Reads and validates a pipeline file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates pipeline text, reporting every problem at once.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Invalid(vec![Problem {
+                path: "(file)".into(),
+                message: e.to_string().trim().to_string(),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        let reference = toml::Table::try_from(PipelineConfig::default()).unwrap_or_default();
+        // Fields with the wrong shape are reported and removed, so that the
+        // semantic checks below still run on the rest of the file.
+        shape(&mut value, &reference, "", &mut problems);
+        let config: PipelineConfig =
+            toml::Value::Table(value)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    ConfigError::Invalid(vec![Problem {
+                        path: "(file)".into(),
+                        message: e.to_string().trim().to_string(),
+                    }])
+                })?;
+        config.check(&mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn check(&self, p: &mut Vec<Problem>) {
+        let mut bad = |path: &str, ok: bool, message: &str| {
+            if !ok {
+                p.push(Problem {
+                    path: path.into(),
+                    message: message.into(),
+                });
+            }
+        };
+        let r = &self.runtime;
+        bad(
+            "runtime.tick_ms",
+            r.tick_ms >= 10 && 60_000 % r.tick_ms.max(1) == 0,
+            "must be at least 10 and divide 60000",
+        );
+        bad(
+            "runtime.allowed_lateness_ms",
+            r.allowed_lateness_ms >= 0,
+            "must not be negative",
+        );
+        bad(
+            "runtime.queue_capacity",
+            r.queue_capacity >= 1,
+            "must be at least 1",
+        );
+        bad(
+            "runtime.max_in_flight",
+            r.max_in_flight >= 1,
+            "must be at least 1",
+        );
+        bad(
+            "runtime.drain_timeout_ms",
+            r.drain_timeout_ms < u64::from(self.kafka.session_timeout_ms),
+            "must be shorter than kafka.session_timeout_ms, or the group evicts the member while it drains",
+        );
+        let k = &self.kafka;
+        let kafka_used = self.source.kind == SourceKind::Kafka || self.sink.kind == SinkKind::Kafka;
+        if kafka_used {
+            bad(
+                "kafka.brokers",
+                !k.brokers.trim().is_empty(),
+                "must name at least one broker",
+            );
+            bad(
+                "kafka.group_id",
+                !k.group_id.trim().is_empty(),
+                "must not be empty",
+            );
+        }
+        bad(
+            "kafka.topics.partitions",
+            k.topics.partitions >= 1,
+            "must be at least 1",
+        );
+        bad(
+            "kafka.commit_interval_ms",
+            k.commit_interval_ms >= 10,
+            "must be at least 10",
+        );
+        for (name, topic) in [
+            ("video", &k.topics.video),
+            ("audio", &k.topics.audio),
+            ("comments", &k.topics.comments),
+            ("actions", &k.topics.actions),
+            ("short_video_actions", &k.topics.short_video_actions),
+            ("room_stats", &k.topics.room_stats),
+            ("dead_letters", &k.topics.dead_letters),
+        ] {
+            let valid = !topic.is_empty()
+                && topic.len() <= 249
+                && topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            bad(
+                &format!("kafka.topics.{name}"),
+                valid,
+                "must be a valid Kafka topic name",
+            );
+        }
+        let s = &self.simulator;
+        if self.source.kind == SourceKind::Simulator {
+            bad("simulator.rooms", s.rooms >= 1, "must be at least 1");
+            bad(
+                "simulator.speed",
+                s.speed > 0.0 && s.speed.is_finite(),
+                "must be positive",
+            );
+            bad(
+                "simulator.partitions",
+                s.partitions >= 1,
+                "must be at least 1",
+            );
+            bad(
+                "simulator.comments_per_sec",
+                s.comments_per_sec >= 0.0,
+                "must not be negative",
+            );
+            bad(
+                "simulator.segment_ms",
+                s.segment_ms >= 100,
+                "must be at least 100",
+            );
+            bad(
+                "simulator.video_width",
+                !s.video || (s.video_width >= 16 && s.video_width % 2 == 0),
+                "must be even and at least 16",
+            );
+            bad(
+                "simulator.video_height",
+                !s.video || (s.video_height >= 16 && s.video_height % 2 == 0),
+                "must be even and at least 16",
+            );
+            bad(
+                "simulator.video_fps",
+                !s.video || (1..=60).contains(&s.video_fps),
+                "must be 1..=60",
+            );
+            bad(
+                "sink.kind",
+                self.sink.kind == SinkKind::Console || kafka_used,
+                "",
+            );
+        }
+        bad(
+            "dead_letters.rate_per_sec",
+            self.dead_letters.rate_per_sec > 0.0,
+            "must be positive",
+        );
+        bad(
+            "limits.max_event_bytes",
+            self.limits.max_event_bytes >= 64,
+            "must be at least 64",
+        );
+        bad(
+            "kafka.message_max_bytes",
+            k.message_max_bytes as usize
+                > self.limits.max_video_bytes.max(self.limits.max_audio_bytes),
+            "must exceed the largest input limit, so dead letters can carry the payload",
+        );
+    }
+}
+
+fn type_name(v: &toml::Value) -> &'static str {
+    v.type_str()
+}
+
+/// Walks the file's table against the default config's: unknown keys and
+/// wrong types are reported with their path.
+fn shape(
+    value: &mut toml::Table,
+    reference: &toml::Table,
+    prefix: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let before = problems.len();
+    let mut remove = Vec::new();
+    for (key, v) in value.iter_mut() {
+        let reported = problems.len();
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let Some(r) = reference.get(key) else {
+            if !FREE_MAPS.contains(&prefix) {
+                remove.push(key.clone());
+                let known: Vec<&str> = reference.keys().map(String::as_str).collect();
+                problems.push(Problem {
+                    path,
+                    message: format!("unknown field (known here: {})", known.join(", ")),
+                });
+            }
+            continue;
+        };
+        let is_table = v.is_table();
+        let v_type = type_name(v);
+        let same_type = std::mem::discriminant(&*v) == std::mem::discriminant(r);
+        match (v, r) {
+            (toml::Value::Table(t), toml::Value::Table(rt)) => {
+                shape(t, rt, &path, problems);
+                continue;
+            }
+            (toml::Value::Integer(_), toml::Value::Float(_)) => {}
+            _ if FREE_MAPS.contains(&path.as_str()) => {
+                if !is_table {
+                    problems.push(Problem {
+                        path,
+                        message: format!("expected a table, found {v_type}"),
+                    });
+                }
+            }
+            _ if !same_type => problems.push(Problem {
+                path,
+                message: format!("expected {}, found {v_type}", type_name(r)),
+            }),
+            _ => {}
+        }
+        if problems.len() > reported {
+            remove.push(key.clone());
+        }
+    }
+    if problems.len() > before {
+        for key in remove {
+            value.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_roundtrip() {
+        let text = toml::to_string(&PipelineConfig::default()).unwrap();
+        assert_eq!(
+            PipelineConfig::parse(&text).unwrap(),
+            PipelineConfig::default()
+        );
+        assert_eq!(
+            PipelineConfig::parse("").unwrap(),
+            PipelineConfig::default()
+        );
+    }
+
+    #[test]
+    fn every_problem_at_once_with_paths() {
+        let text = r#"
+            [runtime]
+            tick_ms = 7
+            bogus = 1
+            queue_capacity = "big"
+            [kafka.topics]
+            comments = "bad topic!"
+            [kafka.properties]
+            "fetch.wait.max.ms" = "10"
+        "#;
+        let Err(ConfigError::Invalid(p)) = PipelineConfig::parse(text) else {
+            panic!("accepted")
+        };
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "runtime.bogus",
+                "runtime.queue_capacity",
+                "runtime.tick_ms",
+                "kafka.topics.comments"
+            ],
+            "{p:?}"
+        );
+    }
+}

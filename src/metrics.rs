@@ -1,0 +1,124 @@
+//! Every metric name the engine exports, in one place, and the per-stage
+//! family that every stage emits: received, sent, errors, dropped and a
+//! processing-latency histogram, all labelled `stage`.
+//!
+//! Not for: choosing where metrics go; that is [`install`]'s caller's choice
+//! (the Prometheus endpoint on `run` and `demo`, a local recorder in tests).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Records a stage accepted.
+pub const STAGE_RECEIVED: &str = "onair_stage_received_total";
+/// Records a stage passed on (or wrote, for sinks).
+pub const STAGE_SENT: &str = "onair_stage_sent_total";
+/// Failures in a stage, labelled `kind`.
+pub const STAGE_ERRORS: &str = "onair_stage_errors_total";
+/// Records a stage dropped on purpose, labelled `reason`.
+pub const STAGE_DROPPED: &str = "onair_stage_dropped_total";
+/// Time a stage spent on one unit of work, seconds.
+pub const STAGE_LATENCY: &str = "onair_stage_latency_seconds";
+/// Messages between the consumer's position and the high watermark, from
+/// librdkafka statistics, labelled `topic` and `partition`.
+pub const CONSUMER_LAG: &str = "onair_consumer_lag";
+/// Records waiting in a partition task's input queues, labelled `partition`.
+pub const QUEUE_DEPTH: &str = "onair_queue_depth";
+/// Topic-partitions currently paused for backpressure.
+pub const PARTITIONS_PAUSED: &str = "onair_partitions_paused";
+/// Partition tasks currently running on this instance.
+pub const PARTITIONS_ASSIGNED: &str = "onair_partitions_assigned";
+/// Records written to the dead-letter topic, labelled `reason` and `topic`.
+pub const DEAD_LETTERS: &str = "onair_dead_letters_total";
+/// Event time minus the partition watermark at each tick, seconds.
+pub const WATERMARK_DELAY: &str = "onair_watermark_delay_seconds";
+/// Rooms held in state, labelled `partition`.
+pub const ROOMS_ACTIVE: &str = "onair_rooms_active";
+/// Offset commits, labelled `result` (ok or error).
+pub const OFFSET_COMMITS: &str = "onair_offset_commits_total";
+/// Rebalance events, labelled `event` (assign, revoke, lost).
+pub const REBALANCES: &str = "onair_rebalances_total";
+
+/// Handles of one stage's metric family, created once and cloned cheaply.
+#[derive(Clone)]
+pub struct Stage {
+    name: &'static str,
+    /// Records accepted.
+    pub received: Counter,
+    /// Records passed on.
+    pub sent: Counter,
+    /// Processing latency.
+    pub latency: Histogram,
+}
+
+impl Stage {
+    /// Registers the family for `name`.
+    pub fn new(name: &'static str) -> Self {
+        Stage {
+            name,
+            received: counter!(STAGE_RECEIVED, "stage" => name),
+            sent: counter!(STAGE_SENT, "stage" => name),
+            latency: histogram!(STAGE_LATENCY, "stage" => name),
+        }
+    }
+
+    /// Counts one error of `kind`.
+    pub fn error(&self, kind: &'static str) {
+        counter!(STAGE_ERRORS, "stage" => self.name, "kind" => kind).increment(1);
+    }
+
+    /// Counts `n` records dropped for `reason`.
+    pub fn dropped(&self, reason: &'static str, n: u64) {
+        counter!(STAGE_DROPPED, "stage" => self.name, "reason" => reason).increment(n);
+    }
+
+    /// The stage's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// The gauge of queued input records for one partition task.
+pub fn queue_depth(partition: i32) -> Gauge {
+    gauge!(QUEUE_DEPTH, "partition" => partition.to_string())
+}
+
+/// The gauge of rooms held by one partition task.
+pub fn rooms_active(partition: i32) -> Gauge {
+    gauge!(ROOMS_ACTIVE, "partition" => partition.to_string())
+}
+
+fn builder() -> Result<PrometheusBuilder, BuildError> {
+    PrometheusBuilder::new().set_buckets_for_metric(
+        Matcher::Suffix("_seconds".into()),
+        &[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ],
+    )
+}
+
+/// Installs the global recorder and serves `/metrics` on `addr`. Must be
+/// called inside a tokio runtime.
+pub fn install(addr: SocketAddr) -> Result<PrometheusHandle, BuildError> {
+    let builder = builder()?
+        .with_http_listener(addr)
+        .upkeep_timeout(Duration::from_secs(5));
+    let (recorder, exporter) = builder.build()?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)?;
+    tokio::spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::error!(error = ?e, "metrics endpoint stopped");
+        }
+    });
+    Ok(handle)
+}
+
+/// Installs a global recorder without an endpoint (for `simulate` and tests
+/// that render the registry themselves).
+pub fn install_local() -> Result<PrometheusHandle, BuildError> {
+    builder()?.install_recorder()
+}

@@ -1,0 +1,18 @@
+//! The runtime: partition tasks that own every room of one partition, merge
+//! its input streams in event time, drive ticks from a watermark, run the
+//! operators and track which offsets are safe to commit; and the engine that
+//! wires a source, the tasks and a sink together.
+//!
+//! Not for: talking to Kafka (sources and sinks do) or per-room logic
+//! (operators do).
+
+mod engine;
+mod operator;
+mod partition;
+
+pub use engine::{Engine, EngineError, RunSummary};
+pub use operator::{Context, Holds, Operator, Output, OutputTopic, Position};
+pub use partition::{
+    Checkpoint, Control, Input, InputRecord, PartitionHandle, PartitionShared, PartitionSpec,
+    PartitionTask,
+};

@@ -1,0 +1,131 @@
+//! The operator interface: what every per-room computation (room activity,
+//! highlight detection, gift prediction, user sequences) implements to plug
+//! into a partition task without touching sources or sinks.
+//!
+//! An operator owns the state of the rooms of one partition. The runtime calls
+//! its hooks in event-time order: `on_record` for each input, `on_tick` once
+//! per closed tick, `on_revoke` when the partition leaves this instance.
+//! Operators report the input positions their state still depends on
+//! ([`Holds`]), which is what makes at-least-once commits safe without a
+//! changelog: offsets are never committed past a record whose effect a
+//! restarted engine would still need.
+//!
+//! Not for: I/O. Operators never talk to Kafka; they emit [`Output`]s.
+
+use crate::schema::{Event, InputKind};
+pub use crate::state::Holds;
+
+/// Where a record sits in its input stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// Which input stream.
+    pub kind: InputKind,
+    /// Offset in that stream's partition.
+    pub offset: i64,
+}
+
+/// Which output topic a record goes to (names come from the pipeline file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutputTopic {
+    /// Per-room per-tick activity.
+    RoomStats,
+    /// Records that could not be processed.
+    DeadLetters,
+}
+
+impl OutputTopic {
+    /// Name used in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputTopic::RoomStats => "room_stats",
+            OutputTopic::DeadLetters => "dead_letters",
+        }
+    }
+}
+
+/// One record to write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Output {
+    /// Destination.
+    pub topic: OutputTopic,
+    /// Kafka key (room id or user id).
+    pub key: Vec<u8>,
+    /// Deterministic id, also sent as the `onair-id` header.
+    pub id: String,
+    /// Encoded record.
+    pub payload: Vec<u8>,
+    /// Extra headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// `name@version` of the model that made it, sent as `onair-model` header.
+    pub model_version: Option<String>,
+    /// End of the event-time interval this output closes, for outputs made at
+    /// ticks. After a restart, tick outputs at or before the partition's
+    /// committed emitted-through time are not written again.
+    pub tick_end_ms: Option<i64>,
+    /// Input positions the output was computed from: offsets are not
+    /// committed past them until the output is acknowledged.
+    pub depends_on: Holds,
+}
+
+/// What an operator can do while handling a hook.
+pub struct Context<'a> {
+    pub(crate) outputs: &'a mut Vec<Output>,
+    pub(crate) partition: i32,
+    pub(crate) tick_ms: i64,
+}
+
+impl<'a> Context<'a> {
+    /// A context collecting into `outputs` (for operator tests and benches).
+    pub fn new(outputs: &'a mut Vec<Output>, partition: i32, tick_ms: i64) -> Self {
+        Context {
+            outputs,
+            partition,
+            tick_ms,
+        }
+    }
+
+    /// Queues an output; it is written once the hook returns.
+    pub fn emit(&mut self, output: Output) {
+        self.outputs.push(output);
+    }
+
+    /// The partition this task owns.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// Tick length in ms.
+    pub fn tick_ms(&self) -> i64 {
+        self.tick_ms
+    }
+}
+
+/// A per-partition computation over the rooms of that partition.
+pub trait Operator: Send {
+    /// Stable name, used as the metrics `stage` label.
+    fn name(&self) -> &'static str;
+
+    /// Called once before the first record.
+    fn on_start(&mut self, _ctx: &mut Context<'_>) {}
+
+    /// One input record, in event-time order across the partition's streams
+    /// (up to the allowed lateness). `late` is true when the record's tick has
+    /// already closed: it may update lasting state but must not change emitted
+    /// ticks.
+    fn on_record(&mut self, event: &Event, pos: Position, late: bool, ctx: &mut Context<'_>);
+
+    /// The tick `[tick_start_ms, tick_start_ms + tick_ms)` closed: no more
+    /// records for it will come (later ones are flagged late).
+    fn on_tick(&mut self, _tick_start_ms: i64, _ctx: &mut Context<'_>) {}
+
+    /// Adds the positions the operator's state still depends on.
+    fn holds(&self, holds: &mut Holds);
+
+    /// Rooms currently held.
+    fn rooms(&self) -> usize {
+        0
+    }
+
+    /// The partition is leaving this instance (or the process stops): drop state.
+    fn on_revoke(&mut self) {}
+}

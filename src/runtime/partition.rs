@@ -1,0 +1,753 @@
+//! One partition task: it owns every room whose records land on one
+//! partition number of the co-partitioned input topics.
+//!
+//! What it does, in order, for each record:
+//! 1. decode and check it (a bad record becomes a dead letter at once);
+//! 2. buffer it per input stream, and take records out in event-time order
+//!    across streams (Kafka Streams' rule: the smallest head first, waiting a
+//!    bounded time for a stream that the broker says has more data);
+//! 3. hand it to every operator, then close the ticks the watermark (newest
+//!    event time minus the allowed lateness) has passed;
+//! 4. send what the operators emitted and, once acknowledged, move the
+//!    checkpoint: per stream, the lowest offset that state, unacknowledged
+//!    outputs or buffered records still need, plus the end of the last tick
+//!    whose outputs are all acknowledged (the emitted-through time).
+//!
+//! After a restart the source resumes every stream at its checkpoint and the
+//! task re-emits nothing at or before the emitted-through time: outputs after
+//! it are exact replays with the same ids.
+//!
+//! Not for: fetching records or committing offsets (the source does both,
+//! from the [`Checkpoint`] published here).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics::Gauge;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, trace, warn};
+
+use super::operator::{Context, Operator, Output, Position};
+use crate::config::{DeadLetterConfig, RuntimeConfig};
+use crate::metrics::{self as m, Stage};
+use crate::schema::{decode_input, Event, InputKind, Limits};
+use crate::sinks::dead_letters::{self, RateLimit, Rejected};
+use crate::sinks::{Ack, AckMsg, Busy, Sink};
+pub use crate::state::Checkpoint;
+use crate::state::Holds;
+
+/// One raw input record, as the source hands it over.
+#[derive(Debug)]
+pub struct InputRecord {
+    /// Which stream.
+    pub kind: InputKind,
+    /// Source topic name (for dead letters).
+    pub topic: Arc<str>,
+    /// Offset in the stream's partition.
+    pub offset: i64,
+    /// Kafka key.
+    pub key: Option<Vec<u8>>,
+    /// Kafka value.
+    pub payload: Option<Vec<u8>>,
+    /// The `content-type` header, if any.
+    pub content_type: Option<String>,
+}
+
+/// Messages from the source to a partition task.
+#[derive(Debug)]
+pub enum Control {
+    /// Stop taking records, wait (up to the deadline) for outputs in flight,
+    /// reply with the final checkpoint and drop all state.
+    Drain {
+        /// Where the final checkpoint goes.
+        reply: std::sync::mpsc::SyncSender<Checkpoint>,
+    },
+    /// No more input will come: process everything buffered and close every
+    /// tick up to `until_ms` (the end of a finite input such as the simulator).
+    Finish {
+        /// Close ticks ending at or before this event time.
+        until_ms: i64,
+    },
+}
+
+/// What a source sends a partition task, in the order it read it.
+#[derive(Debug)]
+pub enum Input {
+    /// A record.
+    Record(InputRecord),
+    /// The source has handed over everything the broker held for this
+    /// stream so far: the merge need not wait for it.
+    CaughtUp(InputKind),
+}
+
+/// State the source and the task share.
+#[derive(Debug, Default)]
+pub struct PartitionShared {
+    /// Per room stream: the task asks the source to pause it (its buffer is full).
+    pub pause: [AtomicBool; InputKind::ROOM_COUNT],
+    /// The latest checkpoint, for the source's periodic commit.
+    pub checkpoint: Mutex<Option<Checkpoint>>,
+    /// Set when the task has ended.
+    pub finished: AtomicBool,
+    /// Records waiting in the task's buffers.
+    pub buffered: AtomicUsize,
+}
+
+/// The source's handle on a running partition task.
+pub struct PartitionHandle {
+    /// Partition number.
+    pub partition: i32,
+    /// Input records and end-of-backlog markers.
+    pub input: mpsc::Sender<Input>,
+    /// Control messages.
+    pub control: mpsc::UnboundedSender<Control>,
+    /// Shared state.
+    pub shared: Arc<PartitionShared>,
+    /// The task.
+    pub join: tokio::task::JoinHandle<()>,
+}
+
+struct Buffered {
+    event: Event,
+    pos: Position,
+}
+
+struct Batch {
+    id: u64,
+    pending: usize,
+    holds: Holds,
+    tick_end_ms: Option<i64>,
+}
+
+/// A partition task (see the module docs).
+pub struct PartitionTask {
+    partition: i32,
+    cfg: RuntimeConfig,
+    limits: Limits,
+    ops: Vec<Box<dyn Operator>>,
+    op_stages: Vec<Stage>,
+    sink: Arc<dyn Sink>,
+    input: mpsc::Receiver<Input>,
+    control: mpsc::UnboundedReceiver<Control>,
+    shared: Arc<PartitionShared>,
+    /// Per stream: everything the broker held has been received.
+    caught_up: [bool; InputKind::ROOM_COUNT],
+    /// Emitted-through time restored from the last commit: tick outputs at or
+    /// before it were written before and are not written again.
+    replayed_through: Option<i64>,
+    checkpoint_every: Duration,
+
+    buffers: [VecDeque<Buffered>; InputKind::ROOM_COUNT],
+    received_next: [Option<i64>; InputKind::ROOM_COUNT],
+    stream_time: Option<i64>,
+    next_tick: Option<i64>,
+    wait_since: Option<Instant>,
+    last_input: Instant,
+    idle_anchor: Option<(Instant, i64)>,
+    input_closed: bool,
+
+    batches: VecDeque<Batch>,
+    next_batch: u64,
+    emitted_through: Option<i64>,
+    in_flight: usize,
+    ack_tx: mpsc::UnboundedSender<AckMsg>,
+    ack_rx: mpsc::UnboundedReceiver<AckMsg>,
+    outputs: Vec<Output>,
+    late: u64,
+
+    dlq_limit: RateLimit,
+    decode_stage: Stage,
+    sink_stage: Stage,
+    dlq_stage: Stage,
+    runtime_stage: Stage,
+    depth: Gauge,
+    rooms_gauge: Gauge,
+}
+
+/// Everything needed to start a partition task.
+pub struct PartitionSpec {
+    /// Partition number.
+    pub partition: i32,
+    /// Event-time settings.
+    pub runtime: RuntimeConfig,
+    /// Input limits.
+    pub limits: Limits,
+    /// Dead-letter policy.
+    pub dead_letters: DeadLetterConfig,
+    /// The operators, fresh for this partition.
+    pub operators: Vec<Box<dyn Operator>>,
+    /// Where outputs go.
+    pub sink: Arc<dyn Sink>,
+    /// Whether the source reports [`Input::CaughtUp`] (Kafka) so that the
+    /// merge waits for streams with records still on the broker. Without it
+    /// (the simulator, which never runs one stream ahead) nothing waits.
+    pub wait_for_backlog: bool,
+    /// Emitted-through time from the last commit.
+    pub replayed_through: Option<i64>,
+    /// How often the checkpoint is recomputed.
+    pub checkpoint_every: Duration,
+}
+
+const PROCESS_BUDGET: usize = 512;
+
+impl PartitionTask {
+    /// Spawns the task on the current tokio runtime.
+    pub fn spawn(spec: PartitionSpec) -> PartitionHandle {
+        let (input_tx, input) = mpsc::channel(spec.runtime.queue_capacity.max(1));
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let shared = Arc::new(PartitionShared::default());
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let partition = spec.partition;
+        let op_stages = spec
+            .operators
+            .iter()
+            .map(|o| Stage::new(o.name()))
+            .collect();
+        let task = PartitionTask {
+            partition,
+            limits: spec.limits,
+            ops: spec.operators,
+            op_stages,
+            sink: spec.sink,
+            input,
+            control,
+            shared: shared.clone(),
+            caught_up: [!spec.wait_for_backlog; InputKind::ROOM_COUNT],
+            replayed_through: spec.replayed_through,
+            checkpoint_every: spec.checkpoint_every,
+            buffers: Default::default(),
+            received_next: [None; InputKind::ROOM_COUNT],
+            stream_time: None,
+            next_tick: None,
+            wait_since: None,
+            last_input: Instant::now(),
+            idle_anchor: None,
+            input_closed: false,
+            batches: VecDeque::new(),
+            next_batch: 0,
+            emitted_through: spec.replayed_through,
+            in_flight: 0,
+            ack_tx,
+            ack_rx,
+            outputs: Vec::new(),
+            late: 0,
+            dlq_limit: RateLimit::new(&spec.dead_letters),
+            decode_stage: Stage::new("decode"),
+            sink_stage: Stage::new("sink"),
+            dlq_stage: Stage::new("dead_letters"),
+            runtime_stage: Stage::new("runtime"),
+            depth: m::queue_depth(partition),
+            rooms_gauge: m::rooms_active(partition),
+            cfg: spec.runtime,
+        };
+        let join = tokio::spawn(task.run());
+        PartitionHandle {
+            partition,
+            input: input_tx,
+            control: control_tx,
+            shared,
+            join,
+        }
+    }
+
+    async fn run(mut self) {
+        info!(partition = self.partition, replayed_through = ?self.replayed_through, "partition task started");
+        {
+            let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms);
+            for op in &mut self.ops {
+                op.on_start(&mut ctx);
+            }
+        }
+        self.flush_outputs(None).await;
+        let mut next_checkpoint = Instant::now();
+        loop {
+            while let Ok(ack) = self.ack_rx.try_recv() {
+                self.on_ack(ack);
+            }
+            match self.control.try_recv() {
+                Ok(Control::Drain { reply }) => {
+                    self.drain(reply).await;
+                    break;
+                }
+                Ok(Control::Finish { until_ms }) => self.finish(until_ms).await,
+                Err(_) => {}
+            }
+            let pulled = self.pull();
+            let processed = self.process_ready().await;
+            self.advance_idle().await;
+            let now = Instant::now();
+            if now >= next_checkpoint {
+                self.publish_checkpoint();
+                next_checkpoint = now + self.checkpoint_every;
+            }
+            if pulled + processed > 0 {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            // Nothing to do now: sleep until something arrives or a timer fires.
+            let deadline = self.next_deadline(next_checkpoint);
+            let can_pull = self.may_pull() && !self.input_closed;
+            tokio::select! {
+                ack = self.ack_rx.recv() => {
+                    if let Some(ack) = ack {
+                        self.on_ack(ack);
+                    }
+                }
+                rec = self.input.recv(), if can_pull => match rec {
+                    Some(input) => self.accept(input),
+                    None => self.input_closed = true,
+                },
+                ctl = self.control.recv() => match ctl {
+                    Some(Control::Drain { reply }) => {
+                        self.drain(reply).await;
+                        break;
+                    }
+                    Some(Control::Finish { until_ms }) => self.finish(until_ms).await,
+                    None => {
+                        // The source is gone without a drain: stop.
+                        break;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+        }
+        for op in &mut self.ops {
+            op.on_revoke();
+        }
+        self.rooms_gauge.set(0.0);
+        self.depth.set(0.0);
+        self.shared.finished.store(true, Ordering::Release);
+        info!(partition = self.partition, "partition task stopped");
+    }
+
+    fn buffered(&self) -> usize {
+        self.buffers.iter().map(VecDeque::len).sum()
+    }
+
+    fn may_pull(&self) -> bool {
+        self.in_flight < self.cfg.max_in_flight
+            && self.buffered() < self.cfg.queue_capacity * InputKind::ROOM_COUNT
+    }
+
+    /// Takes what the source has queued, without waiting.
+    fn pull(&mut self) -> usize {
+        let mut n = 0;
+        while n < PROCESS_BUDGET && self.may_pull() {
+            match self.input.try_recv() {
+                Ok(rec) => {
+                    self.accept(rec);
+                    n += 1;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.input_closed = true;
+                    break;
+                }
+            }
+        }
+        n
+    }
+
+    fn accept(&mut self, input: Input) {
+        match input {
+            Input::Record(rec) => self.accept_record(rec),
+            Input::CaughtUp(kind) => {
+                if let Some(c) = self.caught_up.get_mut(kind.index()) {
+                    *c = true;
+                }
+            }
+        }
+    }
+
+    /// Decodes one record into its stream's buffer, or dead-letters it.
+    fn accept_record(&mut self, rec: InputRecord) {
+        let started = Instant::now();
+        self.last_input = started;
+        self.idle_anchor = None;
+        self.decode_stage.received.increment(1);
+        let Some(slot) = self.received_next.get_mut(rec.kind.index()) else {
+            warn!(
+                partition = self.partition,
+                kind = rec.kind.name(),
+                "stream kind not handled by room tasks"
+            );
+            self.decode_stage.dropped("unroutable", 1);
+            return;
+        };
+        *slot = Some(slot.map_or(rec.offset + 1, |n| n.max(rec.offset + 1)));
+        self.caught_up[rec.kind.index()] = false;
+        let pos = Position {
+            kind: rec.kind,
+            offset: rec.offset,
+        };
+        match decode_input(
+            rec.kind,
+            rec.key.as_deref(),
+            rec.payload.as_deref(),
+            rec.content_type.as_deref(),
+            &self.limits,
+        ) {
+            Ok(event) => {
+                self.decode_stage.sent.increment(1);
+                let buf = &mut self.buffers[rec.kind.index()];
+                buf.push_back(Buffered { event, pos });
+                if buf.len() >= self.cfg.queue_capacity {
+                    self.shared.pause[rec.kind.index()].store(true, Ordering::Relaxed);
+                }
+            }
+            Err(err) => {
+                self.decode_stage.error(err.reason());
+                trace!(partition = self.partition, offset = rec.offset, kind = rec.kind.name(), error = %err, "rejected record");
+                if self.dlq_limit.allow(started) {
+                    let out = dead_letters::dead_letter(&Rejected {
+                        reason: err.reason(),
+                        detail: err.to_string(),
+                        kind: rec.kind,
+                        topic: &rec.topic,
+                        partition: self.partition,
+                        offset: rec.offset,
+                        key: rec.key.as_deref(),
+                        payload: rec.payload.as_deref(),
+                        content_type: rec.content_type.as_deref(),
+                    });
+                    dead_letters::count(err.reason(), &rec.topic);
+                    self.dlq_stage.received.increment(1);
+                    // Sent by the next flush (accept is synchronous); the
+                    // output's dependency on `pos` keeps it uncommitted until then.
+                    self.outputs.push(out);
+                } else {
+                    self.dlq_stage.dropped("rate_limited", 1);
+                    error!(
+                        partition = self.partition,
+                        topic = %rec.topic,
+                        offset = rec.offset,
+                        reason = err.reason(),
+                        "dead-letter rate limit exceeded: record dropped"
+                    );
+                }
+            }
+        }
+        self.decode_stage
+            .latency
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
+impl PartitionTask {
+    fn tick_of(&self, t: i64) -> i64 {
+        t.div_euclid(self.cfg.tick_ms) * self.cfg.tick_ms
+    }
+
+    /// The stream whose head record goes next, or None to wait.
+    fn next_ready(&mut self, now: Instant) -> Option<usize> {
+        let mut best: Option<(i64, usize)> = None;
+        for (k, buf) in self.buffers.iter().enumerate() {
+            if let Some(b) = buf.front() {
+                let t = b.event.event_time_ms();
+                if best.is_none_or(|(bt, _)| t < bt) {
+                    best = Some((t, k));
+                }
+            }
+        }
+        let (_, k) = best?;
+        let waiting =
+            (0..InputKind::ROOM_COUNT).any(|i| self.buffers[i].is_empty() && !self.caught_up[i]);
+        if waiting {
+            let since = *self.wait_since.get_or_insert(now);
+            if now.saturating_duration_since(since) < Duration::from_millis(self.cfg.max_wait_ms) {
+                return None;
+            }
+        } else {
+            self.wait_since = None;
+        }
+        Some(k)
+    }
+
+    /// Processes buffered records in event-time order, as far as allowed.
+    async fn process_ready(&mut self) -> usize {
+        if !self.outputs.is_empty() {
+            self.flush_outputs(None).await;
+        }
+        let mut n = 0;
+        while n < PROCESS_BUDGET && self.in_flight < self.cfg.max_in_flight {
+            let Some(k) = self.next_ready(Instant::now()) else {
+                break;
+            };
+            let Some(b) = self.buffers[k].pop_front() else {
+                break;
+            };
+            if self.buffers[k].len() < self.cfg.queue_capacity / 2 {
+                self.shared.pause[k].store(false, Ordering::Relaxed);
+            }
+            self.process(b).await;
+            n += 1;
+        }
+        let buffered = self.buffered();
+        self.depth.set(buffered as f64);
+        self.shared.buffered.store(buffered, Ordering::Relaxed);
+        n
+    }
+
+    async fn process(&mut self, b: Buffered) {
+        let started = Instant::now();
+        let t = b.event.event_time_ms();
+        let tick = self.tick_of(t);
+        let next_tick = *self.next_tick.get_or_insert(tick);
+        let late = tick < next_tick;
+        if late {
+            self.late += 1;
+            self.runtime_stage.dropped("late", 1);
+            debug!(
+                partition = self.partition,
+                event_time_ms = t,
+                closed_before_ms = next_tick,
+                "late record: its tick has closed"
+            );
+        }
+        self.runtime_stage.received.increment(1);
+        {
+            let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms);
+            for (op, stage) in self.ops.iter_mut().zip(&self.op_stages) {
+                let s = Instant::now();
+                stage.received.increment(1);
+                op.on_record(&b.event, b.pos, late, &mut ctx);
+                stage.latency.record(s.elapsed().as_secs_f64());
+            }
+        }
+        if !self.outputs.is_empty() {
+            self.flush_outputs(None).await;
+        }
+        if self.stream_time.is_none_or(|st| t > st) {
+            self.stream_time = Some(t);
+        }
+        if let Some(st) = self.stream_time {
+            self.close_ticks(st - self.cfg.allowed_lateness_ms).await;
+        }
+        self.runtime_stage
+            .latency
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    /// Closes every tick that ends at or before `watermark`.
+    async fn close_ticks(&mut self, watermark: i64) {
+        let Some(mut nt) = self.next_tick else {
+            return;
+        };
+        let tick_ms = self.cfg.tick_ms;
+        if nt + tick_ms > watermark {
+            return;
+        }
+        while nt + tick_ms <= watermark {
+            let mut ctx = Context::new(&mut self.outputs, self.partition, tick_ms);
+            for (op, stage) in self.ops.iter_mut().zip(&self.op_stages) {
+                let s = Instant::now();
+                let before = ctx.outputs.len();
+                op.on_tick(nt, &mut ctx);
+                stage.sent.increment((ctx.outputs.len() - before) as u64);
+                stage.latency.record(s.elapsed().as_secs_f64());
+            }
+            nt += tick_ms;
+        }
+        self.next_tick = Some(nt);
+        let rooms: usize = self.ops.iter().map(|o| o.rooms()).max().unwrap_or(0);
+        self.rooms_gauge.set(rooms as f64);
+        if let Some(st) = self.stream_time {
+            metrics::histogram!(m::WATERMARK_DELAY).record((st - nt).max(0) as f64 / 1000.0);
+        }
+        self.flush_outputs(Some(nt)).await;
+    }
+
+    /// Sends the collected outputs as one batch. `tick_end` marks a batch that
+    /// closes ticks up to that time (possibly with no outputs at all).
+    async fn flush_outputs(&mut self, tick_end: Option<i64>) {
+        let outputs = std::mem::take(&mut self.outputs);
+        let id = self.next_batch;
+        self.next_batch += 1;
+        let mut holds = Holds::default();
+        let mut count = 0;
+        for out in outputs {
+            if let (Some(t), Some(r)) = (out.tick_end_ms, self.replayed_through) {
+                if t <= r {
+                    self.sink_stage.dropped("already_written", 1);
+                    continue;
+                }
+            }
+            holds.merge(&out.depends_on);
+            count += 1;
+            self.sink_stage.received.increment(1);
+            let mut item = (out, Ack::new(self.ack_tx.clone(), id));
+            loop {
+                match self.sink.send(item.0, item.1) {
+                    Ok(()) => break,
+                    Err(Busy(o, a)) => {
+                        item = (o, a);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        self.in_flight += count;
+        self.batches.push_back(Batch {
+            id,
+            pending: count,
+            holds,
+            tick_end_ms: tick_end,
+        });
+        self.complete_prefix();
+    }
+
+    fn on_ack(&mut self, ack: AckMsg) {
+        if let Err(e) = &ack.result {
+            // librdkafka has retried what can be retried: the output is lost.
+            self.sink_stage.error("delivery");
+            error!(partition = self.partition, error = %crate::error::chain(e), "output lost: delivery failed");
+        } else {
+            self.sink_stage.sent.increment(1);
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let Some(front) = self.batches.front().map(|b| b.id) else {
+            return;
+        };
+        let Some(idx) = ack.batch.checked_sub(front) else {
+            return;
+        };
+        if let Some(b) = self.batches.get_mut(idx as usize) {
+            b.pending = b.pending.saturating_sub(1);
+        }
+        self.complete_prefix();
+    }
+
+    fn complete_prefix(&mut self) {
+        while self.batches.front().is_some_and(|b| b.pending == 0) {
+            if let Some(b) = self.batches.pop_front() {
+                if let Some(t) = b.tick_end_ms {
+                    self.emitted_through = Some(self.emitted_through.map_or(t, |e| e.max(t)));
+                }
+            }
+        }
+    }
+
+    /// Advances event time with the wall clock when no input has come for a
+    /// while, so that idle rooms still tick.
+    async fn advance_idle(&mut self) {
+        let now = Instant::now();
+        if self.buffered() > 0
+            || now.saturating_duration_since(self.last_input)
+                < Duration::from_millis(self.cfg.idle_timeout_ms)
+        {
+            return;
+        }
+        let Some(st) = self.stream_time else {
+            return;
+        };
+        let (since, base) = *self.idle_anchor.get_or_insert((now, st));
+        let advanced = base + now.saturating_duration_since(since).as_millis() as i64;
+        if advanced > st {
+            self.stream_time = Some(advanced);
+            self.close_ticks(advanced - self.cfg.allowed_lateness_ms)
+                .await;
+        }
+    }
+
+    fn next_deadline(&self, next_checkpoint: Instant) -> Instant {
+        let now = Instant::now();
+        let mut d = next_checkpoint;
+        if let Some(since) = self.wait_since {
+            d = d.min(since + Duration::from_millis(self.cfg.max_wait_ms));
+        }
+        if self.stream_time.is_some() {
+            let idle_at = self.last_input + Duration::from_millis(self.cfg.idle_timeout_ms);
+            d = d.min(if idle_at > now {
+                idle_at
+            } else {
+                now + Duration::from_millis((self.cfg.tick_ms as u64 / 4).max(10))
+            });
+        }
+        d.max(now + Duration::from_millis(1))
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        let mut holds = Holds::default();
+        for op in &self.ops {
+            op.holds(&mut holds);
+        }
+        for b in &self.batches {
+            holds.merge(&b.holds);
+        }
+        for out in &self.outputs {
+            holds.merge(&out.depends_on);
+        }
+        for buf in &self.buffers {
+            if let Some(b) = buf.front() {
+                holds.hold(b.pos);
+            }
+        }
+        let mut next_offsets = [None; InputKind::ROOM_COUNT];
+        for kind in InputKind::ROOM {
+            let k = kind.index();
+            next_offsets[k] =
+                self.received_next[k].map(|n| holds.get(kind).map_or(n, |h| h.min(n)));
+        }
+        Checkpoint {
+            next_offsets,
+            emitted_through_ms: self.emitted_through,
+        }
+    }
+
+    fn publish_checkpoint(&self) {
+        let cp = self.checkpoint();
+        if let Ok(mut slot) = self.shared.checkpoint.lock() {
+            *slot = Some(cp);
+        }
+    }
+
+    /// End of a finite input: everything buffered is processed and every tick
+    /// up to `until_ms` closes.
+    async fn finish(&mut self, until_ms: i64) {
+        self.caught_up = [true; InputKind::ROOM_COUNT];
+        loop {
+            while let Ok(ack) = self.ack_rx.try_recv() {
+                self.on_ack(ack);
+            }
+            let pulled = self.pull();
+            let processed = self.process_ready().await;
+            if pulled + processed == 0 {
+                if self.buffered() == 0 && self.input.is_empty() {
+                    break;
+                }
+                // Blocked on outputs in flight: wait for an acknowledgement.
+                if let Some(ack) = self.ack_rx.recv().await {
+                    self.on_ack(ack);
+                }
+            }
+        }
+        if self.stream_time.is_none_or(|st| until_ms > st) {
+            self.stream_time = Some(until_ms);
+        }
+        self.close_ticks(until_ms).await;
+        self.publish_checkpoint();
+    }
+
+    /// Revocation or shutdown: wait for outputs in flight (up to the deadline),
+    /// then hand back the final checkpoint.
+    async fn drain(&mut self, reply: std::sync::mpsc::SyncSender<Checkpoint>) {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
+        while self.in_flight > 0 {
+            tokio::select! {
+                ack = self.ack_rx.recv() => match ack {
+                    Some(ack) => self.on_ack(ack),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    warn!(partition = self.partition, in_flight = self.in_flight, "drain deadline passed with outputs in flight; their inputs will be replayed");
+                    break;
+                }
+            }
+        }
+        let cp = self.checkpoint();
+        info!(partition = self.partition, checkpoint = ?cp, late = self.late, "partition drained");
+        let _ = reply.try_send(cp);
+    }
+}

@@ -1,0 +1,188 @@
+//! Writes the simulator's event stream to Kafka, keyed by room, at a chosen
+//! speed: the load generator and the producer of test data. A share of the
+//! comments and actions can be sent as JSON (with `content-type:
+//! application/json`) so both encodings are exercised.
+//!
+//! Not for: anything the engine does on consumption.
+
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use serde_json::json;
+
+use super::{SimError, SimEvent, Simulator};
+use crate::config::KafkaConfig;
+use crate::kafka::{client_config, KafkaFailure};
+use crate::schema::{ActionKind, Comment, ViewerAction, CONTENT_TYPE_HEADER};
+
+/// How to publish.
+#[derive(Clone, Debug)]
+pub struct PublishOptions {
+    /// Simulated seconds per wall second (`f64::INFINITY`: as fast as possible).
+    pub speed: f64,
+    /// Send every n-th comment and action as JSON (0: never).
+    pub json_every: u64,
+    /// Simulated time per step.
+    pub step_ms: i64,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions {
+            speed: 1.0,
+            json_every: 0,
+            step_ms: 200,
+        }
+    }
+}
+
+/// What was published.
+#[derive(Clone, Debug, Default)]
+pub struct PublishReport {
+    /// Records per topic kind: video, audio, comments, actions.
+    pub records: [u64; 4],
+    /// Bytes of payload.
+    pub bytes: u64,
+    /// Wall time.
+    pub wall: Duration,
+}
+
+/// Why publishing stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The simulator failed.
+    #[error(transparent)]
+    Simulator(#[from] SimError),
+    /// Kafka failed.
+    #[error(transparent)]
+    Kafka(#[from] KafkaFailure),
+}
+
+/// JSON form of a comment (the schema's field names).
+pub fn comment_json(c: &Comment) -> Vec<u8> {
+    json!({
+        "schema_version": c.schema_version,
+        "room_id": c.room_id,
+        "user_id": c.user_id,
+        "event_time_ms": c.event_time_ms,
+        "text": c.text,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// JSON form of a viewer action, with the kind's short name.
+pub fn action_json(a: &ViewerAction) -> Vec<u8> {
+    let kind = ActionKind::try_from(a.kind)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("ACTION_KIND_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    json!({
+        "schema_version": a.schema_version,
+        "room_id": a.room_id,
+        "user_id": a.user_id,
+        "streamer_id": a.streamer_id,
+        "event_time_ms": a.event_time_ms,
+        "kind": kind,
+        "watch_ms": a.watch_ms,
+        "gift_value": a.gift_value,
+        "gift_id": a.gift_id,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Publishes every event of `sim` until it finishes.
+pub async fn publish(
+    mut sim: Simulator,
+    kafka: &KafkaConfig,
+    opts: &PublishOptions,
+) -> Result<(Simulator, PublishReport), PublishError> {
+    let mut c = client_config(kafka);
+    c.set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .set("message.max.bytes", kafka.message_max_bytes.to_string())
+        .set("queue.buffering.max.messages", "500000")
+        .set("queue.buffering.max.kbytes", "1048576");
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        c.create().map_err(|source| KafkaFailure::Client {
+            what: "producer",
+            source,
+        })?;
+    let t = &kafka.topics;
+    let start = sim.config().start_ms;
+    let end = sim.end_ms();
+    let wall0 = Instant::now();
+    let mut report = PublishReport::default();
+    let mut n_events: u64 = 0;
+    let mut cursor = start;
+    while cursor < end {
+        let until = (cursor + opts.step_ms).min(end);
+        let (events, back) = tokio::task::spawn_blocking(move || {
+            let r = sim.advance(until);
+            (r, sim)
+        })
+        .await
+        .map_err(|_| SimError::WorkerPanicked)?;
+        sim = back;
+        for ev in events? {
+            n_events += 1;
+            let as_json = opts.json_every > 0 && n_events % opts.json_every == 0;
+            let (idx, topic, payload, json) = match &ev {
+                SimEvent::Video(v) => (0, &t.video, v.encode_to_vec(), false),
+                SimEvent::Audio(a) => (1, &t.audio, a.encode_to_vec(), false),
+                SimEvent::Comment(c) if as_json => (2, &t.comments, comment_json(c), true),
+                SimEvent::Comment(c) => (2, &t.comments, c.encode_to_vec(), false),
+                SimEvent::Action(a) if as_json => (3, &t.actions, action_json(a), true),
+                SimEvent::Action(a) => (3, &t.actions, a.encode_to_vec(), false),
+            };
+            report.records[idx] += 1;
+            report.bytes += payload.len() as u64;
+            let key = ev.room_id().as_bytes();
+            loop {
+                let mut record = BaseRecord::to(topic).key(key).payload(&payload);
+                if json {
+                    record = record.headers(OwnedHeaders::new().insert(Header {
+                        key: CONTENT_TYPE_HEADER,
+                        value: Some("application/json"),
+                    }));
+                }
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((source, _)) => {
+                        return Err(KafkaFailure::Operation {
+                            what: "produce",
+                            source,
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        cursor = until;
+        if opts.speed.is_finite() {
+            let due =
+                wall0 + Duration::from_secs_f64((cursor - start) as f64 / 1000.0 / opts.speed);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(60)))
+        .await
+        .map_err(|_| SimError::WorkerPanicked)?;
+    flushed.map_err(|source| KafkaFailure::Operation {
+        what: "flush",
+        source,
+    })?;
+    report.wall = wall0.elapsed();
+    Ok((sim, report))
+}

@@ -1,0 +1,164 @@
+//! The console sink of the embedded demo: keeps the latest figures of every
+//! room, prints a readable live view on demand, and keeps every room-stats
+//! record so that the demo can compare them with the simulator's truth.
+//!
+//! Not for: production output (it holds everything in memory).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use prost::Message;
+
+use super::{Ack, Busy, Sink};
+use crate::runtime::{Output, OutputTopic};
+use crate::schema::{DeadLetter, RoomStats};
+
+#[derive(Default)]
+struct View {
+    stats: BTreeMap<(String, i64), RoomStats>,
+    duplicates: u64,
+    conflicting: u64,
+    dead_letters: Vec<DeadLetter>,
+}
+
+/// Acknowledges at once and remembers what it saw.
+#[derive(Default)]
+pub struct ConsoleSink {
+    view: Mutex<View>,
+}
+
+/// Totals over a whole run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    /// Distinct (room, tick) records.
+    pub ticks: usize,
+    /// Rooms seen.
+    pub rooms: usize,
+    /// Comments counted.
+    pub comments: u64,
+    /// Gifts counted.
+    pub gifts: u64,
+    /// Gift value.
+    pub gift_value: u64,
+    /// Records received twice with identical content (replays).
+    pub duplicates: u64,
+    /// Records received twice with different content (must be 0).
+    pub conflicting: u64,
+    /// Dead letters written.
+    pub dead_letters: usize,
+}
+
+impl ConsoleSink {
+    /// An empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every room-stats record, keyed by (room, tick start).
+    pub fn stats(&self) -> BTreeMap<(String, i64), RoomStats> {
+        self.view
+            .lock()
+            .map(|v| v.stats.clone())
+            .unwrap_or_default()
+    }
+
+    /// Totals so far.
+    pub fn totals(&self) -> Totals {
+        let Ok(v) = self.view.lock() else {
+            return Totals::default();
+        };
+        let mut rooms = std::collections::BTreeSet::new();
+        let mut t = Totals {
+            ticks: v.stats.len(),
+            duplicates: v.duplicates,
+            conflicting: v.conflicting,
+            dead_letters: v.dead_letters.len(),
+            ..Totals::default()
+        };
+        for ((room, _), s) in &v.stats {
+            rooms.insert(room.as_str());
+            t.comments += u64::from(s.comments);
+            t.gifts += u64::from(s.gifts);
+            t.gift_value += s.gift_value;
+        }
+        t.rooms = rooms.len();
+        t
+    }
+
+    /// A table of every room: its latest tick and totals over the last `window` ticks.
+    pub fn render(&self, window: usize) -> String {
+        let Ok(v) = self.view.lock() else {
+            return String::new();
+        };
+        let mut by_room: BTreeMap<&str, Vec<&RoomStats>> = BTreeMap::new();
+        for ((room, _), s) in &v.stats {
+            by_room.entry(room.as_str()).or_default().push(s);
+        }
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<12} {:>9} {:>8} {:>7} {:>9} {:>6} {:>8} {:>7} {:>8}",
+            "room", "tick", "viewers", "com/s", "chatters", "likes", "gifts", "value", "loud dB"
+        );
+        for (room, ticks) in by_room {
+            let recent = &ticks[ticks.len().saturating_sub(window)..];
+            let Some(last) = recent.last() else { continue };
+            let n = recent.len().max(1) as f64;
+            let comments: u32 = recent.iter().map(|s| s.comments).sum();
+            let chatters: u32 = recent.iter().map(|s| s.distinct_commenters).sum();
+            let likes: u32 = recent.iter().map(|s| s.likes).sum();
+            let gifts: u32 = recent.iter().map(|s| s.gifts).sum();
+            let value: u64 = recent.iter().map(|s| s.gift_value).sum();
+            let loud = if last.has_audio {
+                format!("{:.1}", last.loudness_dbfs)
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                out,
+                "{:<12} {:>9} {:>8} {:>7.1} {:>9} {:>6} {:>8} {:>7} {:>8}",
+                room,
+                (last.tick_start_ms / 1000) % 100_000,
+                last.viewers_present,
+                f64::from(comments) / n,
+                chatters,
+                likes,
+                gifts,
+                value,
+                loud
+            );
+        }
+        if !v.dead_letters.is_empty() {
+            let _ = writeln!(out, "dead letters: {}", v.dead_letters.len());
+        }
+        out
+    }
+}
+
+impl Sink for ConsoleSink {
+    fn send(&self, out: Output, ack: Ack) -> Result<(), Busy> {
+        if let Ok(mut v) = self.view.lock() {
+            match out.topic {
+                OutputTopic::RoomStats => {
+                    if let Ok(s) = RoomStats::decode(&out.payload[..]) {
+                        let key = (s.room_id.clone(), s.tick_start_ms);
+                        match v.stats.get(&key) {
+                            Some(old) if *old == s => v.duplicates += 1,
+                            Some(_) => v.conflicting += 1,
+                            None => {}
+                        }
+                        v.stats.insert(key, s);
+                    }
+                }
+                OutputTopic::DeadLetters => {
+                    if let Ok(d) = DeadLetter::decode(&out.payload[..]) {
+                        v.dead_letters.push(d);
+                    }
+                }
+            }
+        }
+        ack.done(Ok(()));
+        Ok(())
+    }
+}

@@ -1,0 +1,83 @@
+//! The in-process simulator source: runs the simulated world at the
+//! configured speed and hands its records, encoded exactly as they would be
+//! on Kafka, to the partition tasks, so the embedded demo exercises the same
+//! decode, merge, operators and sinks as a deployment.
+//!
+//! Not for: producing to Kafka (that is `onair simulate`, in `simulator`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tracing::warn;
+
+use super::partition_of;
+use crate::runtime::{Control, Input, InputRecord, PartitionHandle};
+use crate::schema::InputKind;
+use crate::simulator::{SimError, SimEvent, Simulator};
+
+/// How much simulated time one step covers.
+const STEP_MS: i64 = 200;
+
+/// Encodes a simulated event as the record a room would send.
+pub fn to_record(ev: &SimEvent) -> (InputKind, Vec<u8>) {
+    match ev {
+        SimEvent::Video(v) => (InputKind::Video, v.encode_to_vec()),
+        SimEvent::Audio(a) => (InputKind::Audio, a.encode_to_vec()),
+        SimEvent::Comment(c) => (InputKind::Comments, c.encode_to_vec()),
+        SimEvent::Action(a) => (InputKind::Actions, a.encode_to_vec()),
+    }
+}
+
+/// Feeds `sim` to `tasks` (one per partition) until the simulation ends or
+/// `stop` is set, pacing simulated time at `speed` x real time; then tells
+/// every task that input has ended. Returns the simulated time reached.
+pub async fn feed(
+    mut sim: Simulator,
+    tasks: &[PartitionHandle],
+    speed: f64,
+    stop: Arc<AtomicBool>,
+) -> Result<i64, SimError> {
+    let start_ms = sim.config().start_ms;
+    let end_ms = sim.end_ms();
+    let partitions = tasks.len() as u32;
+    let mut offsets = vec![[0i64; InputKind::ROOM_COUNT]; tasks.len()];
+    let wall0 = Instant::now();
+    let mut t = start_ms;
+    while t < end_ms && !stop.load(Ordering::Relaxed) {
+        let until = (t + STEP_MS).min(end_ms);
+        let (events, back) = tokio::task::spawn_blocking(move || {
+            let r = sim.advance(until);
+            (r, sim)
+        })
+        .await
+        .map_err(|_| SimError::WorkerPanicked)?;
+        sim = back;
+        for ev in events? {
+            let p = partition_of(ev.room_id(), partitions) as usize;
+            let (kind, payload) = to_record(&ev);
+            let Some(task) = tasks.get(p) else { continue };
+            let offset = &mut offsets[p][kind.index()];
+            let rec = InputRecord {
+                kind,
+                topic: Arc::from(kind.name()),
+                offset: *offset,
+                key: Some(ev.room_id().as_bytes().to_vec()),
+                payload: Some(payload),
+                content_type: None,
+            };
+            *offset += 1;
+            if task.input.send(Input::Record(rec)).await.is_err() {
+                warn!(partition = p, "partition task ended early");
+            }
+        }
+        t = until;
+        let due = wall0 + Duration::from_secs_f64((t - start_ms) as f64 / 1000.0 / speed);
+        tokio::time::sleep_until(due.into()).await;
+    }
+    for task in tasks {
+        let _ = task.control.send(Control::Finish { until_ms: t });
+    }
+    Ok(t)
+}
