@@ -337,8 +337,7 @@ async fn demo(a: DemoArgs) -> CliResult {
     };
     let engine = Engine::new(config);
     let started = Instant::now();
-    // The simulator is moved into the feed; keep a second, identical one for the truth.
-    let summary = engine
+    let run = engine
         .run_simulated(sim, console.clone(), stop.clone())
         .await
         .map_err(|e| chain(&e))?;
@@ -376,8 +375,15 @@ async fn demo(a: DemoArgs) -> CliResult {
             spans.join(", ")
         );
     }
-    let _ = summary;
-    Ok(())
+    let mut truth = run.simulator.truth().clone();
+    truth.close_until(run.summary.simulated_until_ms);
+    let comparison = truth.compare(&console.stats());
+    println!("check: {comparison}");
+    if comparison.is_exact() {
+        Ok(())
+    } else {
+        Err("the engine's room stats differ from the simulator's ground truth".into())
+    }
 }
 
 async fn simulate(a: SimulateArgs) -> CliResult {

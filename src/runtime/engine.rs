@@ -53,6 +53,15 @@ pub struct RunSummary {
     pub checkpoints: Vec<Checkpoint>,
 }
 
+/// A finished simulated run: its summary and the simulator, whose ground
+/// truth covers what was fed.
+pub struct SimulatedRun {
+    /// The summary.
+    pub summary: RunSummary,
+    /// The simulator after the run.
+    pub simulator: Simulator,
+}
+
 /// A pipeline ready to run.
 pub struct Engine {
     config: PipelineConfig,
@@ -138,13 +147,13 @@ impl Engine {
         sim: Simulator,
         sink: Arc<dyn Sink>,
         stop: Arc<AtomicBool>,
-    ) -> Result<RunSummary, EngineError> {
+    ) -> Result<SimulatedRun, EngineError> {
         let started = Instant::now();
         let partitions = self.config.simulator.partitions.max(1);
         let tasks: Vec<PartitionHandle> = (0..partitions as i32)
             .map(|p| PartitionTask::spawn(Self::spec(&self.config, p, sink.clone(), false, None)))
             .collect();
-        let until =
+        let (simulator, until) =
             crate::sources::simulator::feed(sim, &tasks, self.config.simulator.speed, stop).await?;
         let mut checkpoints = Vec::new();
         for task in &tasks {
@@ -157,10 +166,13 @@ impl Engine {
                 checkpoints.push(cp);
             }
         }
-        Ok(RunSummary {
-            simulated_until_ms: until,
-            wall: started.elapsed(),
-            checkpoints,
+        Ok(SimulatedRun {
+            summary: RunSummary {
+                simulated_until_ms: until,
+                wall: started.elapsed(),
+                checkpoints,
+            },
+            simulator,
         })
     }
 }

@@ -10,7 +10,7 @@ mod engine;
 mod operator;
 mod partition;
 
-pub use engine::{Engine, EngineError, RunSummary};
+pub use engine::{Engine, EngineError, RunSummary, SimulatedRun};
 pub use operator::{Context, Holds, Operator, Output, OutputTopic, Position};
 pub use partition::{
     Checkpoint, Control, Input, InputRecord, PartitionHandle, PartitionShared, PartitionSpec,

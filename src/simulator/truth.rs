@@ -78,7 +78,7 @@ impl AudioAcc {
 }
 
 /// The tick being accumulated for a room.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct OpenTick {
     start: i64,
     stats: RoomStats,
@@ -86,7 +86,7 @@ struct OpenTick {
 }
 
 /// Per-room state while recording.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct RoomAcc {
     room_id: String,
     streamer_id: String,
@@ -106,7 +106,7 @@ struct RoomAcc {
 
 /// Ground truth of a simulated run. Ticks appear once they are complete (see
 /// [`GroundTruth::close_until`]).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct GroundTruth {
     tick_ms: i64,
     ticks: BTreeMap<(String, i64), RoomStats>,
@@ -732,5 +732,77 @@ mod tests {
                 Some(x.to_bits())
             );
         }
+    }
+}
+
+/// How a set of engine outputs compares with the truth.
+#[derive(Clone, Debug, Default)]
+pub struct Comparison {
+    /// Ticks in the truth.
+    pub expected: usize,
+    /// Ticks equal in every figure.
+    pub matched: usize,
+    /// Ticks in the truth the engine did not publish.
+    pub missing: Vec<(String, i64)>,
+    /// Ticks the engine published that the truth does not have.
+    pub extra: Vec<(String, i64)>,
+    /// Ticks whose figures differ: (truth, engine).
+    pub different: Vec<(RoomStats, RoomStats)>,
+}
+
+impl Comparison {
+    /// Whether everything matched.
+    pub fn is_exact(&self) -> bool {
+        self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty()
+    }
+}
+
+impl std::fmt::Display for Comparison {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} room-ticks equal the ground truth ({} missing, {} extra, {} different)",
+            self.matched,
+            self.expected,
+            self.missing.len(),
+            self.extra.len(),
+            self.different.len()
+        )
+    }
+}
+
+/// Figures compared: everything but the id and the streamer (which the
+/// engine learns from the first record that names it).
+fn same_figures(a: &RoomStats, b: &RoomStats) -> bool {
+    let strip = |s: &RoomStats| RoomStats {
+        id: String::new(),
+        streamer_id: String::new(),
+        loudness_dbfs: 0.0,
+        ..s.clone()
+    };
+    strip(a) == strip(b) && (a.loudness_dbfs - b.loudness_dbfs).abs() < 1e-9
+}
+
+impl GroundTruth {
+    /// Compares engine outputs, keyed by (room, tick start), with the truth.
+    pub fn compare(&self, actual: &BTreeMap<(String, i64), RoomStats>) -> Comparison {
+        let expected = self.tick_map();
+        let mut c = Comparison {
+            expected: expected.len(),
+            ..Comparison::default()
+        };
+        for (key, want) in expected {
+            match actual.get(key) {
+                None => c.missing.push(key.clone()),
+                Some(got) if same_figures(want, got) => c.matched += 1,
+                Some(got) => c.different.push((want.clone(), got.clone())),
+            }
+        }
+        c.extra = actual
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .cloned()
+            .collect();
+        c
     }
 }

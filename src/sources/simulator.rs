@@ -32,13 +32,14 @@ pub fn to_record(ev: &SimEvent) -> (InputKind, Vec<u8>) {
 
 /// Feeds `sim` to `tasks` (one per partition) until the simulation ends or
 /// `stop` is set, pacing simulated time at `speed` x real time; then tells
-/// every task that input has ended. Returns the simulated time reached.
+/// every task that input has ended. Returns the simulator (with its ground
+/// truth) and the simulated time reached.
 pub async fn feed(
     mut sim: Simulator,
     tasks: &[PartitionHandle],
     speed: f64,
     stop: Arc<AtomicBool>,
-) -> Result<i64, SimError> {
+) -> Result<(Simulator, i64), SimError> {
     let start_ms = sim.config().start_ms;
     let end_ms = sim.end_ms();
     let partitions = tasks.len() as u32;
@@ -79,5 +80,5 @@ pub async fn feed(
     for task in tasks {
         let _ = task.control.send(Control::Finish { until_ms: t });
     }
-    Ok(t)
+    Ok((sim, t))
 }
