@@ -158,6 +158,9 @@ pub struct SimulatorConfig {
     pub video_fps: u32,
     /// Video segment length (ms).
     pub segment_ms: i64,
+    /// 0: encode every segment from its own frames; n: draw segments at one
+    /// of n excitement levels and encode each variant once (bounded CPU).
+    pub video_variants: u32,
     /// Whether rooms send PCM audio.
     pub audio: bool,
     /// Whether the audio carries synthesized speech (espeak-ng).
@@ -180,6 +183,7 @@ impl Default for SimulatorConfig {
             video_height: 144,
             video_fps: 5,
             segment_ms: 2000,
+            video_variants: 6,
             audio: true,
             speech: true,
             speed: 1.0,
@@ -194,8 +198,10 @@ impl Default for SimulatorConfig {
 pub struct RuntimeConfig {
     /// Tick length in ms of event time; every operator sees each room once per tick.
     pub tick_ms: i64,
-    /// How long (wall ms) a partition waits for a modality that has nothing
-    /// queued before processing the others without it.
+    /// How long (wall ms) the merge waits for a stream that has nothing queued
+    /// while the source has not reported it caught up with the broker, before
+    /// processing the other streams without it (their records may then make
+    /// this stream's late). Caught-up streams are never waited for.
     pub max_wait_ms: u64,
     /// How far (event ms) the watermark trails the newest event: records up
     /// to this late still count in their own tick; later ones are dropped.
@@ -216,7 +222,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             tick_ms: 1000,
-            max_wait_ms: 500,
+            max_wait_ms: 10_000,
             allowed_lateness_ms: 2000,
             idle_timeout_ms: 3000,
             queue_capacity: 1024,

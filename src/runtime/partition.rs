@@ -144,6 +144,7 @@ pub struct PartitionTask {
     stream_time: Option<i64>,
     next_tick: Option<i64>,
     wait_since: Option<Instant>,
+    last_wait_warning: Instant,
     last_input: Instant,
     idle_anchor: Option<(Instant, i64)>,
     input_closed: bool,
@@ -222,6 +223,7 @@ impl PartitionTask {
             stream_time: None,
             next_tick: None,
             wait_since: None,
+            last_wait_warning: Instant::now() - Duration::from_secs(60),
             last_input: Instant::now(),
             idle_anchor: None,
             input_closed: false,
@@ -326,9 +328,14 @@ impl PartitionTask {
         self.buffers.iter().map(VecDeque::len).sum()
     }
 
+    /// Whether to take more records from the source. While the merge waits
+    /// for a stream, records keep being taken (streams over their buffer
+    /// capacity are paused at the source instead), or the awaited records
+    /// could never get past the others in the queue.
     fn may_pull(&self) -> bool {
         self.in_flight < self.cfg.max_in_flight
-            && self.buffered() < self.cfg.queue_capacity * InputKind::ROOM_COUNT
+            && (self.wait_since.is_some()
+                || self.buffered() < self.cfg.queue_capacity * InputKind::ROOM_COUNT)
     }
 
     /// Takes what the source has queued, without waiting.
@@ -459,6 +466,15 @@ impl PartitionTask {
             if now.saturating_duration_since(since) < Duration::from_millis(self.cfg.max_wait_ms) {
                 return None;
             }
+            if now.saturating_duration_since(self.last_wait_warning) > Duration::from_secs(10) {
+                self.last_wait_warning = now;
+                let waiting_for: Vec<&str> = InputKind::ROOM
+                    .iter()
+                    .filter(|k| self.buffers[k.index()].is_empty() && !self.caught_up[k.index()])
+                    .map(|k| k.name())
+                    .collect();
+                warn!(partition = self.partition, ?waiting_for, "gave up waiting for streams with records still on the broker; their records may arrive late");
+            }
         } else {
             self.wait_since = None;
         }
@@ -501,6 +517,8 @@ impl PartitionTask {
             self.runtime_stage.dropped("late", 1);
             debug!(
                 partition = self.partition,
+                kind = b.pos.kind.name(),
+                offset = b.pos.offset,
                 event_time_ms = t,
                 closed_before_ms = next_tick,
                 "late record: its tick has closed"

@@ -45,6 +45,7 @@ pub fn sim_config(
         audio_chunk_ms: 1000,
         audio: cfg.audio,
         speech: cfg.speech && cfg.audio,
+        video_variants: cfg.video_variants,
     }
 }
 

@@ -62,7 +62,7 @@
 //! then by generation order within the room (so a final WATCH_PROGRESS precedes its
 //! LEAVE, and a comment precedes its COMMENT action).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -135,6 +135,12 @@ pub struct SimConfig {
     pub audio: bool,
     /// Whether the streamer's speech (espeak-ng) is mixed into the audio.
     pub speech: bool,
+    /// 0: every video segment is drawn and encoded from its own scenes.
+    /// n > 0: segments are drawn at one of n excitement levels (with or
+    /// without the highlight overlay, in one of 4 palettes) and each such
+    /// variant is encoded once and reused: the picture still follows the
+    /// room's state, at a bounded encoding cost (ffmpeg start-up dominates).
+    pub video_variants: u32,
 }
 
 impl Default for SimConfig {
@@ -156,6 +162,7 @@ impl Default for SimConfig {
             audio_chunk_ms: 1000,
             audio: true,
             speech: true,
+            video_variants: 0,
         }
     }
 }
@@ -793,7 +800,12 @@ pub struct Simulator {
     events_per_step: usize,
     truth: GroundTruth,
     poisoned: bool,
+    /// Encoded video variants (see [`SimConfig::video_variants`]).
+    video_cache: HashMap<VariantKey, Vec<u8>>,
 }
+
+/// (palette, excitement level, highlight, frames).
+type VariantKey = (u64, u32, bool, usize);
 
 impl std::fmt::Debug for Simulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1024,6 +1036,7 @@ impl Simulator {
             events_per_step: 0,
             truth,
             poisoned: false,
+            video_cache: HashMap::new(),
             cfg,
         })
     }
@@ -1138,7 +1151,10 @@ impl Simulator {
             self.gen_until = e;
         }
         if let Some(spec) = self.cfg.video {
-            let payloads = encode_all(&spec, &jobs)?;
+            let payloads = match self.cfg.video_variants {
+                0 => encode_all(&spec, &jobs)?,
+                n => self.encode_variants(&spec, n, &jobs)?,
+            };
             for (job, payload) in jobs.iter().zip(payloads) {
                 if let Some(Some(SimEvent::Video(v))) = staging.events.get_mut(job.slot) {
                     v.payload = payload;
@@ -1178,6 +1194,68 @@ impl Simulator {
             gen_viewers(&ctx, room, &mut self.busy_until, out, &mut seq);
             gen_comments(&ctx, room, cfg.comments_per_sec, out, &mut seq);
         }
+    }
+}
+
+impl Simulator {
+    /// Replaces each job's scenes by its cached variant's, encoding the
+    /// variants not seen yet, and fills the payloads from the cache.
+    fn encode_variants(
+        &mut self,
+        spec: &VideoSpec,
+        levels: u32,
+        jobs: &[VideoJob],
+    ) -> Result<Vec<Vec<u8>>, SimError> {
+        let key_of = |job: &VideoJob| -> VariantKey {
+            let n = job.scenes.len().max(1);
+            let mean = job
+                .scenes
+                .iter()
+                .map(|s| f64::from(s.excitement))
+                .sum::<f64>()
+                / n as f64;
+            let level = ((mean.clamp(0.0, 1.0) * f64::from(levels)) as u32).min(levels - 1);
+            let highlight = job.scenes.iter().any(|s| s.highlight);
+            let palette = job.scenes.first().map_or(0, |s| s.room_seed % 4);
+            (palette, level, highlight, job.scenes.len())
+        };
+        let mut missing: Vec<VideoJob> = Vec::new();
+        for job in jobs.iter() {
+            let key = key_of(job);
+            if self.video_cache.contains_key(&key) || missing.iter().any(|m| key_of(m) == key) {
+                continue;
+            }
+            let (palette, level, highlight, frames) = key;
+            let fps = u64::from(spec.fps.max(1));
+            let scenes = (0..frames as u64)
+                .map(|i| Scene {
+                    t_ms: i * 1000 / fps,
+                    excitement: (level as f32 + 0.5) / levels as f32,
+                    highlight,
+                    room_seed: palette,
+                })
+                .collect();
+            missing.push(VideoJob {
+                slot: job.slot,
+                room_id: job.room_id.clone(),
+                sequence: job.sequence,
+                scenes,
+            });
+        }
+        let payloads = encode_all(spec, &missing)?;
+        for (job, payload) in missing.iter().zip(payloads) {
+            let key = key_of(job);
+            self.video_cache.insert(key, payload);
+        }
+        Ok(jobs
+            .iter()
+            .map(|job| {
+                self.video_cache
+                    .get(&key_of(job))
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect())
     }
 }
 

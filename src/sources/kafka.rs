@@ -346,12 +346,10 @@ impl KafkaSource {
                 k.statistics_interval_ms.to_string(),
             )
             .set("fetch.wait.max.ms", "100")
-            .set(
-                "receive.message.max.bytes",
-                (u64::from(k.message_max_bytes) * 2 + 1_000_000)
-                    .min(2_147_483_647)
-                    .to_string(),
-            )
+            // Some Kafka-protocol brokers (noida-db) ignore fetch.max.bytes and
+            // answer with everything a partition holds; a response larger than
+            // this limit fails every fetch, so allow large responses.
+            .set("receive.message.max.bytes", "1000000000")
             .set("fetch.max.bytes", k.message_max_bytes.to_string())
             .set("max.partition.fetch.bytes", k.message_max_bytes.to_string());
         for (key, v) in &k.properties {
@@ -424,7 +422,6 @@ impl KafkaSource {
             let high = cached_high_watermark(&self.consumer, e.topic(), partition);
             match (e.offset(), high) {
                 (Offset::Offset(at), Some(high)) if at >= high => kinds.push(kind),
-                (_, Some(0)) => kinds.push(kind),
                 _ => {}
             }
         }

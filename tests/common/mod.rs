@@ -1,0 +1,293 @@
+//! Helpers shared by the integration tests: the broker address, per-test
+//! topic names, engine processes (so tests can SIGKILL them), a plain
+//! consumer to read outputs back, and a metrics scraper.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+
+/// The broker the test command started (`scripts/test` exports it).
+pub fn brokers() -> String {
+    std::env::var("ONAIR_BROKERS").unwrap_or_else(|_| {
+        panic!("ONAIR_BROKERS is not set: run the integration tests through scripts/test, or `eval \"$(scripts/broker start)\"` first")
+    })
+}
+
+/// A unique name prefix for one test's topics and group.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// A scratch folder for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique(name));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Topic names of a test pipeline.
+pub struct Topics {
+    pub prefix: String,
+}
+
+impl Topics {
+    pub fn name(&self, t: &str) -> String {
+        format!("{}-{t}", self.prefix)
+    }
+}
+
+/// Writes a Kafka pipeline file for a test and returns its path.
+pub fn pipeline(dir: &Path, topics: &Topics, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[source]
+kind = "kafka"
+[sink]
+kind = "kafka"
+[kafka]
+brokers = "{brokers}"
+group_id = "{prefix}-group"
+session_timeout_ms = 10000
+commit_interval_ms = 200
+statistics_interval_ms = 1000
+[kafka.topics]
+video = "{prefix}-video"
+audio = "{prefix}-audio"
+comments = "{prefix}-comments"
+actions = "{prefix}-actions"
+short_video_actions = "{prefix}-short-video-actions"
+room_stats = "{prefix}-room-stats"
+dead_letters = "{prefix}-dead-letters"
+partitions = 4
+[runtime]
+idle_timeout_ms = 2000
+drain_timeout_ms = 4000
+{extra}
+"#,
+        brokers = brokers(),
+        prefix = topics.prefix
+    );
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).expect("write pipeline");
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `onair` process.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub metrics_port: u16,
+}
+
+impl Proc {
+    /// `onair run <pipeline>` with its log in `dir`.
+    pub fn engine(dir: &Path, pipeline: &Path, name: &str) -> Proc {
+        let port = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_onair"))
+            .args([
+                "--log",
+                "info,librdkafka=warn,onair::runtime::partition=debug",
+                "run",
+            ])
+            .arg(pipeline)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start onair");
+        Proc {
+            child,
+            log,
+            metrics_port: port,
+        }
+    }
+
+    /// `onair simulate ...` with extra arguments.
+    pub fn simulate(dir: &Path, pipeline: &Path, args: &[&str]) -> Proc {
+        let log = dir.join("simulate.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_onair"))
+            .args(["simulate", "--brokers", &brokers(), "--pipeline"])
+            .arg(pipeline)
+            .args(args)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("start onair simulate");
+        Proc {
+            child,
+            log,
+            metrics_port: 0,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal_term(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for exit; kills it and panics after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > until {
+                self.kill9();
+                panic!(
+                    "process did not exit within {timeout:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The text of `/metrics`, or None if it does not answer.
+    pub fn scrape(&self) -> Option<String> {
+        scrape(self.metrics_port)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// GET /metrics over plain HTTP/1.0.
+pub fn scrape(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let (head, body) = body.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+}
+
+/// Sum of the samples of a metric whose labels contain every `k="v"` given.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if !labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            continue;
+        }
+        let value: f64 = rest.rsplit(' ').next().and_then(|v| v.parse().ok())?;
+        *found.get_or_insert(0.0) += value;
+    }
+    found
+}
+
+/// One record read back.
+#[derive(Clone, Debug)]
+pub struct Rec {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Reads `topic` from the start with a plain consumer until `done` says so
+/// or `timeout` passes; returns everything read.
+pub fn read_until(
+    topic: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&[Rec]) -> bool,
+) -> Vec<Rec> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("reader consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let until = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut last_check = Instant::now();
+    while Instant::now() < until {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let mut headers = BTreeMap::new();
+                if let Some(h) = m.headers() {
+                    for hdr in h.iter() {
+                        headers.insert(
+                            hdr.key.to_string(),
+                            String::from_utf8_lossy(hdr.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                out.push(Rec {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().unwrap_or_default().to_vec(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+            Some(Err(_)) | None => {}
+        }
+        if last_check.elapsed() > Duration::from_millis(500) {
+            last_check = Instant::now();
+            if done(&out) {
+                break;
+            }
+        }
+    }
+    consumer.unsubscribe();
+    drop(consumer);
+    out
+}
