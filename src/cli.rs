@@ -68,6 +68,10 @@ struct RunArgs {
     /// Where to serve Prometheus metrics.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
+    /// Static group membership id (e.g. the pod name): a member restarted
+    /// with the same id gets its partitions back without a rebalance.
+    #[arg(long, env = "ONAIR_INSTANCE_ID")]
+    instance_id: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -271,6 +275,7 @@ async fn run(a: RunArgs) -> CliResult {
     info!(metrics = %a.metrics_addr, "serving /metrics");
     let stop = stop_on_signal();
     Engine::new(config)
+        .with_instance_id(a.instance_id)
         .run_kafka(stop)
         .await
         .map_err(|e| chain(&e))

@@ -65,6 +65,11 @@ pub struct KafkaConfig {
     /// Consumer session timeout (ms). A revoked partition is drained within
     /// `runtime.drain_timeout_ms`, which must be shorter.
     pub session_timeout_ms: u32,
+    /// Longest gap between polls before the group considers the member
+    /// stuck (ms). onair polls continuously (partitions are paused, never the
+    /// poll loop), so this mainly bounds how long a rebalance waits for a
+    /// member that died without leaving.
+    pub max_poll_interval_ms: u32,
     /// How often safe offsets are committed (ms).
     pub commit_interval_ms: u32,
     /// How often librdkafka statistics (consumer lag) are refreshed (ms).
@@ -86,6 +91,7 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             group_id: "onair".into(),
             session_timeout_ms: 10_000,
+            max_poll_interval_ms: 20_000,
             commit_interval_ms: 1_000,
             statistics_interval_ms: 5_000,
             linger_ms: 5,

@@ -134,7 +134,10 @@ fn sigkill_and_restart_lose_nothing() {
     let pipeline = common::pipeline(&dir, &topics, "");
     let truth_path = dir.join("truth.jsonl");
     let t = truth_path.to_str().expect("utf-8 path");
-    let mut first = Proc::engine(&dir, &pipeline, "engine-1");
+    // Static membership (a stable instance id, as a restarted pod keeps its
+    // name) hands the partitions straight back to the restarted engine.
+    let instance = ["--instance-id", "onair-0"];
+    let mut first = Proc::engine_with(&dir, &pipeline, "engine-1", &instance);
     let sim = Proc::simulate(
         &dir,
         &pipeline,
@@ -174,7 +177,7 @@ fn sigkill_and_restart_lose_nothing() {
         first.log_tail()
     );
     first.kill9();
-    let mut second = Proc::engine(&dir, &pipeline, "engine-2");
+    let mut second = Proc::engine_with(&dir, &pipeline, "engine-2", &instance);
     simulate_ok(sim);
     let truth = load_truth(&truth_path);
     let recs = read_stats(&topics, truth.ticks().count(), Duration::from_secs(180));

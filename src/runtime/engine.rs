@@ -65,12 +65,22 @@ pub struct SimulatedRun {
 /// A pipeline ready to run.
 pub struct Engine {
     config: PipelineConfig,
+    instance_id: Option<String>,
 }
 
 impl Engine {
     /// An engine for a validated pipeline.
     pub fn new(config: PipelineConfig) -> Self {
-        Engine { config }
+        Engine {
+            config,
+            instance_id: None,
+        }
+    }
+
+    /// Static group membership under this id (see `KafkaSource::new`).
+    pub fn with_instance_id(mut self, id: Option<String>) -> Self {
+        self.instance_id = id;
+        self
     }
 
     /// The pipeline.
@@ -121,7 +131,7 @@ impl Engine {
                 replayed_through,
             ))
         });
-        let source = KafkaSource::new(&config, factory)?;
+        let source = KafkaSource::new(&config, factory, self.instance_id.as_deref())?;
         info!(brokers = %config.kafka.brokers, group = %config.kafka.group_id, "consuming");
         let poller = std::thread::Builder::new()
             .name("kafka-poll".into())

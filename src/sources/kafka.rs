@@ -309,7 +309,15 @@ pub struct KafkaSource {
 
 impl KafkaSource {
     /// Creates the consumer and subscribes to the group topic.
-    pub fn new(config: &PipelineConfig, factory: Arc<TaskFactory>) -> Result<Self, KafkaFailure> {
+    ///
+    /// `instance_id` turns on static membership (`group.instance.id`): a
+    /// member restarted with the same id gets its partitions back at once,
+    /// without a rebalance (the way to run onair as pods with stable names).
+    pub fn new(
+        config: &PipelineConfig,
+        factory: Arc<TaskFactory>,
+        instance_id: Option<&str>,
+    ) -> Result<Self, KafkaFailure> {
         let k = &config.kafka;
         let t = &k.topics;
         let topics = Topics {
@@ -341,6 +349,7 @@ impl KafkaSource {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "true")
             .set("session.timeout.ms", k.session_timeout_ms.to_string())
+            .set("max.poll.interval.ms", k.max_poll_interval_ms.to_string())
             .set(
                 "statistics.interval.ms",
                 k.statistics_interval_ms.to_string(),
@@ -352,6 +361,9 @@ impl KafkaSource {
             .set("receive.message.max.bytes", "1000000000")
             .set("fetch.max.bytes", k.message_max_bytes.to_string())
             .set("max.partition.fetch.bytes", k.message_max_bytes.to_string());
+        if let Some(id) = instance_id {
+            c.set("group.instance.id", id);
+        }
         for (key, v) in &k.properties {
             c.set(key, v);
         }

@@ -101,6 +101,11 @@ pub struct Proc {
 impl Proc {
     /// `onair run <pipeline>` with its log in `dir`.
     pub fn engine(dir: &Path, pipeline: &Path, name: &str) -> Proc {
+        Self::engine_with(dir, pipeline, name, &[])
+    }
+
+    /// `onair run <pipeline> <extra args>`.
+    pub fn engine_with(dir: &Path, pipeline: &Path, name: &str, extra: &[&str]) -> Proc {
         let port = free_port();
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
@@ -112,6 +117,7 @@ impl Proc {
             ])
             .arg(pipeline)
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()
