@@ -66,7 +66,7 @@ struct RunArgs {
     #[arg(long)]
     group_id: Option<String>,
     /// Where to serve Prometheus metrics.
-    #[arg(long, default_value = "127.0.0.1:9464")]
+    #[arg(long, default_value = "127.0.0.1:9464", env = "ONAIR_METRICS_ADDR")]
     metrics_addr: SocketAddr,
     /// Static group membership id (e.g. the pod name): a member restarted
     /// with the same id gets its partitions back without a rebalance.
@@ -95,7 +95,7 @@ struct DemoArgs {
     #[arg(long)]
     no_video: bool,
     /// Where to serve Prometheus metrics.
-    #[arg(long, default_value = "127.0.0.1:9464")]
+    #[arg(long, default_value = "127.0.0.1:9464", env = "ONAIR_METRICS_ADDR")]
     metrics_addr: SocketAddr,
     /// Don't print the live view every second (summary only).
     #[arg(long)]

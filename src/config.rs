@@ -490,12 +490,12 @@ impl PipelineConfig {
             );
             bad(
                 "simulator.video_width",
-                !s.video || (s.video_width >= 16 && s.video_width % 2 == 0),
+                !s.video || (s.video_width >= 16 && s.video_width.is_multiple_of(2)),
                 "must be even and at least 16",
             );
             bad(
                 "simulator.video_height",
-                !s.video || (s.video_height >= 16 && s.video_height % 2 == 0),
+                !s.video || (s.video_height >= 16 && s.video_height.is_multiple_of(2)),
                 "must be even and at least 16",
             );
             bad(
@@ -569,14 +569,11 @@ fn shape(
                 continue;
             }
             (toml::Value::Integer(_), toml::Value::Float(_)) => {}
-            _ if FREE_MAPS.contains(&path.as_str()) => {
-                if !is_table {
-                    problems.push(Problem {
-                        path,
-                        message: format!("expected a table, found {v_type}"),
-                    });
-                }
-            }
+            _ if FREE_MAPS.contains(&path.as_str()) && !is_table => problems.push(Problem {
+                path,
+                message: format!("expected a table, found {v_type}"),
+            }),
+            _ if FREE_MAPS.contains(&path.as_str()) => {}
             _ if !same_type => problems.push(Problem {
                 path,
                 message: format!("expected {}, found {v_type}", type_name(r)),

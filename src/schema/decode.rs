@@ -112,7 +112,7 @@ impl Event {
 
 /// Size limits applied before parsing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest accepted video payload (whole Kafka value), bytes.
     pub max_video_bytes: usize,

@@ -134,7 +134,7 @@ pub async fn publish(
         sim = back;
         for ev in events? {
             n_events += 1;
-            let as_json = opts.json_every > 0 && n_events % opts.json_every == 0;
+            let as_json = opts.json_every > 0 && n_events.is_multiple_of(opts.json_every);
             let (idx, topic, payload, json) = match &ev {
                 SimEvent::Video(v) => (0, &t.video, v.encode_to_vec(), false),
                 SimEvent::Audio(a) => (1, &t.audio, a.encode_to_vec(), false),

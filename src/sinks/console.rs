@@ -137,7 +137,7 @@ impl ConsoleSink {
 }
 
 impl Sink for ConsoleSink {
-    fn send(&self, out: Output, ack: Ack) -> Result<(), Busy> {
+    fn send(&self, out: Output, ack: Ack) -> Result<(), Box<Busy>> {
         if let Ok(mut v) = self.view.lock() {
             match out.topic {
                 OutputTopic::RoomStats => {

@@ -93,7 +93,7 @@ impl KafkaSink {
 }
 
 impl Sink for KafkaSink {
-    fn send(&self, out: Output, ack: Ack) -> Result<(), Busy> {
+    fn send(&self, out: Output, ack: Ack) -> Result<(), Box<Busy>> {
         let mut headers = OwnedHeaders::new_with_capacity(out.headers.len() + 2).insert(Header {
             key: ID_HEADER,
             value: Some(out.id.as_bytes()),
@@ -118,7 +118,7 @@ impl Sink for KafkaSink {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
                 let ack = record.delivery_opaque;
-                Err(Busy(out, *ack))
+                Err(Box::new(Busy(out, *ack)))
             }
             Err((e, record)) => {
                 let topic = self.topic(out.topic).to_string();

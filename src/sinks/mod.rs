@@ -99,5 +99,5 @@ pub struct Busy(pub Output, pub Ack);
 /// Somewhere outputs are written.
 pub trait Sink: Send + Sync {
     /// Hands one output over; its fate is reported through `ack`.
-    fn send(&self, output: Output, ack: Ack) -> Result<(), Busy>;
+    fn send(&self, output: Output, ack: Ack) -> Result<(), Box<Busy>>;
 }

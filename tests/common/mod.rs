@@ -265,8 +265,8 @@ pub fn read_until(
     let mut out = Vec::new();
     let mut last_check = Instant::now();
     while Instant::now() < until {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            {
                 let mut headers = BTreeMap::new();
                 if let Some(h) = m.headers() {
                     for hdr in h.iter() {
@@ -284,7 +284,6 @@ pub fn read_until(
                     headers,
                 });
             }
-            Some(Err(_)) | None => {}
         }
         if last_check.elapsed() > Duration::from_millis(500) {
             last_check = Instant::now();

@@ -1,0 +1,86 @@
+# onair container image: `docker build -t onair .` (docker-compose.yml builds it too).
+#
+# For: a release build of the `onair` binary on Debian 12, and a slim runtime image that
+#   runs it as a non-root user with the pipeline files beside it.
+# Not for: development or tests (use scripts/setup and cargo on the host), GPU images.
+#
+# Run:  docker run --rm onair run pipelines/kafka.toml --brokers kafka:9092
+#       docker run --rm onair simulate --brokers kafka:9092 --rooms 20
+# Needs BuildKit (the default builder since Docker 23) for the cache mounts below.
+
+ARG RUST_VERSION=1
+ARG DEBIAN_RELEASE=bookworm
+
+# ---------------------------------------------------------------------------
+# Build stage
+# ---------------------------------------------------------------------------
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+
+# pkg-config, clang/libclang and cmake: bindgen and C builds (ffmpeg-next, whisper-rs).
+# FFmpeg dev libraries: for ffmpeg-next (not linked yet; see the runtime stage).
+# protobuf-compiler: protoc for prost-build (build.rs compiles proto/).
+# rdkafka builds its bundled librdkafka with gcc and make (in the base image) and links
+# the system zlib (zlib1g-dev is in the base image).
+# Versions are not pinned: Debian stable's point releases replace them (security fixes).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        pkg-config clang libclang-dev cmake \
+        libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev \
+        protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
+
+# Portable binaries: whisper.cpp (when it comes) must not be built with -march=native,
+# since the image moves between CPUs.
+ENV GGML_NATIVE=OFF \
+    CARGO_TERM_COLOR=never
+
+WORKDIR /src
+COPY . .
+
+# The registry and target caches survive between builds; the binary is copied out of
+# the cached target folder in the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+    && install -m 0755 target/release/onair /usr/local/bin/onair
+
+# ---------------------------------------------------------------------------
+# Runtime stage
+# ---------------------------------------------------------------------------
+FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+
+# ca-certificates: TLS to brokers (security.protocol=SSL/SASL_SSL in [kafka.properties]).
+# ffmpeg, espeak-ng: CLIs the simulator (`onair simulate`) runs to make video and speech.
+# libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4: FFmpeg 5.1's shared
+#   libraries. The crate does not link them yet (only the simulator calls the ffmpeg
+#   CLI); they are listed so that the in-process decoder (ffmpeg-next) needs no change
+#   here when it lands. The ffmpeg package depends on them anyway. These names are
+#   bookworm's (FFmpeg 5.1); another DEBIAN_RELEASE needs its own sonames.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates \
+        ffmpeg espeak-ng \
+        libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 \
+    && rm -rf /var/lib/apt/lists/*
+
+# A fixed numeric id, so that runAsNonRoot-style checks can verify it.
+RUN groupadd --system --gid 10001 onair \
+    && useradd --system --uid 10001 --gid onair --home-dir /app --no-create-home \
+        --shell /usr/sbin/nologin onair
+
+WORKDIR /app
+COPY --from=build /usr/local/bin/onair /usr/local/bin/onair
+COPY pipelines/ /app/pipelines/
+
+USER 10001:10001
+
+# Prometheus metrics (/metrics).
+EXPOSE 9464
+
+ENTRYPOINT ["onair"]
+# `--metrics-addr` defaults to 127.0.0.1:9464, which nothing outside the container can
+# reach; the brokers come from `--brokers` or ONAIR_BROKERS (default 127.0.0.1:9092).
+CMD ["run", "pipelines/kafka.toml", "--metrics-addr", "0.0.0.0:9464"]
