@@ -231,7 +231,7 @@ impl Default for RuntimeConfig {
             max_wait_ms: 10_000,
             allowed_lateness_ms: 2000,
             idle_timeout_ms: 3000,
-            queue_capacity: 1024,
+            queue_capacity: 4096,
             max_in_flight: 10_000,
             drain_timeout_ms: 5000,
         }

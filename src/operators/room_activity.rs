@@ -127,7 +127,13 @@ impl Operator for RoomActivity {
         }
         let tick_ms = self.tick_ms;
         let start = self.tick_of(event.event_time_ms());
-        let room = self.rooms.entry(room_id.to_string()).or_default();
+        // Look up before inserting: no allocation for a room already held.
+        if !self.rooms.contains_key(room_id) {
+            self.rooms.insert(room_id.to_string(), Room::default());
+        }
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
         if let Some(s) = event.streamer_id() {
             if room.streamer_id != s {
                 room.streamer_id = s.to_string();

@@ -134,6 +134,8 @@ pub struct PartitionTask {
     shared: Arc<PartitionShared>,
     /// Per stream: everything the broker held has been received.
     caught_up: [bool; InputKind::ROOM_COUNT],
+    /// Whether the source reports caught-up streams (see [`PartitionSpec`]).
+    wait_for_backlog: bool,
     /// Emitted-through time restored from the last commit: tick outputs at or
     /// before it were written before and are not written again.
     replayed_through: Option<i64>,
@@ -216,6 +218,7 @@ impl PartitionTask {
             control,
             shared: shared.clone(),
             caught_up: [!spec.wait_for_backlog; InputKind::ROOM_COUNT],
+            wait_for_backlog: spec.wait_for_backlog,
             replayed_through: spec.replayed_through,
             checkpoint_every: spec.checkpoint_every,
             buffers: Default::default(),
@@ -341,12 +344,14 @@ impl PartitionTask {
     /// Takes what the source has queued, without waiting.
     fn pull(&mut self) -> usize {
         let mut n = 0;
+        let started = Instant::now();
         while n < PROCESS_BUDGET && self.may_pull() {
             match self.input.try_recv() {
-                Ok(rec) => {
-                    self.accept(rec);
+                Ok(Input::Record(rec)) => {
+                    self.accept_record(rec);
                     n += 1;
                 }
+                Ok(marker) => self.accept(marker),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     self.input_closed = true;
@@ -354,10 +359,18 @@ impl PartitionTask {
                 }
             }
         }
+        if n > 0 {
+            self.last_input = Instant::now();
+            // Mean decode time per record of the batch.
+            self.decode_stage
+                .latency
+                .record(started.elapsed().as_secs_f64() / n as f64);
+        }
         n
     }
 
     fn accept(&mut self, input: Input) {
+        self.last_input = Instant::now();
         match input {
             Input::Record(rec) => self.accept_record(rec),
             Input::CaughtUp(kind) => {
@@ -370,8 +383,6 @@ impl PartitionTask {
 
     /// Decodes one record into its stream's buffer, or dead-letters it.
     fn accept_record(&mut self, rec: InputRecord) {
-        let started = Instant::now();
-        self.last_input = started;
         self.idle_anchor = None;
         self.decode_stage.received.increment(1);
         let Some(slot) = self.received_next.get_mut(rec.kind.index()) else {
@@ -384,7 +395,10 @@ impl PartitionTask {
             return;
         };
         *slot = Some(slot.map_or(rec.offset + 1, |n| n.max(rec.offset + 1)));
-        self.caught_up[rec.kind.index()] = false;
+        if self.wait_for_backlog {
+            // Until the source says otherwise, more of this stream may be on the broker.
+            self.caught_up[rec.kind.index()] = false;
+        }
         let pos = Position {
             kind: rec.kind,
             offset: rec.offset,
@@ -407,7 +421,7 @@ impl PartitionTask {
             Err(err) => {
                 self.decode_stage.error(err.reason());
                 trace!(partition = self.partition, offset = rec.offset, kind = rec.kind.name(), error = %err, "rejected record");
-                if self.dlq_limit.allow(started) {
+                if self.dlq_limit.allow(Instant::now()) {
                     let out = dead_letters::dead_letter(&Rejected {
                         reason: err.reason(),
                         detail: err.to_string(),
@@ -437,9 +451,6 @@ impl PartitionTask {
                 }
             }
         }
-        self.decode_stage
-            .latency
-            .record(started.elapsed().as_secs_f64());
     }
 }
 
@@ -488,8 +499,9 @@ impl PartitionTask {
             self.flush_outputs(None).await;
         }
         let mut n = 0;
+        let started = Instant::now();
         while n < PROCESS_BUDGET && self.in_flight < self.cfg.max_in_flight {
-            let Some(k) = self.next_ready(Instant::now()) else {
+            let Some(k) = self.next_ready(started) else {
                 break;
             };
             let Some(b) = self.buffers[k].pop_front() else {
@@ -501,6 +513,16 @@ impl PartitionTask {
             self.process(b).await;
             n += 1;
         }
+        if n > 0 {
+            // Counted and timed per batch: the mean per-record time of the batch.
+            let per_record = started.elapsed().as_secs_f64() / n as f64;
+            self.runtime_stage.received.increment(n as u64);
+            self.runtime_stage.sent.increment(n as u64);
+            self.runtime_stage.latency.record(per_record);
+            for stage in &self.op_stages {
+                stage.received.increment(n as u64);
+            }
+        }
         let buffered = self.buffered();
         self.depth.set(buffered as f64);
         self.shared.buffered.store(buffered, Ordering::Relaxed);
@@ -508,7 +530,6 @@ impl PartitionTask {
     }
 
     async fn process(&mut self, b: Buffered) {
-        let started = Instant::now();
         let t = b.event.event_time_ms();
         let tick = self.tick_of(t);
         let next_tick = *self.next_tick.get_or_insert(tick);
@@ -525,15 +546,10 @@ impl PartitionTask {
                 "late record: its tick has closed"
             );
         }
-        self.runtime_stage.received.increment(1);
-        self.runtime_stage.sent.increment(1);
         {
             let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms);
-            for (op, stage) in self.ops.iter_mut().zip(&self.op_stages) {
-                let s = Instant::now();
-                stage.received.increment(1);
+            for op in &mut self.ops {
                 op.on_record(&b.event, b.pos, late, &mut ctx);
-                stage.latency.record(s.elapsed().as_secs_f64());
             }
         }
         if !self.outputs.is_empty() {
@@ -545,9 +561,6 @@ impl PartitionTask {
         if let Some(st) = self.stream_time {
             self.close_ticks(st - self.cfg.allowed_lateness_ms).await;
         }
-        self.runtime_stage
-            .latency
-            .record(started.elapsed().as_secs_f64());
     }
 
     /// Closes every tick that ends at or before `watermark`.
@@ -732,6 +745,7 @@ impl PartitionTask {
     /// up to `until_ms` closes.
     async fn finish(&mut self, until_ms: i64) {
         self.caught_up = [true; InputKind::ROOM_COUNT];
+        self.wait_for_backlog = false;
         loop {
             while let Ok(ack) = self.ack_rx.try_recv() {
                 self.on_ack(ack);

@@ -76,6 +76,8 @@ struct Tasks {
     stash: HashMap<i32, VecDeque<Input>>,
     /// Last checkpoint committed per partition.
     committed: HashMap<i32, Checkpoint>,
+    /// Committed offset each stream resumed from, by (kind index, partition).
+    starts: HashMap<(usize, i32), i64>,
 }
 
 /// The consumer's context: rebalance handling and statistics.
@@ -163,7 +165,14 @@ impl SourceContext {
                     replayed_through = Some(replayed_through.map_or(t, |r: i64| r.min(t)));
                 }
                 let offset = match e.offset() {
-                    Offset::Offset(o) => Offset::Offset(o),
+                    Offset::Offset(o) => {
+                        if let (Some(kind), Ok(mut t)) =
+                            (self.topics.kind_of(e.topic()), self.tasks.lock())
+                        {
+                            t.starts.insert((kind.index(), p), o);
+                        }
+                        Offset::Offset(o)
+                    }
                     _ => Offset::Beginning,
                 };
                 if let Err(err) = assign.add_partition_offset(e.topic(), p, offset) {
@@ -190,6 +199,7 @@ impl SourceContext {
             let handle = self.tasks.lock().ok().and_then(|mut t| {
                 t.stash.remove(&p);
                 t.committed.remove(&p);
+                t.starts.retain(|(_, q), _| *q != p);
                 t.running.remove(&p)
             });
             if let Some(handle) = handle {
@@ -275,13 +285,13 @@ fn commit(
     }
 }
 
-/// The high watermark librdkafka last saw in a fetch response (no network
-/// round trip), or None when it has not fetched the partition yet.
-fn cached_high_watermark(
+/// The (low, high) watermarks librdkafka last saw in a fetch response (no
+/// network round trip), or None when it has not fetched the partition yet.
+fn cached_watermarks(
     consumer: &BaseConsumer<SourceContext>,
     topic: &str,
     partition: i32,
-) -> Option<i64> {
+) -> Option<(i64, i64)> {
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client pointer is valid while `consumer` lives; the topic
@@ -296,7 +306,7 @@ fn cached_high_watermark(
             &mut high,
         )
     };
-    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low.max(0), high))
 }
 
 /// The consumer-group member.
@@ -338,6 +348,7 @@ impl KafkaSource {
                 running: HashMap::new(),
                 stash: HashMap::new(),
                 committed: HashMap::new(),
+                starts: HashMap::new(),
             }),
             drain_timeout: Duration::from_millis(config.runtime.drain_timeout_ms),
         };
@@ -431,10 +442,26 @@ impl KafkaSource {
             let Some(kind) = self.topics.kind_of(e.topic()) else {
                 continue;
             };
-            let high = cached_high_watermark(&self.consumer, e.topic(), partition);
-            match (e.offset(), high) {
-                (Offset::Offset(at), Some(high)) if at >= high => kinds.push(kind),
-                _ => {}
+            let Some((low, high)) = cached_watermarks(&self.consumer, e.topic(), partition) else {
+                continue;
+            };
+            // Nothing delivered yet (no position): caught up when the stream
+            // resumed at the end, or the partition holds nothing.
+            let caught_up = match e.offset() {
+                Offset::Offset(at) => at >= high,
+                _ => {
+                    let start = self
+                        .consumer
+                        .context()
+                        .tasks
+                        .lock()
+                        .ok()
+                        .and_then(|t| t.starts.get(&(kind.index(), partition)).copied());
+                    low >= high || start.is_some_and(|s| s >= high)
+                }
+            };
+            if caught_up {
+                kinds.push(kind);
             }
         }
         drop(pos);
@@ -523,9 +550,15 @@ impl KafkaSource {
         let mut want: HashSet<(usize, i32)> = HashSet::new();
         if let Ok(tasks) = ctx.tasks.lock() {
             for (p, handle) in &tasks.running {
-                let stashed = tasks.stash.contains_key(p);
+                // Hysteresis: a partition paused because its task's queue
+                // was full stays paused until the queue is half empty, so
+                // librdkafka does not drop and re-fetch its prefetched
+                // records on every small pause.
+                let was_paused = paused.iter().any(|(_, q)| q == p);
+                let queue_busy = handle.input.capacity() < handle.input.max_capacity() / 2;
+                let hold = tasks.stash.contains_key(p) || (was_paused && queue_busy);
                 for kind in InputKind::ROOM {
-                    if stashed || handle.shared.pause[kind.index()].load(Ordering::Relaxed) {
+                    if hold || handle.shared.pause[kind.index()].load(Ordering::Relaxed) {
                         want.insert((kind.index(), *p));
                     }
                 }
