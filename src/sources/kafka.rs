@@ -366,6 +366,11 @@ impl KafkaSource {
                 k.statistics_interval_ms.to_string(),
             )
             .set("fetch.wait.max.ms", "100")
+            // librdkafka postpones a partition's next fetch by this much when
+            // its prefetch queue is full (default 1 s): the engine drains the
+            // queue in milliseconds, so a long back-off only leaves it idle.
+            .set("fetch.queue.backoff.ms", "10")
+            .set("fetch.error.backoff.ms", "100")
             // Some Kafka-protocol brokers (noida-db) ignore fetch.max.bytes and
             // answer with everything a partition holds; a response larger than
             // this limit fails every fetch, so allow large responses.
