@@ -19,7 +19,11 @@ fn onair(args: &[&str]) -> std::process::Output {
 fn shipped_pipelines_are_valid() {
     let out = onair(&["validate", "pipelines/kafka.toml", "pipelines/demo.toml"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout.matches(": ok").count(), 2, "{stdout}");
 }
 
@@ -35,8 +39,17 @@ fn validate_lists_every_problem_with_its_path() {
     let out = onair(&["validate", bad.to_str().expect("utf-8")]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for path in ["runtime.tick_ms", "runtime.queue_capacity", "kafka.brokers", "kafka.sesion_timeout_ms", "kafka.topics.comments"] {
-        assert!(text.contains(&format!("  - {path}: ")), "{path} not reported in:\n{text}");
+    for path in [
+        "runtime.tick_ms",
+        "runtime.queue_capacity",
+        "kafka.brokers",
+        "kafka.sesion_timeout_ms",
+        "kafka.topics.comments",
+    ] {
+        assert!(
+            text.contains(&format!("  - {path}: ")),
+            "{path} not reported in:\n{text}"
+        );
     }
 }
 
@@ -44,11 +57,32 @@ fn validate_lists_every_problem_with_its_path() {
 fn demo_runs_without_a_broker_and_matches_the_truth() {
     let port = common::free_port().to_string();
     let out = onair(&[
-        "--log", "warn", "demo", "--duration", "6s", "--rooms", "2", "--speed", "3", "--quiet", "--metrics-addr", &format!("127.0.0.1:{port}"),
+        "--log",
+        "warn",
+        "demo",
+        "--duration",
+        "6s",
+        "--rooms",
+        "2",
+        "--speed",
+        "3",
+        "--quiet",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("summary: 2 rooms"), "{stdout}");
-    let check = stdout.lines().find(|l| l.starts_with("check: ")).expect("a check line");
-    assert!(check.contains("(0 missing, 0 extra, 0 different)"), "{check}");
+    let check = stdout
+        .lines()
+        .find(|l| l.starts_with("check: "))
+        .expect("a check line");
+    assert!(
+        check.contains("(0 missing, 0 extra, 0 different)"),
+        "{check}"
+    );
 }

@@ -58,3 +58,25 @@ pub fn default_start_ms() -> i64 {
         .unwrap_or(1_767_225_600_000);
     now - now.rem_euclid(60_000)
 }
+
+/// Advances `sim` to `until_ms` on tokio's blocking pool (drawing and
+/// encoding video is CPU work) and hands it back with the events.
+pub async fn advance_off_thread(
+    mut sim: Simulator,
+    until_ms: i64,
+) -> Result<(Simulator, Vec<SimEvent>), SimError> {
+    let (events, sim) = tokio::task::spawn_blocking(move || (sim.advance(until_ms), sim))
+        .await
+        .map_err(|_| SimError::WorkerPanicked)?;
+    Ok((sim, events?))
+}
+
+/// Sleeps until simulated time `t_ms` is due, simulated time running at
+/// `speed` x real time from `start_ms` at `wall0` (an infinite speed never waits).
+pub async fn pace(wall0: std::time::Instant, start_ms: i64, t_ms: i64, speed: f64) {
+    if speed.is_finite() && speed > 0.0 {
+        let due =
+            wall0 + std::time::Duration::from_secs_f64((t_ms - start_ms) as f64 / 1000.0 / speed);
+        tokio::time::sleep_until(due.into()).await;
+    }
+}

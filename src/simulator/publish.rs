@@ -125,14 +125,9 @@ pub async fn publish(
     let mut cursor = start;
     while cursor < end {
         let until = (cursor + opts.step_ms).min(end);
-        let (events, back) = tokio::task::spawn_blocking(move || {
-            let r = sim.advance(until);
-            (r, sim)
-        })
-        .await
-        .map_err(|_| SimError::WorkerPanicked)?;
+        let (back, events) = super::advance_off_thread(sim, until).await?;
         sim = back;
-        for ev in events? {
+        for ev in events {
             n_events += 1;
             let as_json = opts.json_every > 0 && n_events.is_multiple_of(opts.json_every);
             let (idx, topic, payload, json) = match &ev {
@@ -170,11 +165,7 @@ pub async fn publish(
             }
         }
         cursor = until;
-        if opts.speed.is_finite() {
-            let due =
-                wall0 + Duration::from_secs_f64((cursor - start) as f64 / 1000.0 / opts.speed);
-            tokio::time::sleep_until(due.into()).await;
-        }
+        super::pace(wall0, start, cursor, opts.speed).await;
     }
     let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(60)))
         .await

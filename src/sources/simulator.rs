@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use prost::Message;
 use tracing::warn;
@@ -48,14 +48,9 @@ pub async fn feed(
     let mut t = start_ms;
     while t < end_ms && !stop.load(Ordering::Relaxed) {
         let until = (t + STEP_MS).min(end_ms);
-        let (events, back) = tokio::task::spawn_blocking(move || {
-            let r = sim.advance(until);
-            (r, sim)
-        })
-        .await
-        .map_err(|_| SimError::WorkerPanicked)?;
+        let (back, events) = crate::simulator::advance_off_thread(sim, until).await?;
         sim = back;
-        for ev in events? {
+        for ev in events {
             let p = partition_of(ev.room_id(), partitions) as usize;
             let (kind, payload) = to_record(&ev);
             let Some(task) = tasks.get(p) else { continue };
@@ -74,8 +69,7 @@ pub async fn feed(
             }
         }
         t = until;
-        let due = wall0 + Duration::from_secs_f64((t - start_ms) as f64 / 1000.0 / speed);
-        tokio::time::sleep_until(due.into()).await;
+        crate::simulator::pace(wall0, start_ms, t, speed).await;
     }
     for task in tasks {
         let _ = task.control.send(Control::Finish { until_ms: t });
