@@ -532,7 +532,11 @@ impl PartitionTask {
     async fn process(&mut self, b: Buffered) {
         let t = b.event.event_time_ms();
         let tick = self.tick_of(t);
-        let next_tick = *self.next_tick.get_or_insert(tick);
+        // The first tick left open is the one the watermark would allow for
+        // this record: other streams' records up to the allowed lateness
+        // before it are still on time.
+        let first_open = self.tick_of(t - self.cfg.allowed_lateness_ms);
+        let next_tick = *self.next_tick.get_or_insert(first_open);
         let late = tick < next_tick;
         if late {
             self.late += 1;
