@@ -15,7 +15,7 @@
 //!    `BaseConsumer` in a child process (this binary again) that reads every
 //!    comment and touches its payload, timed from its first message to its
 //!    last; then the real `onair run` binary with room activity on, timed by
-//!    scraping its `/metrics` every 20 ms from the first record the source
+//!    scraping its `/metrics` every 100 ms (`ONAIR_BENCH_SCRAPE_MS`) from the first record the source
 //!    received until the source, and then the room-activity operator, have
 //!    seen them all;
 //! 4. prints per-run rates, medians, the median ratio and peak RSS (`VmHWM`).
@@ -62,7 +62,12 @@ const SPAN_MS: i64 = 300_000;
 /// Event time of the closing comments after the last regular one: more than
 /// a tick plus the allowed lateness (1 s + 2 s by default).
 const CLOSE_AFTER_MS: i64 = 5_000;
-const SCRAPE_EVERY: Duration = Duration::from_millis(20);
+/// How often the engine's /metrics is read (`ONAIR_BENCH_SCRAPE_MS`): each
+/// scrape renders every metric on the engine's own threads, so scraping
+/// much more often than Prometheus would slows down what is measured.
+fn scrape_every() -> Duration {
+    Duration::from_millis(env_num("ONAIR_BENCH_SCRAPE_MS", 100).max(5))
+}
 /// librdkafka settings of the engine's consumer that matter on noida-db.
 const RECEIVE_MAX: &str = "1000000000";
 const FETCH_MAX: &str = "16777216";
@@ -836,7 +841,7 @@ fn engine_run(r: &EngineRun<'_>) -> EngineResult {
     let mut op_done_at: Option<Instant> = None;
     let mut sink_last = (0u64, Instant::now());
     let text = loop {
-        std::thread::sleep(SCRAPE_EVERY.saturating_sub(prev.elapsed()));
+        std::thread::sleep(scrape_every().saturating_sub(prev.elapsed()));
         let now = Instant::now();
         if let Ok(Some(status)) = child.0.try_wait() {
             panic!("onair run exited early ({status}); log:\n{}", tail());

@@ -183,6 +183,7 @@ fn run_engine(arrivals: &[SimEvent], until_ms: i64, lateness_ms: i64) -> Console
             dead_letters: DeadLetterConfig::default(),
             operators: onair::operators::build(&config),
             sink: task_sink,
+            reader: None,
             wait_for_backlog: false,
             replayed_through: None,
             checkpoint_every: Duration::from_millis(100),

@@ -13,6 +13,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use foldhash::fast::RandomState;
+
 use prost::Message;
 
 use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
@@ -26,7 +28,7 @@ pub const SILENCE_DBFS: f64 = -120.0;
 /// The room-activity operator for one partition.
 pub struct RoomActivity {
     tick_ms: i64,
-    rooms: HashMap<String, Room>,
+    rooms: HashMap<String, Room, RandomState>,
 }
 
 #[derive(Default)]
@@ -35,7 +37,7 @@ struct Room {
     /// Open ticks by start time.
     open: BTreeMap<i64, Tick>,
     /// Viewers inside, with the position of the ENTER that put them there.
-    present: HashMap<String, Position>,
+    present: HashMap<String, Position, RandomState>,
 }
 
 #[derive(Default)]
@@ -43,7 +45,7 @@ struct Tick {
     any: bool,
     streamer_id: Option<String>,
     comments: u32,
-    commenters: HashSet<String>,
+    commenters: HashSet<String, RandomState>,
     impressions: u32,
     enters: u32,
     leaves: u32,
@@ -67,7 +69,7 @@ impl RoomActivity {
     pub fn new(tick_ms: i64) -> Self {
         RoomActivity {
             tick_ms,
-            rooms: HashMap::new(),
+            rooms: HashMap::default(),
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
+use super::feed::StreamReader;
 use super::partition::{Checkpoint, Control, PartitionHandle, PartitionSpec, PartitionTask};
 use crate::config::PipelineConfig;
 use crate::kafka::{ensure_topics, pipeline_topics, KafkaFailure};
@@ -92,7 +93,7 @@ impl Engine {
         config: &PipelineConfig,
         partition: i32,
         sink: Arc<dyn Sink>,
-        wait_for_backlog: bool,
+        reader: Option<Box<dyn StreamReader>>,
         replayed_through: Option<i64>,
     ) -> PartitionSpec {
         PartitionSpec {
@@ -102,7 +103,8 @@ impl Engine {
             dead_letters: config.dead_letters.clone(),
             operators: operators::build(config),
             sink,
-            wait_for_backlog,
+            reader,
+            wait_for_backlog: false,
             replayed_through,
             checkpoint_every: Duration::from_millis(
                 u64::from(config.kafka.commit_interval_ms).max(50),
@@ -121,13 +123,13 @@ impl Engine {
         let handle = tokio::runtime::Handle::current();
         let task_sink: Arc<dyn Sink> = sink.clone();
         let task_config = config.clone();
-        let factory: Arc<TaskFactory> = Arc::new(move |partition, replayed_through| {
+        let factory: Arc<TaskFactory> = Arc::new(move |partition, replayed_through, reader| {
             let _guard = handle.enter();
             PartitionTask::spawn(Self::spec(
                 &task_config,
                 partition,
                 task_sink.clone(),
-                true,
+                Some(reader),
                 replayed_through,
             ))
         });
@@ -161,7 +163,7 @@ impl Engine {
         let started = Instant::now();
         let partitions = self.config.simulator.partitions.max(1);
         let tasks: Vec<PartitionHandle> = (0..partitions as i32)
-            .map(|p| PartitionTask::spawn(Self::spec(&self.config, p, sink.clone(), false, None)))
+            .map(|p| PartitionTask::spawn(Self::spec(&self.config, p, sink.clone(), None, None)))
             .collect();
         let (simulator, until) =
             crate::sources::simulator::feed(sim, &tasks, self.config.simulator.speed, stop).await?;

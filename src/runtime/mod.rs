@@ -7,10 +7,12 @@
 //! (operators do).
 
 mod engine;
+mod feed;
 mod operator;
 mod partition;
 
 pub use engine::{Engine, EngineError, RunSummary, SimulatedRun};
+pub use feed::{Polled, RecordRef, StreamReader};
 pub use operator::{Context, Holds, Operator, Output, OutputTopic, Position};
 pub use partition::{
     Checkpoint, Control, Input, InputRecord, PartitionHandle, PartitionShared, PartitionSpec,

@@ -26,9 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::Gauge;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, info, trace, warn};
 
+use super::feed::{Polled, RecordRef, StreamReader};
 use super::operator::{Context, Operator, Output, Position};
 use crate::config::{DeadLetterConfig, RuntimeConfig};
 use crate::metrics::{self as m, Stage};
@@ -38,7 +39,7 @@ use crate::sinks::{Ack, AckMsg, Busy, Sink};
 pub use crate::state::Checkpoint;
 use crate::state::Holds;
 
-/// One raw input record, as the source hands it over.
+/// One raw input record, as a pushing source hands it over.
 #[derive(Debug)]
 pub struct InputRecord {
     /// Which stream.
@@ -72,7 +73,7 @@ pub enum Control {
     },
 }
 
-/// What a source sends a partition task, in the order it read it.
+/// What a pushing source sends a partition task, in the order it read it.
 #[derive(Debug)]
 pub enum Input {
     /// A record.
@@ -85,7 +86,8 @@ pub enum Input {
 /// State the source and the task share.
 #[derive(Debug, Default)]
 pub struct PartitionShared {
-    /// Per room stream: the task asks the source to pause it (its buffer is full).
+    /// Per room stream: held back because its buffer is full (a pulling
+    /// task stops reading it; a pushing source may pause it).
     pub pause: [AtomicBool; InputKind::ROOM_COUNT],
     /// The latest checkpoint, for the source's periodic commit.
     pub checkpoint: Mutex<Option<Checkpoint>>,
@@ -99,7 +101,7 @@ pub struct PartitionShared {
 pub struct PartitionHandle {
     /// Partition number.
     pub partition: i32,
-    /// Input records and end-of-backlog markers.
+    /// Input records and end-of-backlog markers (pushing sources).
     pub input: mpsc::Sender<Input>,
     /// Control messages.
     pub control: mpsc::UnboundedSender<Control>,
@@ -130,12 +132,17 @@ pub struct PartitionTask {
     op_stages: Vec<Stage>,
     sink: Arc<dyn Sink>,
     input: mpsc::Receiver<Input>,
+    /// The queues the task reads itself (pulling sources), and their wake-up.
+    reader: Option<Box<dyn StreamReader>>,
+    reader_ready: Option<Arc<Notify>>,
     control: mpsc::UnboundedReceiver<Control>,
     shared: Arc<PartitionShared>,
     /// Per stream: everything the broker held has been received.
     caught_up: [bool; InputKind::ROOM_COUNT],
     /// Whether the source reports caught-up streams (see [`PartitionSpec`]).
     wait_for_backlog: bool,
+    /// Records taken per stream since the last pull (for the decode timing).
+    pulled: usize,
     /// Emitted-through time restored from the last commit: tick outputs at or
     /// before it were written before and are not written again.
     replayed_through: Option<i64>,
@@ -183,9 +190,13 @@ pub struct PartitionSpec {
     pub operators: Vec<Box<dyn Operator>>,
     /// Where outputs go.
     pub sink: Arc<dyn Sink>,
-    /// Whether the source reports [`Input::CaughtUp`] (Kafka) so that the
-    /// merge waits for streams with records still on the broker. Without it
-    /// (the simulator, which never runs one stream ahead) nothing waits.
+    /// Per-stream queues the task reads itself (Kafka). Such a source
+    /// reports caught-up streams, so the merge waits for streams with records
+    /// still on the broker. Without one, records are pushed over the task's
+    /// channel and, unless `wait_for_backlog` says otherwise, nothing waits
+    /// (the simulator never runs one stream ahead).
+    pub reader: Option<Box<dyn StreamReader>>,
+    /// Whether a pushing source reports [`Input::CaughtUp`] markers.
     pub wait_for_backlog: bool,
     /// Emitted-through time from the last commit.
     pub replayed_through: Option<i64>,
@@ -203,6 +214,8 @@ impl PartitionTask {
         let shared = Arc::new(PartitionShared::default());
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let partition = spec.partition;
+        let wait_for_backlog = spec.wait_for_backlog || spec.reader.is_some();
+        let reader_ready = spec.reader.as_ref().map(|r| r.ready());
         let op_stages = spec
             .operators
             .iter()
@@ -215,10 +228,13 @@ impl PartitionTask {
             op_stages,
             sink: spec.sink,
             input,
+            reader: spec.reader,
+            reader_ready,
             control,
             shared: shared.clone(),
-            caught_up: [!spec.wait_for_backlog; InputKind::ROOM_COUNT],
-            wait_for_backlog: spec.wait_for_backlog,
+            caught_up: [!wait_for_backlog; InputKind::ROOM_COUNT],
+            wait_for_backlog,
+            pulled: 0,
             replayed_through: spec.replayed_through,
             checkpoint_every: spec.checkpoint_every,
             buffers: Default::default(),
@@ -294,16 +310,19 @@ impl PartitionTask {
             // Nothing to do now: sleep until something arrives or a timer fires.
             let deadline = self.next_deadline(next_checkpoint);
             let can_pull = self.may_pull() && !self.input_closed;
+            let pushed = self.reader.is_none();
+            let ready = self.reader_ready.clone();
             tokio::select! {
                 ack = self.ack_rx.recv() => {
                     if let Some(ack) = ack {
                         self.on_ack(ack);
                     }
                 }
-                rec = self.input.recv(), if can_pull => match rec {
+                rec = self.input.recv(), if can_pull && pushed => match rec {
                     Some(input) => self.accept(input),
                     None => self.input_closed = true,
                 },
+                () = notified(ready.as_deref()), if can_pull && !pushed => {}
                 ctl = self.control.recv() => match ctl {
                     Some(Control::Drain { reply }) => {
                         self.drain(reply).await;
@@ -343,22 +362,36 @@ impl PartitionTask {
 
     /// Takes what the source has queued, without waiting.
     fn pull(&mut self) -> usize {
-        let mut n = 0;
         let started = Instant::now();
-        while n < PROCESS_BUDGET && self.may_pull() {
-            match self.input.try_recv() {
-                Ok(Input::Record(rec)) => {
-                    self.accept_record(rec);
-                    n += 1;
-                }
-                Ok(marker) => self.accept(marker),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    self.input_closed = true;
+        self.pulled = 0;
+        if let Some(mut reader) = self.reader.take() {
+            for kind in InputKind::ROOM {
+                if !self.may_pull() {
                     break;
+                }
+                if self.buffers[kind.index()].len() >= self.cfg.queue_capacity {
+                    // Held back: its queue at the source fills and fetching stops.
+                    continue;
+                }
+                reader.read(kind, PROCESS_BUDGET, &mut |polled| match polled {
+                    Polled::Record(rec) => self.accept_record(rec),
+                    Polled::CaughtUp(kind) => self.caught_up[kind.index()] = true,
+                });
+            }
+            self.reader = Some(reader);
+        } else {
+            while self.pulled < PROCESS_BUDGET && self.may_pull() {
+                match self.input.try_recv() {
+                    Ok(input) => self.accept(input),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        self.input_closed = true;
+                        break;
+                    }
                 }
             }
         }
+        let n = self.pulled;
         if n > 0 {
             self.last_input = Instant::now();
             // Mean decode time per record of the batch.
@@ -372,7 +405,14 @@ impl PartitionTask {
     fn accept(&mut self, input: Input) {
         self.last_input = Instant::now();
         match input {
-            Input::Record(rec) => self.accept_record(rec),
+            Input::Record(rec) => self.accept_record(RecordRef {
+                kind: rec.kind,
+                topic: &rec.topic,
+                offset: rec.offset,
+                key: rec.key.as_deref(),
+                payload: rec.payload.as_deref(),
+                content_type: rec.content_type.as_deref(),
+            }),
             Input::CaughtUp(kind) => {
                 if let Some(c) = self.caught_up.get_mut(kind.index()) {
                     *c = true;
@@ -382,7 +422,8 @@ impl PartitionTask {
     }
 
     /// Decodes one record into its stream's buffer, or dead-letters it.
-    fn accept_record(&mut self, rec: InputRecord) {
+    fn accept_record(&mut self, rec: RecordRef<'_>) {
+        self.pulled += 1;
         self.idle_anchor = None;
         self.decode_stage.received.increment(1);
         let Some(slot) = self.received_next.get_mut(rec.kind.index()) else {
@@ -405,9 +446,9 @@ impl PartitionTask {
         };
         match decode_input(
             rec.kind,
-            rec.key.as_deref(),
-            rec.payload.as_deref(),
-            rec.content_type.as_deref(),
+            rec.key,
+            rec.payload,
+            rec.content_type,
             &self.limits,
         ) {
             Ok(event) => {
@@ -426,14 +467,14 @@ impl PartitionTask {
                         reason: err.reason(),
                         detail: err.to_string(),
                         kind: rec.kind,
-                        topic: &rec.topic,
+                        topic: rec.topic,
                         partition: self.partition,
                         offset: rec.offset,
-                        key: rec.key.as_deref(),
-                        payload: rec.payload.as_deref(),
-                        content_type: rec.content_type.as_deref(),
+                        key: rec.key,
+                        payload: rec.payload,
+                        content_type: rec.content_type,
                     });
-                    dead_letters::count(err.reason(), &rec.topic);
+                    dead_letters::count(err.reason(), rec.topic);
                     self.dlq_stage.received.increment(1);
                     // Sent by the next flush (accept is synchronous); the
                     // output's dependency on `pos` keeps it uncommitted until then.
@@ -757,7 +798,7 @@ impl PartitionTask {
             let pulled = self.pull();
             let processed = self.process_ready().await;
             if pulled + processed == 0 {
-                if self.buffered() == 0 && self.input.is_empty() {
+                if self.buffered() == 0 && (self.reader.is_some() || self.input.is_empty()) {
                     break;
                 }
                 // Blocked on outputs in flight: wait for an acknowledgement.
@@ -792,5 +833,13 @@ impl PartitionTask {
         let cp = self.checkpoint();
         info!(partition = self.partition, checkpoint = ?cp, late = self.late, "partition drained");
         let _ = reply.try_send(cp);
+    }
+}
+
+/// Waits for a reader's wake-up (forever without a reader).
+async fn notified(ready: Option<&Notify>) {
+    match ready {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
     }
 }

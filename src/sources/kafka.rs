@@ -1,5 +1,5 @@
 //! The Kafka source: one consumer-group member that reads the co-partitioned
-//! room topics and feeds one partition task per partition number.
+//! room topics and starts one partition task per partition number.
 //!
 //! Co-partitioning: the group subscribes to one topic (the comments topic,
 //! the "group topic") with `cooperative-sticky` assignment; when partition
@@ -7,45 +7,53 @@
 //! with it, and revoked with it. So one member always owns all of a room's
 //! streams, which is what Kafka Streams achieves with its own assignor.
 //!
-//! The poll loop runs on its own thread. It never blocks on a task: when a
-//! task's queue is full, records are stashed and that partition is paused
-//! while polling continues (so the member never leaves the group); a task
-//! can also ask for one stream to be paused (its merge buffer is full).
-//! Offsets are committed from each task's [`Checkpoint`] (never past an
+//! Records do not pass through this module's thread: before a partition is
+//! assigned, each of its streams is split into its own librdkafka queue and
+//! lent to the partition task ([`KafkaReader`]), which reads and decodes in
+//! place. A task holds a stream back by not reading it; librdkafka then stops
+//! fetching it once its prefetch queue is full (`queued.max.messages.kbytes`),
+//! so backpressure needs no pause and never drops prefetched records. The
+//! partition EOF that librdkafka queues after a stream's last record tells
+//! the task, exactly, that nothing more of that stream is on the broker.
+//!
+//! The poll thread here keeps the membership alive (rebalances, statistics),
+//! and commits offsets from each task's [`Checkpoint`] (never past an
 //! unacknowledged output) every `commit_interval_ms`, and synchronously when
 //! a partition is revoked, after the task has drained. The emitted-through
 //! time travels in the commit metadata.
 //!
 //! Not for: decoding (partition tasks do it) or producing.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
-use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
+use super::stream_queue::{Item, StreamQueue};
 use crate::config::PipelineConfig;
 use crate::kafka::{client_config, KafkaFailure};
 use crate::metrics::{
     Stage, CONSUMER_LAG, OFFSET_COMMITS, PARTITIONS_ASSIGNED, PARTITIONS_PAUSED, REBALANCES,
 };
-use crate::runtime::{Checkpoint, Control, Input, InputRecord, PartitionHandle};
+use crate::runtime::{Checkpoint, Control, PartitionHandle, Polled, RecordRef, StreamReader};
 use crate::schema::{InputKind, CONTENT_TYPE_HEADER};
 
 /// Starts a partition task for a partition number, given the emitted-through
-/// time found in the commit metadata.
-pub type TaskFactory = dyn Fn(i32, Option<i64>) -> PartitionHandle + Send + Sync;
+/// time found in the commit metadata and the reader of its streams.
+pub type TaskFactory =
+    dyn Fn(i32, Option<i64>, Box<dyn StreamReader>) -> PartitionHandle + Send + Sync;
 
 /// Topic names of the room streams, by `InputKind::index`.
 #[derive(Clone, Debug)]
@@ -55,12 +63,6 @@ struct Topics {
 }
 
 impl Topics {
-    fn kind_of(&self, topic: &str) -> Option<InputKind> {
-        InputKind::ROOM
-            .into_iter()
-            .find(|k| &*self.names[k.index()] == topic)
-    }
-
     fn tpl_for(&self, partition: i32) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for name in &self.names {
@@ -72,12 +74,8 @@ impl Topics {
 
 struct Tasks {
     running: HashMap<i32, PartitionHandle>,
-    /// Records read while a task's queue was full, in order.
-    stash: HashMap<i32, VecDeque<Input>>,
     /// Last checkpoint committed per partition.
     committed: HashMap<i32, Checkpoint>,
-    /// Committed offset each stream resumed from, by (kind index, partition).
-    starts: HashMap<(usize, i32), i64>,
 }
 
 /// The consumer's context: rebalance handling and statistics.
@@ -86,6 +84,8 @@ pub struct SourceContext {
     factory: Arc<TaskFactory>,
     tasks: Mutex<Tasks>,
     drain_timeout: Duration,
+    /// The consumer itself, to split partition queues off it on assignment.
+    consumer: OnceLock<Weak<BaseConsumer<SourceContext>>>,
 }
 
 impl ClientContext for SourceContext {
@@ -147,6 +147,10 @@ impl ConsumerContext for SourceContext {
 
 impl SourceContext {
     fn assign(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        let Some(shared) = self.consumer.get().and_then(Weak::upgrade) else {
+            error!("consumer gone during an assignment");
+            return;
+        };
         let mut assign = TopicPartitionList::new();
         for &p in partitions {
             let wanted = self.topics.tpl_for(p);
@@ -159,20 +163,25 @@ impl SourceContext {
                     continue;
                 }
             };
+            // Split every stream off before it is assigned, so that no record
+            // of it ever reaches the consumer's main queue.
+            let reader = match KafkaReader::split(&shared, &self.topics, p) {
+                Some(r) => r,
+                None => {
+                    error!(
+                        partition = p,
+                        "cannot split the partition's queues; partition not started"
+                    );
+                    continue;
+                }
+            };
             let mut replayed_through: Option<i64> = None;
             for e in committed.elements() {
                 if let Some(t) = Checkpoint::parse_metadata(e.metadata()) {
                     replayed_through = Some(replayed_through.map_or(t, |r: i64| r.min(t)));
                 }
                 let offset = match e.offset() {
-                    Offset::Offset(o) => {
-                        if let (Some(kind), Ok(mut t)) =
-                            (self.topics.kind_of(e.topic()), self.tasks.lock())
-                        {
-                            t.starts.insert((kind.index(), p), o);
-                        }
-                        Offset::Offset(o)
-                    }
+                    Offset::Offset(o) => Offset::Offset(o),
                     _ => Offset::Beginning,
                 };
                 if let Err(err) = assign.add_partition_offset(e.topic(), p, offset) {
@@ -180,7 +189,7 @@ impl SourceContext {
                 }
             }
             drop(committed);
-            let handle = (self.factory)(p, replayed_through);
+            let handle = (self.factory)(p, replayed_through, Box::new(reader));
             if let Ok(mut t) = self.tasks.lock() {
                 t.running.insert(p, handle);
             }
@@ -197,9 +206,7 @@ impl SourceContext {
         let mut unassign = TopicPartitionList::new();
         for &p in partitions {
             let handle = self.tasks.lock().ok().and_then(|mut t| {
-                t.stash.remove(&p);
                 t.committed.remove(&p);
-                t.starts.retain(|(_, q), _| *q != p);
                 t.running.remove(&p)
             });
             if let Some(handle) = handle {
@@ -230,6 +237,83 @@ impl SourceContext {
         if let Ok(t) = self.tasks.lock() {
             gauge!(PARTITIONS_ASSIGNED).set(t.running.len() as f64);
         }
+    }
+}
+
+/// A partition's room streams, each in its own librdkafka queue, read by
+/// the partition task.
+pub struct KafkaReader {
+    queues: Vec<StreamQueue<SourceContext>>,
+    topics: [Arc<str>; InputKind::ROOM_COUNT],
+    ready: Arc<Notify>,
+    stage: Stage,
+}
+
+impl KafkaReader {
+    fn split(consumer: &Arc<BaseConsumer<SourceContext>>, topics: &Topics, p: i32) -> Option<Self> {
+        let ready = Arc::new(Notify::new());
+        let queues = topics
+            .names
+            .iter()
+            .map(|name| StreamQueue::split(consumer, name, p, ready.clone()))
+            .collect::<Option<Vec<_>>>()?;
+        Some(KafkaReader {
+            queues,
+            topics: topics.names.clone(),
+            ready,
+            stage: Stage::new("source"),
+        })
+    }
+}
+
+impl StreamReader for KafkaReader {
+    fn read(&mut self, kind: InputKind, budget: usize, f: &mut dyn FnMut(Polled<'_>)) -> usize {
+        let (Some(queue), Some(topic)) = (
+            self.queues.get_mut(kind.index()),
+            self.topics.get(kind.index()),
+        ) else {
+            return 0;
+        };
+        let mut n = 0;
+        let stage = &self.stage;
+        while n < budget {
+            let got = queue.read(budget - n, CONTENT_TYPE_HEADER, &mut |item| match item {
+                Item::Record {
+                    offset,
+                    key,
+                    payload,
+                    header,
+                } => {
+                    n += 1;
+                    f(Polled::Record(RecordRef {
+                        kind,
+                        topic,
+                        offset,
+                        key,
+                        payload,
+                        content_type: header
+                            .map(|v| std::str::from_utf8(v).unwrap_or("(not UTF-8)")),
+                    }));
+                }
+                Item::Eof => f(Polled::CaughtUp(kind)),
+                Item::Error(e) => {
+                    stage.error("consume");
+                    warn!(topic = %topic, error = ?e, "consume error");
+                }
+            });
+            if got == 0 {
+                break;
+            }
+        }
+        if n > 0 {
+            self.stage.received.increment(n as u64);
+            self.stage.sent.increment(n as u64);
+        }
+        n
+    }
+
+    fn ready(&self) -> Arc<Notify> {
+        self.ready.clone()
     }
 }
 
@@ -285,33 +369,9 @@ fn commit(
     }
 }
 
-/// The (low, high) watermarks librdkafka last saw in a fetch response (no
-/// network round trip), or None when it has not fetched the partition yet.
-fn cached_watermarks(
-    consumer: &BaseConsumer<SourceContext>,
-    topic: &str,
-    partition: i32,
-) -> Option<(i64, i64)> {
-    let topic = std::ffi::CString::new(topic).ok()?;
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the client pointer is valid while `consumer` lives; the topic
-    // is a NUL-terminated string that outlives the call; both out-pointers
-    // point to live locals. The function only reads librdkafka's cache.
-    let err = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            partition,
-            &mut low,
-            &mut high,
-        )
-    };
-    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low.max(0), high))
-}
-
 /// The consumer-group member.
 pub struct KafkaSource {
-    consumer: BaseConsumer<SourceContext>,
+    consumer: Arc<BaseConsumer<SourceContext>>,
     topics: Topics,
     commit_every: Duration,
     stage: Stage,
@@ -346,11 +406,10 @@ impl KafkaSource {
             factory,
             tasks: Mutex::new(Tasks {
                 running: HashMap::new(),
-                stash: HashMap::new(),
                 committed: HashMap::new(),
-                starts: HashMap::new(),
             }),
             drain_timeout: Duration::from_millis(config.runtime.drain_timeout_ms),
+            consumer: OnceLock::new(),
         };
         let mut c = client_config(k);
         c.set("group.id", &k.group_id)
@@ -366,12 +425,10 @@ impl KafkaSource {
                 k.statistics_interval_ms.to_string(),
             )
             .set("fetch.wait.max.ms", "100")
-            // librdkafka postpones a partition's next fetch by this much when
-            // its prefetch queue is full. 10 ms made the comment path 2.4x
-            // faster on noida-db, but records then arrived late after a
-            // restart (streams marked caught up on stale watermarks): kept at
-            // librdkafka's default until the caught-up check is made exact.
-            .set("fetch.queue.backoff.ms", "1000")
+            // A stream whose task holds it back fills its prefetch queue;
+            // librdkafka then checks again after this long. The default (1 s)
+            // would leave a drained stream idle for up to a second.
+            .set("fetch.queue.backoff.ms", "20")
             .set("fetch.error.backoff.ms", "100")
             // Some Kafka-protocol brokers (noida-db) ignore fetch.max.bytes and
             // answer with everything a partition holds; a response larger than
@@ -385,12 +442,14 @@ impl KafkaSource {
         for (key, v) in &k.properties {
             c.set(key, v);
         }
-        let consumer: BaseConsumer<SourceContext> =
+        let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(
             c.create_with_context(context)
                 .map_err(|source| KafkaFailure::Client {
                     what: "consumer",
                     source,
-                })?;
+                })?,
+        );
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         consumer
             .subscribe(&[&topics.names[topics.group]])
             .map_err(|source| KafkaFailure::Operation {
@@ -408,13 +467,22 @@ impl KafkaSource {
     /// Polls until `stop` is set, then drains every partition, commits and
     /// leaves the group. Blocking: run it on its own thread.
     pub fn run(self, stop: Arc<AtomicBool>) {
-        let mut paused: HashSet<(usize, i32)> = HashSet::new();
         let mut last_commit = Instant::now();
         let mut last_upkeep = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            match self.consumer.poll(Duration::from_millis(20)) {
-                Some(Ok(msg)) => self.dispatch(&msg),
-                Some(Err(KafkaError::PartitionEOF(p))) => self.dispatch_eof(p),
+            match self.consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(msg)) => {
+                    // Every assigned stream is split off before assignment,
+                    // so this is a bug; the record is replayed on restart
+                    // (its offset is not committed past it).
+                    self.stage.error("unsplit_record");
+                    error!(
+                        topic = msg.topic(),
+                        partition = msg.partition(),
+                        offset = msg.offset(),
+                        "record arrived on the consumer queue instead of its partition queue"
+                    );
+                }
                 Some(Err(e)) => {
                     self.stage.error("consume");
                     warn!(error = %e, "consume error");
@@ -422,10 +490,9 @@ impl KafkaSource {
                 None => {}
             }
             let now = Instant::now();
-            if now.duration_since(last_upkeep) >= Duration::from_millis(20) {
+            if now.duration_since(last_upkeep) >= Duration::from_millis(500) {
                 last_upkeep = now;
-                self.flush_stashes();
-                self.apply_pauses(&mut paused);
+                self.publish_held_back();
             }
             if now.duration_since(last_commit) >= self.commit_every {
                 last_commit = now;
@@ -435,164 +502,22 @@ impl KafkaSource {
         self.shutdown();
     }
 
-    fn dispatch_eof(&self, partition: i32) {
-        // PartitionEOF names only the partition: find which of its streams
-        // have been handed over up to the broker's high watermark.
-        let Ok(pos) = self.consumer.position() else {
-            return;
-        };
-        let mut kinds = Vec::new();
-        for e in pos.elements() {
-            if e.partition() != partition {
-                continue;
-            }
-            let Some(kind) = self.topics.kind_of(e.topic()) else {
-                continue;
-            };
-            let Some((low, high)) = cached_watermarks(&self.consumer, e.topic(), partition) else {
-                continue;
-            };
-            // Nothing delivered yet (no position): caught up when the stream
-            // resumed at the end, or the partition holds nothing.
-            let caught_up = match e.offset() {
-                Offset::Offset(at) => at >= high,
-                _ => {
-                    let start = self
-                        .consumer
-                        .context()
-                        .tasks
-                        .lock()
-                        .ok()
-                        .and_then(|t| t.starts.get(&(kind.index(), partition)).copied());
-                    low >= high || start.is_some_and(|s| s >= high)
-                }
-            };
-            if caught_up {
-                kinds.push(kind);
-            }
+    /// Streams that tasks are holding back (not reading: buffer full).
+    fn publish_held_back(&self) {
+        if let Ok(tasks) = self.consumer.context().tasks.lock() {
+            let held: usize = tasks
+                .running
+                .values()
+                .map(|h| {
+                    h.shared
+                        .pause
+                        .iter()
+                        .filter(|p| p.load(Ordering::Relaxed))
+                        .count()
+                })
+                .sum();
+            gauge!(PARTITIONS_PAUSED).set(held as f64);
         }
-        drop(pos);
-        for k in kinds {
-            self.route(partition, Input::CaughtUp(k));
-        }
-    }
-
-    fn dispatch(&self, msg: &BorrowedMessage<'_>) {
-        self.stage.received.increment(1);
-        let Some(kind) = self.topics.kind_of(msg.topic()) else {
-            self.stage.dropped("unknown_topic", 1);
-            return;
-        };
-        let content_type = msg.headers().and_then(|h| {
-            h.iter()
-                .find(|h| h.key.eq_ignore_ascii_case(CONTENT_TYPE_HEADER))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        });
-        let rec = InputRecord {
-            kind,
-            topic: self.topics.names[kind.index()].clone(),
-            offset: msg.offset(),
-            key: msg.key().map(<[u8]>::to_vec),
-            payload: msg.payload().map(<[u8]>::to_vec),
-            content_type,
-        };
-        self.route(msg.partition(), Input::Record(rec));
-    }
-
-    fn route(&self, partition: i32, input: Input) {
-        let ctx = self.consumer.context();
-        let Ok(mut tasks) = ctx.tasks.lock() else {
-            return;
-        };
-        let Tasks { running, stash, .. } = &mut *tasks;
-        let Some(handle) = running.get(&partition) else {
-            // Not ours (any more): it will be read again by its owner.
-            self.stage.dropped("not_assigned", 1);
-            return;
-        };
-        if let Some(s) = stash.get_mut(&partition) {
-            s.push_back(input);
-            return;
-        }
-        match handle.input.try_send(input) {
-            Ok(()) => self.stage.sent.increment(1),
-            Err(TrySendError::Full(input)) => {
-                stash.entry(partition).or_default().push_back(input);
-            }
-            Err(TrySendError::Closed(_)) => {
-                self.stage.dropped("task_gone", 1);
-            }
-        }
-    }
-
-    fn flush_stashes(&self) {
-        let ctx = self.consumer.context();
-        let Ok(mut tasks) = ctx.tasks.lock() else {
-            return;
-        };
-        let Tasks { running, stash, .. } = &mut *tasks;
-        stash.retain(|p, queue| {
-            let Some(handle) = running.get(p) else {
-                return false;
-            };
-            while let Some(input) = queue.pop_front() {
-                match handle.input.try_send(input) {
-                    Ok(()) => self.stage.sent.increment(1),
-                    Err(TrySendError::Full(input)) => {
-                        queue.push_front(input);
-                        return true;
-                    }
-                    Err(TrySendError::Closed(_)) => return false,
-                }
-            }
-            false
-        });
-    }
-
-    /// Pauses a topic-partition while its task's queue is full (stash not
-    /// empty) or the task asked for it; resumes it otherwise.
-    fn apply_pauses(&self, paused: &mut HashSet<(usize, i32)>) {
-        let ctx = self.consumer.context();
-        let mut want: HashSet<(usize, i32)> = HashSet::new();
-        if let Ok(tasks) = ctx.tasks.lock() {
-            for (p, handle) in &tasks.running {
-                // Hysteresis: a partition paused because its task's queue
-                // was full stays paused until the queue is half empty, so
-                // librdkafka does not drop and re-fetch its prefetched
-                // records on every small pause.
-                let was_paused = paused.iter().any(|(_, q)| q == p);
-                let queue_busy = handle.input.capacity() < handle.input.max_capacity() / 2;
-                let hold = tasks.stash.contains_key(p) || (was_paused && queue_busy);
-                for kind in InputKind::ROOM {
-                    if hold || handle.shared.pause[kind.index()].load(Ordering::Relaxed) {
-                        want.insert((kind.index(), *p));
-                    }
-                }
-            }
-        }
-        let to_pause: Vec<_> = want.difference(paused).copied().collect();
-        let to_resume: Vec<_> = paused.difference(&want).copied().collect();
-        if !to_pause.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for (k, p) in &to_pause {
-                tpl.add_partition(&self.topics.names[*k], *p);
-            }
-            if let Err(e) = self.consumer.pause(&tpl) {
-                warn!(error = %e, "pause failed");
-            }
-        }
-        if !to_resume.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for (k, p) in &to_resume {
-                tpl.add_partition(&self.topics.names[*k], *p);
-            }
-            if let Err(e) = self.consumer.resume(&tpl) {
-                warn!(error = %e, "resume failed");
-            }
-        }
-        *paused = want;
-        gauge!(PARTITIONS_PAUSED).set(paused.len() as f64);
     }
 
     fn commit_checkpoints(&self) {
@@ -623,10 +548,7 @@ impl KafkaSource {
         let handles: Vec<PartitionHandle> = ctx
             .tasks
             .lock()
-            .map(|mut t| {
-                t.stash.clear();
-                t.running.drain().map(|(_, h)| h).collect()
-            })
+            .map(|mut t| t.running.drain().map(|(_, h)| h).collect())
             .unwrap_or_default();
         for handle in &handles {
             if let Some(cp) = drain(handle, ctx.drain_timeout) {

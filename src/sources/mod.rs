@@ -7,6 +7,7 @@
 
 pub mod kafka;
 pub mod simulator;
+mod stream_queue;
 
 /// Which partition a room lands on when onair itself spreads rooms (the
 /// simulator source). Kafka producers use their own partitioner.
