@@ -33,6 +33,10 @@ pub struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `onair=debug`.
     #[arg(long, global = true, default_value = "info", env = "ONAIR_LOG")]
     pub log: String,
+    /// Threads of the async runtime that runs the partition tasks (default:
+    /// one per core). librdkafka runs its own threads besides these.
+    #[arg(long, global = true, env = "ONAIR_WORKERS")]
+    pub workers: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,10 +183,11 @@ pub fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.workers {
+        builder.worker_threads(n.max(1));
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -66,8 +66,8 @@ pub struct KafkaConfig {
     /// `runtime.drain_timeout_ms`, which must be shorter.
     pub session_timeout_ms: u32,
     /// Longest gap between polls before the group considers the member
-    /// stuck (ms). onair polls continuously (partitions are paused, never the
-    /// poll loop), so this mainly bounds how long a rebalance waits for a
+    /// stuck (ms). onair polls continuously (partition tasks read their own
+    /// queues; the poll loop never waits for them), so this mainly bounds how long a rebalance waits for a
     /// member that died without leaving.
     pub max_poll_interval_ms: u32,
     /// How often safe offsets are committed (ms).
@@ -215,8 +215,9 @@ pub struct RuntimeConfig {
     /// After this long (wall ms) with no input, a partition's watermark
     /// advances with the wall clock so idle rooms still tick.
     pub idle_timeout_ms: u64,
-    /// Capacity of each partition's input queue per modality; when full the
-    /// source pauses that topic-partition.
+    /// Records buffered per stream of a partition; a full stream is not read
+    /// until it drains (its Kafka prefetch queue then fills and librdkafka
+    /// stops fetching it).
     pub queue_capacity: usize,
     /// Most output records in flight per partition before it stops reading.
     pub max_in_flight: usize,

@@ -26,7 +26,8 @@ pub const STAGE_LATENCY: &str = "onair_stage_latency_seconds";
 pub const CONSUMER_LAG: &str = "onair_consumer_lag";
 /// Records waiting in a partition task's input queues, labelled `partition`.
 pub const QUEUE_DEPTH: &str = "onair_queue_depth";
-/// Topic-partitions currently paused for backpressure.
+/// Topic-partitions held back for backpressure (their task's buffer is full,
+/// so the task stops reading them and librdkafka stops fetching them).
 pub const PARTITIONS_PAUSED: &str = "onair_partitions_paused";
 /// Partition tasks currently running on this instance.
 pub const PARTITIONS_ASSIGNED: &str = "onair_partitions_assigned";

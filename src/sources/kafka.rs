@@ -86,6 +86,8 @@ pub struct SourceContext {
     drain_timeout: Duration,
     /// The consumer itself, to split partition queues off it on assignment.
     consumer: OnceLock<Weak<BaseConsumer<SourceContext>>>,
+    /// Warned that the broker drops commit metadata.
+    warned_metadata: AtomicBool,
 }
 
 impl ClientContext for SourceContext {
@@ -176,7 +178,10 @@ impl SourceContext {
                 }
             };
             let mut replayed_through: Option<i64> = None;
+            let (mut resumed, mut has_metadata) = (false, false);
             for e in committed.elements() {
+                resumed |= matches!(e.offset(), Offset::Offset(_));
+                has_metadata |= e.metadata().starts_with(Checkpoint::PREFIX);
                 if let Some(t) = Checkpoint::parse_metadata(e.metadata()) {
                     replayed_through = Some(replayed_through.map_or(t, |r: i64| r.min(t)));
                 }
@@ -189,6 +194,14 @@ impl SourceContext {
                 }
             }
             drop(committed);
+            if resumed && !has_metadata && !self.warned_metadata.swap(true, Ordering::Relaxed) {
+                warn!(
+                    partition = p,
+                    "committed offsets came back without their metadata: this broker drops it, so \
+                     the first ticks after a restart or hand-over may be written again from part \
+                     of their input"
+                );
+            }
             let handle = (self.factory)(p, replayed_through, Box::new(reader));
             if let Ok(mut t) = self.tasks.lock() {
                 t.running.insert(p, handle);
@@ -410,6 +423,7 @@ impl KafkaSource {
             }),
             drain_timeout: Duration::from_millis(config.runtime.drain_timeout_ms),
             consumer: OnceLock::new(),
+            warned_metadata: AtomicBool::new(false),
         };
         let mut c = client_config(k);
         c.set("group.id", &k.group_id)

@@ -51,13 +51,16 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    const PREFIX: &'static str = "onair:v1:emitted_through=";
+    /// What every onair commit metadata starts with.
+    pub const PREFIX: &'static str = "onair:v1:emitted_through=";
 
     /// The commit metadata string carrying the emitted-through time.
     pub fn metadata(&self) -> String {
         match self.emitted_through_ms {
             Some(t) => format!("{}{t}", Self::PREFIX),
-            None => String::new(),
+            // Written anyway, so a resume can tell "nothing emitted yet" from
+            // a broker that drops commit metadata.
+            None => format!("{}none", Self::PREFIX),
         }
     }
 
@@ -105,6 +108,12 @@ mod tests {
             Some(1_767_225_601_000)
         );
         assert_eq!(Checkpoint::parse_metadata(""), None);
+        let none = Checkpoint {
+            next_offsets: [None; 4],
+            emitted_through_ms: None,
+        };
+        assert!(none.metadata().starts_with(Checkpoint::PREFIX));
+        assert_eq!(Checkpoint::parse_metadata(&none.metadata()), None);
         assert_eq!(Checkpoint::parse_metadata("something else"), None);
     }
 }

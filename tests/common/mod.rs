@@ -244,6 +244,35 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     found
 }
 
+/// Whether the broker kept the metadata of the offsets the engine committed
+/// for `topics` (group `{prefix}-group`): Kafka does; tansu 0.6.0 drops it,
+/// which loses the emitted-through time a restarted engine uses to write
+/// nothing twice (see README, "Brokers").
+pub fn broker_kept_commit_metadata(topics: &Topics) -> bool {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{}-group", topics.prefix))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("probe consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition(&topics.name("comments"), p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    let elements = committed.elements();
+    assert!(
+        elements
+            .iter()
+            .any(|e| matches!(e.offset(), rdkafka::Offset::Offset(_))),
+        "the engine committed offsets for {}",
+        topics.name("comments")
+    );
+    elements.iter().any(|e| !e.metadata().is_empty())
+}
+
 /// One record read back.
 #[derive(Clone, Debug)]
 pub struct Rec {
