@@ -173,7 +173,7 @@ fn main() {
         .iter()
         .map(|r| r.count as f64 / r.from_assign_secs.max(1e-9))
         .collect();
-    let eng_assign: Vec<f64> = engines.iter().map(|e| e.from_assign_rate(n)).collect();
+    let eng_assign: Vec<f64> = engines.iter().map(|e| e.rate_since_assign(n)).collect();
     let raw_rates: Vec<f64> = raws.iter().map(RawResult::rate).collect();
     let src_rates: Vec<f64> = engines.iter().map(|e| e.source_rate(n)).collect();
     let op_rates: Vec<f64> = engines.iter().map(|e| e.operator_rate(n)).collect();
@@ -761,7 +761,7 @@ impl EngineResult {
         self.operator_secs.map_or(0.0, |s| n as f64 / s.max(1e-9))
     }
 
-    fn from_assign_rate(&self, n: u64) -> f64 {
+    fn rate_since_assign(&self, n: u64) -> f64 {
         self.from_assign_secs
             .map_or(0.0, |s| n as f64 / s.max(1e-9))
     }
@@ -776,7 +776,7 @@ impl EngineResult {
             (Some(s), Some(o)) => format!(
                 "{:.3} s = {}/s from assign to the last record through room_activity; first to last record: source {} in {s:.3} s = {}/s; room_activity {} in {o:.3} s = {}/s ({:.3} s = {}/s from its own first record)",
                 self.from_assign_secs.unwrap_or(f64::NAN),
-                k(self.from_assign_rate(n)),
+                k(self.rate_since_assign(n)),
                 self.source_count,
                 k(self.source_rate(n)),
                 self.operator_count,
