@@ -1,8 +1,8 @@
 //! onair: a real-time live-stream processing engine.
 //!
 //! The modules follow the dataflow: records come in through [`sources`] (Kafka
-//! or the in-process [`simulator`]), are decoded against the wire [`schema`],
-//! run through per-partition tasks in the [`runtime`] that feed [`operators`]
+//! or the in-process [`simulator`]), are decoded against the wire [`schema`]
+//! (media payloads by [`decode`]), run through per-partition tasks in the [`runtime`] that feed [`operators`]
 //! holding per-room [`state`], and leave through [`sinks`]. [`metrics`] names
 //! every series the engine exports; [`config`] reads pipeline files; [`cli`] is
 //! the command line.
@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod kafka;
 pub mod metrics;

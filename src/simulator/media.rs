@@ -824,96 +824,22 @@ fn le_u32(b: &[u8]) -> u32 {
 /// beyond either end count as silence. A `rate` of 16000 returns a copy; a `rate` of 0
 /// returns nothing.
 pub fn resample_to_16k(samples: &[i16], rate: u32) -> Vec<i16> {
-    /// Zero crossings of the sinc on each side of the centre.
-    const ZERO_CROSSINGS: f64 = 12.0;
-    /// Largest number of filter phases precomputed as a table.
-    const MAX_TABLE_PHASES: u64 = 4096;
-
     if rate == 0 || samples.is_empty() {
         return Vec::new();
     }
-    if rate == TARGET_RATE {
-        return samples.to_vec();
-    }
-    let n = samples.len();
-    let out_len =
-        ((n as u128 * u128::from(TARGET_RATE) + u128::from(rate / 2)) / u128::from(rate)) as usize;
-    // Output sample k sits at input position k * down / up.
-    let g = gcd(u64::from(TARGET_RATE), u64::from(rate));
-    let up = u64::from(TARGET_RATE) / g;
-    let down = u64::from(rate) / g;
-
-    // Cut-off as a fraction of the input Nyquist frequency.
-    let beta = 0.92 * (f64::from(TARGET_RATE) / f64::from(rate)).min(1.0);
-    let half_width = ZERO_CROSSINGS / beta;
-    let reach = half_width.ceil() as usize;
-    let taps = 2 * reach;
-
-    // Weights for taps at input offsets -reach+1 ..= reach from floor(position).
-    let kernel = |frac: f64, w: &mut [f64]| {
-        let mut sum = 0.0;
-        for (t, wt) in w.iter_mut().enumerate() {
-            let x = (t as f64 - (reach as f64 - 1.0)) - frac;
-            *wt = if x.abs() >= half_width {
-                0.0
-            } else {
-                let u = std::f64::consts::PI * x / half_width;
-                let window = 0.42 + 0.5 * u.cos() + 0.08 * (2.0 * u).cos();
-                let s = beta * x;
-                let sinc = if s == 0.0 {
-                    1.0
-                } else {
-                    (std::f64::consts::PI * s).sin() / (std::f64::consts::PI * s)
-                };
-                beta * sinc * window
-            };
-            sum += *wt;
-        }
-        if sum != 0.0 {
-            for wt in w.iter_mut() {
-                *wt /= sum;
-            }
-        }
-    };
-
-    let table: Option<Vec<f64>> = (up <= MAX_TABLE_PHASES).then(|| {
-        let mut table = vec![0.0; up as usize * taps];
-        for (phase, w) in table.chunks_exact_mut(taps).enumerate() {
-            kernel(phase as f64 / up as f64, w);
-        }
-        table
-    });
-    let mut scratch = vec![0.0; taps];
-
-    let mut out = Vec::with_capacity(out_len);
-    for k in 0..out_len {
-        let pos = k as u128 * u128::from(down);
-        let base = (pos / u128::from(up)) as usize;
-        let phase = (pos % u128::from(up)) as usize;
-        let weights: &[f64] = match &table {
-            Some(t) => &t[phase * taps..(phase + 1) * taps],
-            None => {
-                kernel(phase as f64 / up as f64, &mut scratch);
-                &scratch
-            }
-        };
-        // Tap t reads input index base + t + 1 - reach; keep those inside 0..n.
-        let first_tap = (reach - 1).saturating_sub(base);
-        let end_tap = taps.min((n + reach - 1).saturating_sub(base));
-        let mut acc = 0.0;
-        for t in first_tap..end_tap {
-            acc += weights[t] * f64::from(samples[base + t + 1 - reach]);
-        }
-        out.push(acc.round().clamp(f64::from(i16::MIN), f64::from(i16::MAX)) as i16);
-    }
+    let mut out = Vec::with_capacity(crate::decode::resample::output_len(
+        samples.len(),
+        rate,
+        TARGET_RATE,
+    ));
+    crate::decode::resample::resample_with(
+        samples.len(),
+        rate,
+        TARGET_RATE,
+        |i| f64::from(samples[i]),
+        |v| out.push(v.round().clamp(f64::from(i16::MIN), f64::from(i16::MAX)) as i16),
+    );
     out
-}
-
-fn gcd(mut a: u64, mut b: u64) -> u64 {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
 }
 
 #[cfg(test)]
