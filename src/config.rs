@@ -31,6 +31,8 @@ pub struct PipelineConfig {
     pub sink: SinkConfig,
     /// Dead-letter policy.
     pub dead_letters: DeadLetterConfig,
+    /// Media decoding.
+    pub media: MediaConfig,
     /// Operators and their settings.
     pub operators: OperatorsConfig,
 }
@@ -277,6 +279,36 @@ impl Default for DeadLetterConfig {
     }
 }
 
+/// `[media]`: decoding of the rooms' video and audio payloads.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Whether video and audio payloads are decoded (sampled frames and
+    /// 16 kHz audio for the models). Off: they are only counted.
+    pub enabled: bool,
+    /// Threads of the decode pool shared by every partition (0: one per core).
+    pub threads: usize,
+    /// Payloads of one partition queued or decoding at once; its video and
+    /// audio streams are not read further until one finishes.
+    pub max_in_flight: usize,
+    /// Video decode and frame sampling.
+    pub video: crate::decode::video::VideoConfig,
+    /// Audio decode.
+    pub audio: crate::decode::audio::AudioConfig,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            enabled: true,
+            threads: 0,
+            max_in_flight: 8,
+            video: Default::default(),
+            audio: Default::default(),
+        }
+    }
+}
+
 /// `[operators]`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -510,6 +542,74 @@ impl PipelineConfig {
                 "",
             );
         }
+        let m = &self.media;
+        let v = &m.video;
+        bad("media.threads", m.threads <= 256, "must be at most 256");
+        bad(
+            "media.max_in_flight",
+            m.max_in_flight >= 1,
+            "must be at least 1",
+        );
+        bad(
+            "media.video.width",
+            (8..=4096).contains(&v.width),
+            "must be 8..=4096",
+        );
+        bad(
+            "media.video.height",
+            (8..=4096).contains(&v.height),
+            "must be 8..=4096",
+        );
+        bad(
+            "media.video.std",
+            v.std.iter().all(|s| *s > 0.0 && s.is_finite()),
+            "every value must be positive",
+        );
+        bad(
+            "media.video.mean",
+            v.mean.iter().all(|s| s.is_finite()),
+            "every value must be finite",
+        );
+        bad(
+            "media.video.sample_every_ms",
+            v.sample_every_ms >= 0,
+            "must not be negative (0 turns it off)",
+        );
+        bad(
+            "media.video.frames_per_segment",
+            v.frames_per_segment <= 64,
+            "must be at most 64",
+        );
+        bad(
+            "media.video.max_decode_ms",
+            v.max_decode_ms >= 10,
+            "must be at least 10",
+        );
+        bad(
+            "media.video.max_frames_per_payload",
+            v.max_frames_per_payload >= 1,
+            "must be at least 1",
+        );
+        bad(
+            "media.video.max_source_pixels",
+            v.max_source_pixels >= 64,
+            "must be at least 64",
+        );
+        bad(
+            "media.audio.sample_rate",
+            (8_000..=48_000).contains(&m.audio.sample_rate),
+            "must be 8000..=48000",
+        );
+        bad(
+            "media.audio.max_decode_ms",
+            m.audio.max_decode_ms >= 10,
+            "must be at least 10",
+        );
+        bad(
+            "media.audio.max_payload_ms",
+            m.audio.max_payload_ms >= 100,
+            "must be at least 100",
+        );
         bad(
             "dead_letters.rate_per_sec",
             self.dead_letters.rate_per_sec > 0.0,

@@ -42,6 +42,20 @@ pub const OFFSET_COMMITS: &str = "onair_offset_commits_total";
 /// Rebalance events, labelled `event` (assign, revoke, lost).
 pub const REBALANCES: &str = "onair_rebalances_total";
 
+/// Wall time to decode one media payload, seconds, labelled `kind`
+/// (`video` or `audio`) and `result` (`ok` or the error reason).
+pub const MEDIA_DECODE_SECONDS: &str = "onair_media_decode_seconds";
+/// Media payloads decoded, labelled `kind` and `result`.
+pub const MEDIA_DECODED: &str = "onair_media_decoded_total";
+/// Source frames decoded, labelled `codec`.
+pub const MEDIA_FRAMES_DECODED: &str = "onair_media_frames_decoded_total";
+/// Frames kept for the models, labelled `purpose` (`timeline` or `segment`).
+pub const MEDIA_FRAMES_SAMPLED: &str = "onair_media_frames_sampled_total";
+/// Milliseconds of audio decoded.
+pub const MEDIA_AUDIO_MS: &str = "onair_media_audio_milliseconds_total";
+/// Payloads queued or decoding, labelled `partition`.
+pub const MEDIA_IN_FLIGHT: &str = "onair_media_in_flight";
+
 /// Handles of one stage's metric family, created once and cloned cheaply.
 #[derive(Clone)]
 pub struct Stage {

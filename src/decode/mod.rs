@@ -13,6 +13,7 @@
 
 pub mod audio;
 pub mod demux;
+pub mod pool;
 pub mod resample;
 pub mod video;
 
@@ -20,6 +21,15 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::error::{Classify, Fault};
+
+/// What one media record decoded to.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DecodedMedia {
+    /// Sampled frames (video records).
+    pub video: Option<video::DecodedVideo>,
+    /// 16 kHz mono audio (audio records, and a segment's audio track).
+    pub audio: Option<audio::DecodedAudio>,
+}
 
 /// Why a payload could not be decoded.
 #[derive(Debug, thiserror::Error)]

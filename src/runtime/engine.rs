@@ -11,7 +11,8 @@ use tracing::info;
 
 use super::feed::StreamReader;
 use super::partition::{Checkpoint, Control, PartitionHandle, PartitionSpec, PartitionTask};
-use crate::config::PipelineConfig;
+use crate::config::{MediaConfig, PipelineConfig};
+use crate::decode::pool::DecodePool;
 use crate::kafka::{ensure_topics, pipeline_topics, KafkaFailure};
 use crate::operators;
 use crate::simulator::{SimError, Simulator};
@@ -95,6 +96,7 @@ impl Engine {
         sink: Arc<dyn Sink>,
         reader: Option<Box<dyn StreamReader>>,
         replayed_through: Option<i64>,
+        media: &Media,
     ) -> PartitionSpec {
         PartitionSpec {
             partition,
@@ -106,6 +108,7 @@ impl Engine {
             reader,
             wait_for_backlog: false,
             replayed_through,
+            media: media.clone(),
             checkpoint_every: Duration::from_millis(
                 u64::from(config.kafka.commit_interval_ms).max(50),
             ),
@@ -120,6 +123,7 @@ impl Engine {
             ensure_topics(&config.kafka, &pipeline_topics(&config.kafka)).await?;
         }
         let sink = Arc::new(KafkaSink::new(&config.kafka)?);
+        let media = media_stage(&config)?;
         let handle = tokio::runtime::Handle::current();
         let task_sink: Arc<dyn Sink> = sink.clone();
         let task_config = config.clone();
@@ -131,6 +135,7 @@ impl Engine {
                 task_sink.clone(),
                 Some(reader),
                 replayed_through,
+                &media,
             ))
         });
         let source = KafkaSource::new(&config, factory, self.instance_id.as_deref())?;
@@ -162,8 +167,18 @@ impl Engine {
     ) -> Result<SimulatedRun, EngineError> {
         let started = Instant::now();
         let partitions = self.config.simulator.partitions.max(1);
+        let media = media_stage(&self.config)?;
         let tasks: Vec<PartitionHandle> = (0..partitions as i32)
-            .map(|p| PartitionTask::spawn(Self::spec(&self.config, p, sink.clone(), None, None)))
+            .map(|p| {
+                PartitionTask::spawn(Self::spec(
+                    &self.config,
+                    p,
+                    sink.clone(),
+                    None,
+                    None,
+                    &media,
+                ))
+            })
             .collect();
         let (simulator, until) =
             crate::sources::simulator::feed(sim, &tasks, self.config.simulator.speed, stop).await?;
@@ -187,6 +202,20 @@ impl Engine {
             simulator,
         })
     }
+}
+
+/// Media decoding's settings and pool, shared by every partition task.
+type Media = Option<(Arc<MediaConfig>, Arc<DecodePool>)>;
+
+fn media_stage(config: &PipelineConfig) -> Result<Media, EngineError> {
+    if !config.media.enabled {
+        return Ok(None);
+    }
+    crate::decode::init().map_err(|e| EngineError::Internal(e.to_string()))?;
+    let pool = DecodePool::new(config.media.threads)
+        .map_err(|e| EngineError::Internal(format!("cannot start the decode pool: {e}")))?;
+    info!(threads = pool.size(), "media decode pool started");
+    Ok(Some((Arc::new(config.media.clone()), pool)))
 }
 
 /// Asks a task to drain and waits for its checkpoint without blocking the runtime.

@@ -8,6 +8,7 @@
 
 mod engine;
 mod feed;
+mod media;
 mod operator;
 mod partition;
 

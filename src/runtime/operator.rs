@@ -12,6 +12,7 @@
 //!
 //! Not for: I/O. Operators never talk to Kafka; they emit [`Output`]s.
 
+use crate::decode::DecodedMedia;
 use crate::schema::{Event, InputKind};
 pub use crate::state::Holds;
 
@@ -113,6 +114,20 @@ pub trait Operator: Send {
     /// already closed: it may update lasting state but must not change emitted
     /// ticks.
     fn on_record(&mut self, event: &Event, pos: Position, late: bool, ctx: &mut Context<'_>);
+
+    /// What a video or audio record decoded to (sampled frames, 16 kHz
+    /// audio), right after `on_record` for it, when media decoding is on.
+    /// Records whose media failed to decode are dead-lettered and reach no
+    /// operator.
+    fn on_media(
+        &mut self,
+        _event: &Event,
+        _media: &DecodedMedia,
+        _pos: Position,
+        _late: bool,
+        _ctx: &mut Context<'_>,
+    ) {
+    }
 
     /// The tick `[tick_start_ms, tick_start_ms + tick_ms)` closed: no more
     /// records for it will come (later ones are flagged late).

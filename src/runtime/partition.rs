@@ -30,8 +30,11 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, info, trace, warn};
 
 use super::feed::{Polled, RecordRef, StreamReader};
+use super::media::{MediaStage, Slot};
 use super::operator::{Context, Operator, Output, Position};
-use crate::config::{DeadLetterConfig, RuntimeConfig};
+use crate::config::{DeadLetterConfig, MediaConfig, RuntimeConfig};
+use crate::decode::pool::DecodePool;
+use crate::decode::MediaError;
 use crate::metrics::{self as m, Stage};
 use crate::schema::{decode_input, Event, InputKind, Limits};
 use crate::sinks::dead_letters::{self, RateLimit, Rejected};
@@ -114,6 +117,7 @@ pub struct PartitionHandle {
 struct Buffered {
     event: Event,
     pos: Position,
+    media: Slot,
 }
 
 struct Batch {
@@ -143,6 +147,11 @@ pub struct PartitionTask {
     wait_for_backlog: bool,
     /// Records taken per stream since the last pull (for the decode timing).
     pulled: usize,
+    /// Decoding of video and audio payloads (when enabled).
+    media: Option<MediaStage>,
+    media_done: Option<Arc<Notify>>,
+    /// Each stream's topic name, learned from its records (for dead letters).
+    stream_topics: [Option<Arc<str>>; InputKind::ROOM_COUNT],
     /// Emitted-through time restored from the last commit: tick outputs at or
     /// before it were written before and are not written again.
     replayed_through: Option<i64>,
@@ -171,6 +180,7 @@ pub struct PartitionTask {
     decode_stage: Stage,
     sink_stage: Stage,
     dlq_stage: Stage,
+    media_stage: Stage,
     runtime_stage: Stage,
     depth: Gauge,
     rooms_gauge: Gauge,
@@ -200,6 +210,8 @@ pub struct PartitionSpec {
     pub wait_for_backlog: bool,
     /// Emitted-through time from the last commit.
     pub replayed_through: Option<i64>,
+    /// Media decoding: its settings and the decode pool (None: off).
+    pub media: Option<(Arc<MediaConfig>, Arc<DecodePool>)>,
     /// How often the checkpoint is recomputed.
     pub checkpoint_every: Duration,
 }
@@ -216,6 +228,10 @@ impl PartitionTask {
         let partition = spec.partition;
         let wait_for_backlog = spec.wait_for_backlog || spec.reader.is_some();
         let reader_ready = spec.reader.as_ref().map(|r| r.ready());
+        let media = spec
+            .media
+            .map(|(cfg, pool)| MediaStage::new(cfg, pool, spec.partition));
+        let media_done = media.as_ref().map(|m| m.done.clone());
         let op_stages = spec
             .operators
             .iter()
@@ -235,6 +251,9 @@ impl PartitionTask {
             caught_up: [!wait_for_backlog; InputKind::ROOM_COUNT],
             wait_for_backlog,
             pulled: 0,
+            media,
+            media_done,
+            stream_topics: Default::default(),
             replayed_through: spec.replayed_through,
             checkpoint_every: spec.checkpoint_every,
             buffers: Default::default(),
@@ -258,6 +277,7 @@ impl PartitionTask {
             decode_stage: Stage::new("decode"),
             sink_stage: Stage::new("sink"),
             dlq_stage: Stage::new("dead_letters"),
+            media_stage: Stage::new("media"),
             runtime_stage: Stage::new("runtime"),
             depth: m::queue_depth(partition),
             rooms_gauge: m::rooms_active(partition),
@@ -312,6 +332,7 @@ impl PartitionTask {
             let can_pull = self.may_pull() && !self.input_closed;
             let pushed = self.reader.is_none();
             let ready = self.reader_ready.clone();
+            let media_done = self.media_done.clone();
             tokio::select! {
                 ack = self.ack_rx.recv() => {
                     if let Some(ack) = ack {
@@ -323,6 +344,7 @@ impl PartitionTask {
                     None => self.input_closed = true,
                 },
                 () = notified(ready.as_deref()), if can_pull && !pushed => {}
+                () = notified(media_done.as_deref()) => {}
                 ctl = self.control.recv() => match ctl {
                     Some(Control::Drain { reply }) => {
                         self.drain(reply).await;
@@ -340,6 +362,9 @@ impl PartitionTask {
         for op in &mut self.ops {
             op.on_revoke();
         }
+        if let Some(m) = self.media.as_mut() {
+            m.clear();
+        }
         self.rooms_gauge.set(0.0);
         self.depth.set(0.0);
         self.shared.finished.store(true, Ordering::Release);
@@ -356,6 +381,9 @@ impl PartitionTask {
     /// could never get past the others in the queue.
     fn may_pull(&self) -> bool {
         self.in_flight < self.cfg.max_in_flight
+            // A pushing source mixes streams: hold all of them while the
+            // media stage is full (a pulling one holds only video and audio).
+            && (self.reader.is_some() || self.media.as_ref().is_none_or(|m| m.room() > 0))
             && (self.wait_since.is_some()
                 || self.buffered() < self.cfg.queue_capacity * InputKind::ROOM_COUNT)
     }
@@ -373,7 +401,14 @@ impl PartitionTask {
                     // Held back: its queue at the source fills and fetching stops.
                     continue;
                 }
-                reader.read(kind, PROCESS_BUDGET, &mut |polled| match polled {
+                let budget = match (&self.media, kind) {
+                    (Some(m), InputKind::Video | InputKind::Audio) => m.room().min(PROCESS_BUDGET),
+                    _ => PROCESS_BUDGET,
+                };
+                if budget == 0 {
+                    continue;
+                }
+                reader.read(kind, budget, &mut |polled| match polled {
                     Polled::Record(rec) => self.accept_record(rec),
                     Polled::CaughtUp(kind) => self.caught_up[kind.index()] = true,
                 });
@@ -436,6 +471,11 @@ impl PartitionTask {
             return;
         };
         *slot = Some(slot.map_or(rec.offset + 1, |n| n.max(rec.offset + 1)));
+        if let Some(t) = self.stream_topics.get_mut(rec.kind.index()) {
+            if t.is_none() {
+                *t = Some(Arc::from(rec.topic));
+            }
+        }
         if self.wait_for_backlog {
             // Until the source says otherwise, more of this stream may be on the broker.
             self.caught_up[rec.kind.index()] = false;
@@ -451,10 +491,17 @@ impl PartitionTask {
             rec.content_type,
             &self.limits,
         ) {
-            Ok(event) => {
+            Ok(mut event) => {
                 self.decode_stage.sent.increment(1);
+                let media = match self.media.as_mut() {
+                    Some(m) => m.submit(&mut event),
+                    None => Slot::None,
+                };
+                if matches!(media, Slot::Pending(_)) {
+                    self.media_stage.received.increment(1);
+                }
                 let buf = &mut self.buffers[rec.kind.index()];
-                buf.push_back(Buffered { event, pos });
+                buf.push_back(Buffered { event, pos, media });
                 if buf.len() >= self.cfg.queue_capacity {
                     self.shared.pause[rec.kind.index()].store(true, Ordering::Relaxed);
                 }
@@ -462,36 +509,74 @@ impl PartitionTask {
             Err(err) => {
                 self.decode_stage.error(err.reason());
                 trace!(partition = self.partition, offset = rec.offset, kind = rec.kind.name(), error = %err, "rejected record");
-                if self.dlq_limit.allow(Instant::now()) {
-                    let out = dead_letters::dead_letter(&Rejected {
-                        reason: err.reason(),
-                        detail: err.to_string(),
-                        kind: rec.kind,
-                        topic: rec.topic,
-                        partition: self.partition,
-                        offset: rec.offset,
-                        key: rec.key,
-                        payload: rec.payload,
-                        content_type: rec.content_type,
-                    });
-                    dead_letters::count(err.reason(), rec.topic);
-                    self.dlq_stage.received.increment(1);
-                    // Sent by the next flush (accept is synchronous); the
-                    // output's dependency on `pos` keeps it uncommitted until then.
-                    self.outputs.push(out);
-                    self.dlq_stage.sent.increment(1);
-                } else {
-                    self.dlq_stage.dropped("rate_limited", 1);
-                    error!(
-                        partition = self.partition,
-                        topic = %rec.topic,
-                        offset = rec.offset,
-                        reason = err.reason(),
-                        "dead-letter rate limit exceeded: record dropped"
-                    );
-                }
+                self.dead_letter(&Rejected {
+                    reason: err.reason(),
+                    detail: err.to_string(),
+                    kind: rec.kind,
+                    topic: rec.topic,
+                    partition: self.partition,
+                    offset: rec.offset,
+                    key: rec.key,
+                    payload: rec.payload,
+                    content_type: rec.content_type,
+                });
             }
         }
+    }
+
+    /// Queues a dead letter (sent by the next flush; the output's dependency
+    /// on the record's position keeps it uncommitted until then), within the
+    /// partition's rate limit.
+    fn dead_letter(&mut self, r: &Rejected<'_>) {
+        if self.dlq_limit.allow(Instant::now()) {
+            let out = dead_letters::dead_letter(r);
+            dead_letters::count(r.reason, r.topic);
+            self.dlq_stage.received.increment(1);
+            self.outputs.push(out);
+            self.dlq_stage.sent.increment(1);
+        } else {
+            self.dlq_stage.dropped("rate_limited", 1);
+            error!(
+                partition = self.partition,
+                topic = %r.topic,
+                offset = r.offset,
+                reason = r.reason,
+                "dead-letter rate limit exceeded: record dropped"
+            );
+        }
+    }
+
+    /// A media record whose payload did not decode: dead-lettered with the
+    /// record re-encoded as it came (its payload put back).
+    fn dead_letter_media(&mut self, mut b: Buffered, err: MediaError, payload: Option<Vec<u8>>) {
+        use prost::Message as _;
+        self.media_stage.error(err.reason());
+        debug!(partition = self.partition, offset = b.pos.offset, kind = b.pos.kind.name(), error = %err, "media payload rejected");
+        let bytes = match &mut b.event {
+            Event::Video(v) => {
+                if let Some(p) = payload {
+                    v.payload = p;
+                }
+                v.encode_to_vec()
+            }
+            Event::Audio(a) => a.encode_to_vec(),
+            _ => Vec::new(),
+        };
+        let topic = self.stream_topics[b.pos.kind.index()]
+            .clone()
+            .unwrap_or_else(|| Arc::from(b.pos.kind.name()));
+        let room = b.event.room_id().as_bytes().to_vec();
+        self.dead_letter(&Rejected {
+            reason: err.reason(),
+            detail: err.to_string(),
+            kind: b.pos.kind,
+            topic: &topic,
+            partition: self.partition,
+            offset: b.pos.offset,
+            key: Some(&room),
+            payload: Some(&bytes),
+            content_type: None,
+        });
     }
 }
 
@@ -512,6 +597,12 @@ impl PartitionTask {
             }
         }
         let (_, k) = best?;
+        // The earliest record goes next, once its media is decoded.
+        if let (Some(stage), Some(head)) = (self.media.as_mut(), self.buffers[k].front_mut()) {
+            if !head.media.poll(stage) {
+                return None;
+            }
+        }
         let waiting =
             (0..InputKind::ROOM_COUNT).any(|i| self.buffers[i].is_empty() && !self.caught_up[i]);
         if waiting {
@@ -570,7 +661,22 @@ impl PartitionTask {
         n
     }
 
-    async fn process(&mut self, b: Buffered) {
+    async fn process(&mut self, mut b: Buffered) {
+        let media = match std::mem::replace(&mut b.media, Slot::None) {
+            Slot::Done(Err((err, payload))) => {
+                self.dead_letter_media(b, err, payload);
+                self.flush_outputs(None).await;
+                return;
+            }
+            Slot::Done(Ok(mut m)) => {
+                if let Some(stage) = self.media.as_mut() {
+                    stage.sample_timeline(b.event.room_id(), &mut m);
+                }
+                self.media_stage.sent.increment(1);
+                Some(m)
+            }
+            Slot::None | Slot::Pending(_) => None,
+        };
         let t = b.event.event_time_ms();
         let tick = self.tick_of(t);
         // The first tick left open is the one the watermark would allow for
@@ -595,6 +701,9 @@ impl PartitionTask {
             let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms);
             for op in &mut self.ops {
                 op.on_record(&b.event, b.pos, late, &mut ctx);
+                if let Some(m) = &media {
+                    op.on_media(&b.event, m, b.pos, late, &mut ctx);
+                }
             }
         }
         if !self.outputs.is_empty() {
@@ -801,9 +910,16 @@ impl PartitionTask {
                 if self.buffered() == 0 && (self.reader.is_some() || self.input.is_empty()) {
                     break;
                 }
-                // Blocked on outputs in flight: wait for an acknowledgement.
-                if let Some(ack) = self.ack_rx.recv().await {
-                    self.on_ack(ack);
+                // Blocked on outputs in flight or on media being decoded:
+                // wait for either.
+                let media_done = self.media_done.clone();
+                tokio::select! {
+                    ack = self.ack_rx.recv() => {
+                        if let Some(ack) = ack {
+                            self.on_ack(ack);
+                        }
+                    }
+                    () = notified(media_done.as_deref()) => {}
                 }
             }
         }
