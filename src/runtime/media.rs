@@ -26,6 +26,9 @@ use crate::schema::{AudioFormat, Event, VideoFormat};
 /// A failed decode, with the payload taken from the record (to dead-letter it).
 pub(crate) type Failure = (MediaError, Option<Vec<u8>>);
 
+/// One payload's decode, run on the pool.
+type DecodeJob = Box<dyn FnOnce(&MediaConfig) -> Result<DecodedMedia, Failure> + Send>;
+
 /// Where a buffered record's media stands.
 pub(crate) enum Slot {
     /// Not a media record, or media decoding is off.
@@ -101,8 +104,7 @@ impl MediaStage {
     /// (operators read the decoded frames, not the bytes) and comes back
     /// only if decoding fails; an init segment is kept for its room.
     pub(crate) fn submit(&mut self, event: &mut Event) -> Slot {
-        let job: Box<dyn FnOnce(&MediaConfig) -> Result<DecodedMedia, Failure> + Send> = match event
-        {
+        let job: DecodeJob = match event {
             Event::Video(v) => {
                 let format = VideoFormat::try_from(v.format).unwrap_or(VideoFormat::Unspecified);
                 if format == VideoFormat::Fmp4Init {
