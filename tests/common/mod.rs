@@ -3,6 +3,8 @@
 //! consumer to read outputs back, and a metrics scraper.
 #![allow(dead_code)]
 
+pub mod media;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
