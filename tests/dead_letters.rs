@@ -334,8 +334,9 @@ fn poison_goes_to_dead_letters_and_good_records_flow() {
     let cmp = truth.compare(&got);
     assert!(
         cmp.is_exact(),
-        "{cmp}: missing {:?} extra {:?}",
+        "{cmp}: missing {:?} extra {:?} different {:?}",
         cmp.missing.iter().take(3).collect::<Vec<_>>(),
-        cmp.extra.iter().take(3).collect::<Vec<_>>()
+        cmp.extra.iter().take(3).collect::<Vec<_>>(),
+        cmp.different.first()
     );
 }

@@ -21,7 +21,7 @@ use crate::decode::pool::DecodePool;
 use crate::decode::video::{decode_video, purpose, Timeline, VideoInput};
 use crate::decode::{audio, DecodedMedia, MediaError};
 use crate::metrics as m;
-use crate::schema::{AudioFormat, Event, VideoFormat};
+use crate::schema::{AudioFormat, Event, InputKind, VideoFormat};
 
 /// A failed decode, with the payload taken from the record (to dead-letter it).
 pub(crate) type Failure = (MediaError, Option<Vec<u8>>);
@@ -42,19 +42,17 @@ pub(crate) enum Slot {
 impl Slot {
     /// Takes a finished decode's result if there is one; true when the
     /// record may go on (no media, or decode finished).
-    pub(crate) fn poll(&mut self, stage: &mut MediaStage) -> bool {
+    pub(crate) fn poll(&mut self) -> bool {
         let Slot::Pending(rx) = self else {
             return true;
         };
         match rx.try_recv() {
             Ok(r) => {
-                stage.finished();
                 *self = Slot::Done(r);
                 true
             }
             Err(oneshot::error::TryRecvError::Empty) => false,
             Err(oneshot::error::TryRecvError::Closed) => {
-                stage.finished();
                 *self = Slot::Done(Err((
                     MediaError::Library("the decode job ended without a result".into()),
                     None,
@@ -71,7 +69,11 @@ pub(crate) struct MediaStage {
     pool: Arc<DecodePool>,
     /// Notified when a decode finishes.
     pub(crate) done: Arc<Notify>,
-    in_flight: usize,
+    /// Media records of each stream in the task's buffers (decoding or
+    /// decoded, not yet processed). Each stream has its own budget, so one
+    /// stream can never use up what the merge needs from another: a stream
+    /// out of budget always has records buffered.
+    held: [usize; InputKind::ROOM_COUNT],
     inits: HashMap<String, Arc<Vec<u8>>, RandomState>,
     timelines: HashMap<String, Timeline, RandomState>,
     gauge: Gauge,
@@ -83,21 +85,36 @@ impl MediaStage {
             cfg,
             pool,
             done: Arc::new(Notify::new()),
-            in_flight: 0,
+            held: [0; InputKind::ROOM_COUNT],
             inits: HashMap::default(),
             timelines: HashMap::default(),
             gauge: gauge!(m::MEDIA_IN_FLIGHT, "partition" => partition.to_string()),
         }
     }
 
-    /// How many more payloads may be submitted now.
-    pub(crate) fn room(&self) -> usize {
-        self.cfg.max_in_flight.saturating_sub(self.in_flight)
+    /// How many more records of `kind` may be read now.
+    pub(crate) fn room(&self, kind: InputKind) -> usize {
+        match kind {
+            InputKind::Video | InputKind::Audio => self
+                .cfg
+                .max_in_flight
+                .saturating_sub(self.held[kind.index()]),
+            _ => usize::MAX,
+        }
     }
 
-    fn finished(&mut self) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        self.gauge.set(self.in_flight as f64);
+    /// Whether every media stream may take more (for sources that push all
+    /// streams through one queue).
+    pub(crate) fn has_room(&self) -> bool {
+        self.room(InputKind::Video) > 0 && self.room(InputKind::Audio) > 0
+    }
+
+    /// A media record of `kind` left the buffers.
+    pub(crate) fn release(&mut self, kind: InputKind) {
+        if let Some(h) = self.held.get_mut(kind.index()) {
+            *h = h.saturating_sub(1);
+        }
+        self.gauge.set(self.held.iter().sum::<usize>() as f64);
     }
 
     /// Starts decoding a media record. A video payload moves into the job
@@ -157,17 +174,20 @@ impl MediaStage {
             _ => return Slot::None,
         };
         let kind = if matches!(event, Event::Video(_)) {
-            "video"
+            InputKind::Video
         } else {
-            "audio"
+            InputKind::Audio
         };
+        self.held[kind.index()] += 1;
+        self.gauge.set(self.held.iter().sum::<usize>() as f64);
+        let label = kind.name();
         let (tx, rx) = oneshot::channel();
         let cfg = self.cfg.clone();
         let done = self.done.clone();
         let submitted = self.pool.submit(move || {
             let started = Instant::now();
             let r = job(&cfg);
-            record_metrics(kind, &r, started);
+            record_metrics(label, &r, started);
             let _ = tx.send(r);
             done.notify_one();
         });
@@ -177,8 +197,6 @@ impl MediaStage {
                 None,
             )));
         }
-        self.in_flight += 1;
-        self.gauge.set(self.in_flight as f64);
         Slot::Pending(rx)
     }
 
@@ -225,6 +243,7 @@ impl MediaStage {
     pub(crate) fn clear(&mut self) {
         self.inits.clear();
         self.timelines.clear();
+        self.held = [0; InputKind::ROOM_COUNT];
         self.gauge.set(0.0);
     }
 }

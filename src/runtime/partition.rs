@@ -139,6 +139,9 @@ pub struct PartitionTask {
     /// The queues the task reads itself (pulling sources), and their wake-up.
     reader: Option<Box<dyn StreamReader>>,
     reader_ready: Option<Arc<Notify>>,
+    /// Whether the task reads its streams itself (`reader` is only taken
+    /// out while a pull runs).
+    pulls: bool,
     control: mpsc::UnboundedReceiver<Control>,
     shared: Arc<PartitionShared>,
     /// Per stream: everything the broker held has been received.
@@ -244,6 +247,7 @@ impl PartitionTask {
             op_stages,
             sink: spec.sink,
             input,
+            pulls: spec.reader.is_some(),
             reader: spec.reader,
             reader_ready,
             control,
@@ -330,7 +334,7 @@ impl PartitionTask {
             // Nothing to do now: sleep until something arrives or a timer fires.
             let deadline = self.next_deadline(next_checkpoint);
             let can_pull = self.may_pull() && !self.input_closed;
-            let pushed = self.reader.is_none();
+            let pushed = !self.pulls;
             let ready = self.reader_ready.clone();
             let media_done = self.media_done.clone();
             tokio::select! {
@@ -383,7 +387,7 @@ impl PartitionTask {
         self.in_flight < self.cfg.max_in_flight
             // A pushing source mixes streams: hold all of them while the
             // media stage is full (a pulling one holds only video and audio).
-            && (self.reader.is_some() || self.media.as_ref().is_none_or(|m| m.room() > 0))
+            && (self.pulls || self.media.as_ref().is_none_or(MediaStage::has_room))
             && (self.wait_since.is_some()
                 || self.buffered() < self.cfg.queue_capacity * InputKind::ROOM_COUNT)
     }
@@ -401,10 +405,10 @@ impl PartitionTask {
                     // Held back: its queue at the source fills and fetching stops.
                     continue;
                 }
-                let budget = match (&self.media, kind) {
-                    (Some(m), InputKind::Video | InputKind::Audio) => m.room().min(PROCESS_BUDGET),
-                    _ => PROCESS_BUDGET,
-                };
+                let budget = self
+                    .media
+                    .as_ref()
+                    .map_or(PROCESS_BUDGET, |m| m.room(kind).min(PROCESS_BUDGET));
                 if budget == 0 {
                     continue;
                 }
@@ -598,8 +602,8 @@ impl PartitionTask {
         }
         let (_, k) = best?;
         // The earliest record goes next, once its media is decoded.
-        if let (Some(stage), Some(head)) = (self.media.as_mut(), self.buffers[k].front_mut()) {
-            if !head.media.poll(stage) {
+        if let Some(head) = self.buffers[k].front_mut() {
+            if !head.media.poll() {
                 return None;
             }
         }
@@ -662,6 +666,11 @@ impl PartitionTask {
     }
 
     async fn process(&mut self, mut b: Buffered) {
+        if !matches!(b.media, Slot::None) {
+            if let Some(stage) = self.media.as_mut() {
+                stage.release(b.pos.kind);
+            }
+        }
         let media = match std::mem::replace(&mut b.media, Slot::None) {
             Slot::Done(Err((err, payload))) => {
                 self.dead_letter_media(b, err, payload);
@@ -907,7 +916,7 @@ impl PartitionTask {
             let pulled = self.pull();
             let processed = self.process_ready().await;
             if pulled + processed == 0 {
-                if self.buffered() == 0 && (self.reader.is_some() || self.input.is_empty()) {
+                if self.buffered() == 0 && (self.pulls || self.input.is_empty()) {
                     break;
                 }
                 // Blocked on outputs in flight or on media being decoded:
