@@ -63,6 +63,12 @@ struct Topics {
 }
 
 impl Topics {
+    fn kind_of(&self, topic: &str) -> Option<InputKind> {
+        InputKind::ROOM
+            .into_iter()
+            .find(|k| &*self.names[k.index()] == topic)
+    }
+
     fn tpl_for(&self, partition: i32) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for name in &self.names {
@@ -167,7 +173,7 @@ impl SourceContext {
             };
             // Split every stream off before it is assigned, so that no record
             // of it ever reaches the consumer's main queue.
-            let reader = match KafkaReader::split(&shared, &self.topics, p) {
+            let mut reader = match KafkaReader::split(&shared, &self.topics, p) {
                 Some(r) => r,
                 None => {
                     error!(
@@ -189,6 +195,22 @@ impl SourceContext {
                     Offset::Offset(o) => Offset::Offset(o),
                     _ => Offset::Beginning,
                 };
+                // A stream that starts at the end of what the broker holds
+                // is caught up from the start: the merge need not wait for
+                // its first fetch (which may come after a long one of
+                // another stream).
+                if let (Some(kind), Ok((low, high))) = (
+                    self.topics.kind_of(e.topic()),
+                    consumer.fetch_watermarks(e.topic(), p, Duration::from_secs(2)),
+                ) {
+                    let start = match offset {
+                        Offset::Offset(o) => o,
+                        _ => low,
+                    };
+                    if start >= high {
+                        reader.caught_up_at_start(kind);
+                    }
+                }
                 if let Err(err) = assign.add_partition_offset(e.topic(), p, offset) {
                     error!(partition = p, error = %err, "bad offset in assignment");
                 }
@@ -257,6 +279,8 @@ impl SourceContext {
 /// the partition task.
 pub struct KafkaReader {
     queues: Vec<StreamQueue<SourceContext>>,
+    /// Streams to report caught up before their first read.
+    caught_up: [bool; InputKind::ROOM_COUNT],
     topics: [Arc<str>; InputKind::ROOM_COUNT],
     ready: Arc<Notify>,
     stage: Stage,
@@ -272,6 +296,7 @@ impl KafkaReader {
             .collect::<Option<Vec<_>>>()?;
         Some(KafkaReader {
             queues,
+            caught_up: [false; InputKind::ROOM_COUNT],
             topics: topics.names.clone(),
             ready,
             stage: Stage::new("source"),
@@ -279,8 +304,21 @@ impl KafkaReader {
     }
 }
 
+impl KafkaReader {
+    fn caught_up_at_start(&mut self, kind: InputKind) {
+        if let Some(c) = self.caught_up.get_mut(kind.index()) {
+            *c = true;
+        }
+    }
+}
+
 impl StreamReader for KafkaReader {
     fn read(&mut self, kind: InputKind, budget: usize, f: &mut dyn FnMut(Polled<'_>)) -> usize {
+        if let Some(c) = self.caught_up.get_mut(kind.index()) {
+            if std::mem::take(c) {
+                f(Polled::CaughtUp(kind));
+            }
+        }
         let (Some(queue), Some(topic)) = (
             self.queues.get_mut(kind.index()),
             self.topics.get(kind.index()),
