@@ -121,6 +121,10 @@ impl Demuxer {
     pub fn next(&mut self, packet: &mut Packet) -> Result<bool, MediaError> {
         loop {
             self.deadline.check()?;
+            // av_read_frame does not release what the packet held: start
+            // from an empty one, or every previous packet's buffer leaks
+            // (found by the video_payload fuzz target).
+            *packet = Packet::empty();
             match packet.read(&mut self.input) {
                 Ok(()) => {
                     self.packets += 1;
