@@ -15,6 +15,7 @@ pub mod decode;
 pub mod error;
 pub mod kafka;
 pub mod metrics;
+pub mod models;
 pub mod operators;
 pub mod runtime;
 pub mod schema;
