@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::media::{ffmpeg, has_encoder, read, scratch, ts_clip};
+use common::media::{ffmpeg, fmp4_segments, has_encoder, read, scratch, ts_clip};
 
 use onair::decode::audio::{decode_aac_adts, decode_pcm_s16le, loudness_dbfs, AudioConfig};
 use onair::decode::video::{
@@ -118,40 +118,7 @@ fn h265_ts_segment() {
 #[test]
 fn fragmented_mp4_segments_decode_behind_their_init() {
     let dir = scratch("fmp4");
-    ffmpeg(
-        &dir,
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=256x144:rate=10:duration=4",
-            "-c:v",
-            "libx264",
-            "-g",
-            "20",
-            "-keyint_min",
-            "20",
-            "-sc_threshold",
-            "0",
-            "-pix_fmt",
-            "yuv420p",
-            "-f",
-            "hls",
-            "-hls_time",
-            "2",
-            "-hls_segment_type",
-            "fmp4",
-            "-hls_fmp4_init_filename",
-            "init.mp4",
-            "-hls_segment_filename",
-            "seg%d.m4s",
-            "-hls_playlist_type",
-            "vod",
-            "index.m3u8",
-        ],
-    );
-    let init = read(&dir, "init.mp4");
-    let seg = read(&dir, "seg1.m4s");
+    let (init, seg) = fmp4_segments(&dir);
     let d = decode_video(
         &VideoInput {
             format: VideoFormat::Fmp4Segment,

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::BufReader;
 use std::time::Duration;
 
-use common::media::{ffmpeg, read, ts_clip};
+use common::media::{ffmpeg, fmp4_segments, read, ts_clip};
 use common::{read_until, Proc, Topics};
 use onair::schema::{AudioChunk, AudioFormat, DeadLetter, RoomStats, VideoFormat, VideoSegment};
 use onair::simulator::GroundTruth;
@@ -75,39 +75,7 @@ fn media(dir: &std::path::Path, t: i64) -> Vec<Media> {
         ],
     );
     let jpg = read(dir, "a.jpg");
-    ffmpeg(
-        dir,
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=256x144:rate=10:duration=4",
-            "-c:v",
-            "libx264",
-            "-g",
-            "20",
-            "-keyint_min",
-            "20",
-            "-sc_threshold",
-            "0",
-            "-pix_fmt",
-            "yuv420p",
-            "-f",
-            "hls",
-            "-hls_time",
-            "2",
-            "-hls_segment_type",
-            "fmp4",
-            "-hls_fmp4_init_filename",
-            "init.mp4",
-            "-hls_segment_filename",
-            "seg%d.m4s",
-            "-hls_playlist_type",
-            "vod",
-            "index.m3u8",
-        ],
-    );
-    let (init, seg) = (read(dir, "init.mp4"), read(dir, "seg1.m4s"));
+    let (init, seg) = fmp4_segments(dir);
     ffmpeg(
         dir,
         &[

@@ -63,3 +63,41 @@ pub fn ts_clip(
     ffmpeg(dir, &args);
     read(dir, file)
 }
+
+/// Four seconds of 256x144 H.264 at 10 fps as fragmented-MP4 HLS: the init
+/// segment and the second 2 s media segment.
+pub fn fmp4_segments(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    ffmpeg(
+        dir,
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=256x144:rate=10:duration=4",
+            "-c:v",
+            "libx264",
+            "-g",
+            "20",
+            "-keyint_min",
+            "20",
+            "-sc_threshold",
+            "0",
+            "-pix_fmt",
+            "yuv420p",
+            "-f",
+            "hls",
+            "-hls_time",
+            "2",
+            "-hls_segment_type",
+            "fmp4",
+            "-hls_fmp4_init_filename",
+            "init.mp4",
+            "-hls_segment_filename",
+            "seg%d.m4s",
+            "-hls_playlist_type",
+            "vod",
+            "index.m3u8",
+        ],
+    );
+    (read(dir, "init.mp4"), read(dir, "seg1.m4s"))
+}
