@@ -120,77 +120,16 @@ fn onair_run(files: &[PathBuf], cfg: &VideoConfig) -> (f64, usize, usize) {
     (started.elapsed().as_secs_f64(), decoded, kept)
 }
 
-fn cli_run(files: &[PathBuf]) -> f64 {
-    // The same instants as onair: t = 0, 1 s (timeline) and 1/6, 3/6, 5/6 of
-    // the segment (the first frame at or after each).
-    // At 30 fps those are frames 0, 30 and 10, 30, 50.
-    let select = "select='eq(n\\,0)+eq(n\\,10)+eq(n\\,30)+eq(n\\,50)'";
-    let filter = format!("{select},scale=224:224:flags=bilinear,format=rgb24");
-    let started = Instant::now();
-    for f in files {
-        let out = Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-threads", "1", "-i"])
-            .arg(f)
-            .args([
-                "-filter_threads",
-                "1",
-                "-vf",
-                &filter,
-                "-vsync",
-                "0",
-                "-f",
-                "rawvideo",
-                "-threads",
-                "1",
-                "-y",
-                "/dev/null",
-            ])
-            .output()
-            .expect("ffmpeg");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    started.elapsed().as_secs_f64()
-}
-
-/// The CLI once over all segments (concat protocol), so its process start
-/// is paid once: the stricter reference.
-fn cli_one_process(files: &[PathBuf]) -> f64 {
-    let input = format!(
-        "concat:{}",
-        files
-            .iter()
-            .map(|f| f.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join("|")
-    );
-    let m = |k: u32| format!("eq(mod(n\\,60)\\,{k})");
-    let filter = format!(
-        "select='{}+{}+{}+{}',scale=224:224:flags=bilinear,format=rgb24",
-        m(0),
-        m(10),
-        m(30),
-        m(50)
-    );
-    let started = Instant::now();
+/// Runs `ffmpeg` on one thread: `input` through `filter` to raw RGB in /dev/null.
+fn cli_decode(input: &std::ffi::OsStr, filter: &str) {
     let out = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-threads",
-            "1",
-            "-i",
-            &input,
-        ])
+        .args(["-hide_banner", "-loglevel", "error", "-threads", "1", "-i"])
+        .arg(input)
         .args([
             "-filter_threads",
             "1",
             "-vf",
-            &filter,
+            filter,
             "-vsync",
             "0",
             "-f",
@@ -207,6 +146,42 @@ fn cli_one_process(files: &[PathBuf]) -> f64 {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The same instants as onair: t = 0, 1 s (timeline) and 1/6, 3/6, 5/6 of the
+/// segment (the first frame at or after each); at 30 fps, frames 0, 10, 30
+/// and 50 of every 60.
+fn cli_filter(frame: &str) -> String {
+    let pick = [0, 10, 30, 50]
+        .map(|k| format!("eq({frame}\\,{k})"))
+        .join("+");
+    format!("select='{pick}',scale=224:224:flags=bilinear,format=rgb24")
+}
+
+/// The CLI once per segment, as a pipeline calling it per payload would.
+fn cli_run(files: &[PathBuf]) -> f64 {
+    let filter = cli_filter("n");
+    let started = Instant::now();
+    for f in files {
+        cli_decode(f.as_os_str(), &filter);
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// The CLI once over all segments (concat protocol), so its process start
+/// is paid once: the stricter reference.
+fn cli_one_process(files: &[PathBuf]) -> f64 {
+    let input = format!(
+        "concat:{}",
+        files
+            .iter()
+            .map(|f| f.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    let filter = cli_filter("mod(n\\,60)");
+    let started = Instant::now();
+    cli_decode(input.as_ref(), &filter);
     started.elapsed().as_secs_f64()
 }
 
