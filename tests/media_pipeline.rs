@@ -260,6 +260,10 @@ fn media_decodes_and_hostile_payloads_are_dead_lettered() {
     let truth_path = dir.join("truth.jsonl");
     let t = truth_path.to_str().expect("utf-8 path");
     let mut engine = Proc::engine(&dir, &pipeline, "engine");
+    // One start for the simulator and the media made here: the default
+    // (now, to the minute) could differ between the two.
+    let start = onair::simulator::default_start_ms();
+    let start_arg = start.to_string();
     let sim = Proc::simulate(
         &dir,
         &pipeline,
@@ -276,11 +280,12 @@ fn media_decodes_and_hostile_payloads_are_dead_lettered() {
             "4",
             "--truth",
             t,
+            "--start-ms",
+            &start_arg,
         ],
     );
     // In the middle of the live traffic.
     std::thread::sleep(Duration::from_secs(3));
-    let start = onair::simulator::default_start_ms();
     let all = media(&dir, start + 6000);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let producer: FutureProducer = ClientConfig::new()
