@@ -122,6 +122,8 @@ pub struct TopicsConfig {
     pub room_stats: String,
     /// Output: records that could not be processed.
     pub dead_letters: String,
+    /// Output: the streamers' recognised speech (room-keyed).
+    pub transcripts: String,
     /// Partitions of the room-keyed topics when onair creates them.
     pub partitions: i32,
     /// Whether `run` creates missing topics at start (admin API).
@@ -138,6 +140,7 @@ impl Default for TopicsConfig {
             short_video_actions: "short-video-actions".into(),
             room_stats: "room-stats".into(),
             dead_letters: "dead-letters".into(),
+            transcripts: "transcripts".into(),
             partitions: 4,
             create: true,
         }
@@ -315,12 +318,78 @@ impl Default for MediaConfig {
 pub struct OperatorsConfig {
     /// Per-room activity statistics.
     pub room_activity: RoomActivityConfig,
+    /// Voice activity and speech recognition.
+    pub speech: SpeechConfig,
 }
 
 impl Default for OperatorsConfig {
     fn default() -> Self {
         OperatorsConfig {
             room_activity: RoomActivityConfig { enabled: true },
+            speech: SpeechConfig::default(),
+        }
+    }
+}
+
+/// `[operators.speech]`: finds speech in each room's audio (silero VAD) and
+/// transcribes the voiced windows with Whisper, under a budget, into the
+/// `transcripts` topic. Needs `media.enabled` (it reads decoded audio).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpeechConfig {
+    /// Whether the operator runs.
+    pub enabled: bool,
+    /// Whisper model in whisper.cpp's ggml format (`scripts/models` makes it).
+    pub whisper_model: String,
+    /// Silero VAD ONNX model (`scripts/models` fetches it).
+    pub vad_model: String,
+    /// ONNX Runtime shared library; empty: `ORT_DYLIB_PATH`, else the copy
+    /// `scripts/models` puts under `models/onnxruntime/`.
+    pub onnxruntime: String,
+    /// Language to transcribe in ("en", "zh", ...), or "auto" to detect it
+    /// per window.
+    pub language: String,
+    /// With "auto": the languages the rooms speak; each window gets the
+    /// most likely of them (empty: any language Whisper knows).
+    pub languages: Vec<String>,
+    /// Transcriptions running at once (threads of the ASR pool, shared by
+    /// every partition).
+    pub max_concurrent: usize,
+    /// Threads one transcription uses.
+    pub threads_per_job: usize,
+    /// Voiced windows waiting for a transcription slot. When it is full, the
+    /// window of the least active room (comments and actions per second) is
+    /// skipped and counted in `onair_asr_windows_total{result="skipped"}`.
+    pub max_queued: usize,
+    /// Speech probability at or above which a 32 ms chunk is voiced.
+    pub vad_threshold: f32,
+    /// Voiced stretches shorter than this are not transcribed (ms).
+    pub min_speech_ms: i64,
+    /// Silence that ends a voiced window (ms).
+    pub min_silence_ms: i64,
+    /// Longest window: longer speech is cut here and continues in the next (ms).
+    pub max_window_ms: i64,
+    /// Audio kept on each side of a voiced window (ms).
+    pub pad_ms: i64,
+}
+
+impl Default for SpeechConfig {
+    fn default() -> Self {
+        SpeechConfig {
+            enabled: false,
+            whisper_model: "models/whisper/ggml-base.bin".into(),
+            vad_model: "models/silero/silero_vad.onnx".into(),
+            onnxruntime: String::new(),
+            language: "auto".into(),
+            languages: vec!["en".into(), "zh".into()],
+            max_concurrent: 1,
+            threads_per_job: 1,
+            max_queued: 4,
+            vad_threshold: 0.5,
+            min_speech_ms: 250,
+            min_silence_ms: 300,
+            max_window_ms: 15_000,
+            pad_ms: 100,
         }
     }
 }
@@ -486,6 +555,7 @@ impl PipelineConfig {
             ("short_video_actions", &k.topics.short_video_actions),
             ("room_stats", &k.topics.room_stats),
             ("dead_letters", &k.topics.dead_letters),
+            ("transcripts", &k.topics.transcripts),
         ] {
             let valid = !topic.is_empty()
                 && topic.len() <= 249
@@ -540,6 +610,83 @@ impl PipelineConfig {
                 "sink.kind",
                 self.sink.kind == SinkKind::Console || kafka_used,
                 "",
+            );
+        }
+        let sp = &self.operators.speech;
+        if sp.enabled {
+            bad(
+                "operators.speech.enabled",
+                self.media.enabled,
+                "needs media.enabled (speech reads the decoded audio)",
+            );
+            bad(
+                "operators.speech.enabled",
+                self.media.audio.sample_rate == crate::models::whisper::SAMPLE_RATE,
+                "needs media.audio.sample_rate = 16000 (what the speech models read)",
+            );
+            bad(
+                "operators.speech.whisper_model",
+                !sp.whisper_model.trim().is_empty(),
+                "must name a file",
+            );
+            bad(
+                "operators.speech.vad_model",
+                !sp.vad_model.trim().is_empty(),
+                "must name a file",
+            );
+            bad(
+                "operators.speech.language",
+                sp.language == "auto"
+                    || (2..=3).contains(&sp.language.len())
+                        && sp.language.chars().all(|c| c.is_ascii_lowercase()),
+                "must be \"auto\" or a language code such as \"en\" or \"zh\"",
+            );
+            bad(
+                "operators.speech.languages",
+                sp.languages.iter().all(|l| {
+                    (2..=3).contains(&l.len()) && l.chars().all(|c| c.is_ascii_lowercase())
+                }),
+                "must be language codes such as \"en\" or \"zh\"",
+            );
+            bad(
+                "operators.speech.max_concurrent",
+                (1..=64).contains(&sp.max_concurrent),
+                "must be 1..=64",
+            );
+            bad(
+                "operators.speech.threads_per_job",
+                (1..=64).contains(&sp.threads_per_job),
+                "must be 1..=64",
+            );
+            bad(
+                "operators.speech.max_queued",
+                (1..=100_000).contains(&sp.max_queued),
+                "must be 1..=100000",
+            );
+            bad(
+                "operators.speech.vad_threshold",
+                sp.vad_threshold > 0.15 && sp.vad_threshold < 1.0,
+                "must be in (0.15, 1)",
+            );
+            bad(
+                "operators.speech.min_speech_ms",
+                sp.min_speech_ms >= 0,
+                "must not be negative",
+            );
+            bad(
+                "operators.speech.min_silence_ms",
+                sp.min_silence_ms >= 32,
+                "must be at least 32 (one VAD chunk)",
+            );
+            bad(
+                "operators.speech.max_window_ms",
+                (1000..=30_000).contains(&sp.max_window_ms),
+                "must be 1000..=30000 (Whisper reads at most 30 s)",
+            );
+            bad(
+                "operators.speech.pad_ms",
+                (0..=1000).contains(&sp.pad_ms),
+                "must be 0..=1000",
             );
         }
         let m = &self.media;

@@ -56,6 +56,27 @@ pub const MEDIA_AUDIO_MS: &str = "onair_media_audio_milliseconds_total";
 /// Payloads queued or decoding, labelled `partition`.
 pub const MEDIA_IN_FLIGHT: &str = "onair_media_in_flight";
 
+/// Milliseconds of audio voice activity judged, labelled `voiced`
+/// (`true`/`false`); voiced over the sum is the speech ratio.
+pub const VAD_AUDIO_MS: &str = "onair_vad_audio_milliseconds_total";
+/// Voiced windows, labelled `result`: `ok` (transcribed), `skipped` (over
+/// the ASR budget), `error`, or `dropped` (the partition left first).
+pub const ASR_WINDOWS: &str = "onair_asr_windows_total";
+/// Real-time factor of each transcription: processing time over audio
+/// duration (below 1 is faster than real time), per job of `threads_per_job`.
+pub const ASR_REAL_TIME_FACTOR: &str = "onair_asr_real_time_factor";
+/// Wall time of one transcription, seconds.
+pub const ASR_SECONDS: &str = "onair_asr_seconds";
+/// Milliseconds of audio transcribed.
+pub const ASR_AUDIO_MS: &str = "onair_asr_audio_milliseconds_total";
+/// Voiced windows waiting for a transcription slot.
+pub const ASR_QUEUED: &str = "onair_asr_queued";
+/// Voiced windows of a partition sent for transcription and not yet back,
+/// labelled `partition`.
+pub const ASR_PENDING: &str = "onair_asr_windows_pending";
+/// Transcribed segments written.
+pub const TRANSCRIPTS: &str = "onair_transcripts_total";
+
 /// Handles of one stage's metric family, created once and cloned cheaply.
 #[derive(Clone)]
 pub struct Stage {
@@ -106,13 +127,20 @@ pub fn rooms_active(partition: i32) -> Gauge {
 }
 
 fn builder() -> Result<PrometheusBuilder, BuildError> {
-    PrometheusBuilder::new().set_buckets_for_metric(
-        Matcher::Suffix("_seconds".into()),
-        &[
-            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            2.5, 5.0, 10.0,
-        ],
-    )
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(ASR_REAL_TIME_FACTOR.into()),
+            &[
+                0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+            ],
+        )
 }
 
 /// Installs the global recorder and serves `/metrics` on `addr`. Must be

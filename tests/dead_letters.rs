@@ -173,14 +173,7 @@ fn poison_goes_to_dead_letters_and_good_records_flow() {
     let t = truth_path.to_str().expect("utf-8 path");
     let all = poisons();
     let (before, after) = all.split_at(5);
-    let config = onair::config::PipelineConfig::load(&pipeline).expect("pipeline is valid");
-    tokio::runtime::Runtime::new()
-        .expect("runtime")
-        .block_on(onair::kafka::ensure_topics(
-            &config.kafka,
-            &onair::kafka::pipeline_topics(&config.kafka),
-        ))
-        .expect("topics created");
+    common::create_topics(&pipeline);
     let mut produced = produce(&topics, before, 0);
     let mut sim = Proc::simulate(
         &dir,

@@ -249,14 +249,7 @@ fn media_decodes_and_hostile_payloads_are_dead_lettered() {
         prefix: common::unique("media"),
     };
     let pipeline = common::pipeline(&dir, &topics, "[media.video]\nmax_source_pixels = 100000\n");
-    let config = onair::config::PipelineConfig::load(&pipeline).expect("pipeline is valid");
-    tokio::runtime::Runtime::new()
-        .expect("runtime")
-        .block_on(onair::kafka::ensure_topics(
-            &config.kafka,
-            &onair::kafka::pipeline_topics(&config.kafka),
-        ))
-        .expect("topics created");
+    common::create_topics(&pipeline);
     let truth_path = dir.join("truth.jsonl");
     let t = truth_path.to_str().expect("utf-8 path");
     let mut engine = Proc::engine(&dir, &pipeline, "engine");

@@ -181,7 +181,7 @@ fn run_engine(arrivals: &[SimEvent], until_ms: i64, lateness_ms: i64) -> Console
             runtime: config.runtime.clone(),
             limits: Limits::default(),
             dead_letters: DeadLetterConfig::default(),
-            operators: onair::operators::build(&config),
+            operators: onair::operators::build(&config, &Default::default()).expect("operators"),
             sink: task_sink,
             reader: None,
             wait_for_backlog: false,

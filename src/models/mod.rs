@@ -1,11 +1,14 @@
 //! Models: loading and running the networks the engine serves — pretrained
-//! ones fetched and converted by `scripts/models` (Whisper for speech) and,
-//! in later work, the project's own. Each wrapper takes decoded inputs and
-//! returns plain results; nothing here knows about rooms or Kafka.
+//! ones fetched and converted by `scripts/models` (Whisper for speech, Silero
+//! for voice activity) and, in later work, the project's own. Each wrapper
+//! takes decoded inputs and returns plain results; nothing here knows about
+//! rooms or Kafka.
 //!
 //! Not for: training (see `models/` at the project root) or deciding when a
 //! model runs (operators do).
 
+pub mod asr;
+pub mod vad;
 pub mod whisper;
 
 /// Why a model could not be used.

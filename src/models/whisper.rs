@@ -27,6 +27,11 @@ pub struct AsrOptions {
     pub threads: usize,
     /// A language code ("en", "zh") to force, or None to detect it.
     pub language: Option<String>,
+    /// When detecting: the languages to choose from (the most likely of
+    /// them wins); empty: any language Whisper knows. Live rooms speak a
+    /// known set, and on noisy audio an open choice drifts (espeak-ng
+    /// English over crowd noise was once detected as Thai).
+    pub candidates: Vec<String>,
     /// Audio context in encoder frames (50 per second, at most 1500 = 30 s);
     /// 0: the full window. A short context is faster but, tried on short
     /// espeak-ng sentences fitted to their length, made base repeat itself
@@ -42,6 +47,7 @@ impl Default for AsrOptions {
         AsrOptions {
             threads: 1,
             language: None,
+            candidates: Vec::new(),
             audio_ctx: 0,
             prompt: None,
         }
@@ -125,9 +131,9 @@ impl Whisper {
             .ctx
             .create_state()
             .map_err(|e| ModelError::Runtime(format!("state: {e}")))?;
+        let threads = opts.threads.clamp(1, 64);
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
-        params.set_n_threads(opts.threads.clamp(1, 64) as i32);
-        params.set_language(Some(opts.language.as_deref().unwrap_or("auto")));
+        params.set_n_threads(threads as i32);
         params.set_translate(false);
         params.set_no_context(true);
         params.set_temperature_inc(0.0);
@@ -150,6 +156,29 @@ impl Whisper {
         } else {
             samples
         };
+        let language = match (&opts.language, opts.candidates.is_empty()) {
+            (Some(l), _) => l.as_str(),
+            (None, true) => "auto",
+            (None, false) => {
+                // What whisper.cpp's "auto" does (encode the first 30 s, one
+                // decoder step), choosing among the candidates only.
+                state
+                    .pcm_to_mel(audio, threads)
+                    .map_err(|e| ModelError::Runtime(format!("mel spectrogram: {e}")))?;
+                let (_, probs) = state
+                    .lang_detect(0, threads)
+                    .map_err(|e| ModelError::Runtime(format!("language detection: {e}")))?;
+                opts.candidates
+                    .iter()
+                    .filter_map(|c| {
+                        let id = whisper_rs::get_lang_id(c)?;
+                        Some((c.as_str(), probs.get(usize::try_from(id).ok()?).copied()?))
+                    })
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .map_or("auto", |(c, _)| c)
+            }
+        };
+        params.set_language(Some(language));
         state
             .full(params, audio)
             .map_err(|e| ModelError::Runtime(format!("transcription: {e}")))?;

@@ -1,20 +1,40 @@
 //! Operators: the per-room computations that run inside partition tasks
 //! (see [`crate::runtime::Operator`]). Each file is one operator.
 //!
-//! Not for: anything that talks to Kafka, or state shared across partitions.
+//! Not for: anything that talks to Kafka, or state shared across partitions
+//! (shared resources, such as the speech-recognition pool, come in through
+//! [`Services`]).
 
 pub mod room_activity;
+pub mod speech;
 
-use crate::config::PipelineConfig;
+use std::sync::Arc;
+
+use crate::config::{PipelineConfig, SpeechConfig};
+use crate::models::asr::AsrPool;
+use crate::models::ModelError;
 use crate::runtime::Operator;
 
+/// What operators share across partitions, built once per process.
+#[derive(Clone, Default)]
+pub struct Services {
+    /// The speech-recognition pool and the speech settings (None: speech off).
+    pub speech: Option<(Arc<SpeechConfig>, Arc<AsrPool>)>,
+}
+
 /// Builds the operators a pipeline enables, in the order they run.
-pub fn build(config: &PipelineConfig) -> Vec<Box<dyn Operator>> {
+pub fn build(
+    config: &PipelineConfig,
+    services: &Services,
+) -> Result<Vec<Box<dyn Operator>>, ModelError> {
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
     if config.operators.room_activity.enabled {
         ops.push(Box::new(room_activity::RoomActivity::new(
             config.runtime.tick_ms,
         )));
     }
-    ops
+    if let Some((cfg, pool)) = &services.speech {
+        ops.push(Box::new(speech::Speech::new(cfg.clone(), pool.clone())?));
+    }
+    Ok(ops)
 }

@@ -14,7 +14,10 @@ use super::partition::{Checkpoint, Control, PartitionHandle, PartitionSpec, Part
 use crate::config::{MediaConfig, PipelineConfig};
 use crate::decode::pool::DecodePool;
 use crate::kafka::{ensure_topics, pipeline_topics, KafkaFailure};
-use crate::operators;
+use crate::models::asr::{AsrBudget, AsrPool};
+use crate::models::whisper::Whisper;
+use crate::models::ModelError;
+use crate::operators::{self, Services};
 use crate::simulator::{SimError, Simulator};
 use crate::sinks::kafka::KafkaSink;
 use crate::sinks::Sink;
@@ -29,6 +32,9 @@ pub enum EngineError {
     /// The simulator failed.
     #[error(transparent)]
     Simulator(#[from] SimError),
+    /// A model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] ModelError),
     /// A thread of ours died.
     #[error("internal error: {0}")]
     Internal(String),
@@ -39,6 +45,7 @@ impl crate::error::Classify for EngineError {
         match self {
             EngineError::Kafka(e) => e.fault(),
             EngineError::Simulator(_) => crate::error::Fault::External,
+            EngineError::Model(e) => e.fault(),
             EngineError::Internal(_) => crate::error::Fault::Internal,
         }
     }
@@ -97,13 +104,20 @@ impl Engine {
         reader: Option<Box<dyn StreamReader>>,
         replayed_through: Option<i64>,
         media: &Media,
+        services: &Services,
     ) -> PartitionSpec {
+        let operators = operators::build(config, services).unwrap_or_else(|e| {
+            // Loaded once already at start (see `services`), so this is
+            // unexpected; the partition still runs its other operators.
+            tracing::error!(partition, error = %e, "an operator could not be built; the partition runs without it");
+            operators::build(config, &Services::default()).unwrap_or_default()
+        });
         PartitionSpec {
             partition,
             runtime: config.runtime.clone(),
             limits: config.limits,
             dead_letters: config.dead_letters.clone(),
-            operators: operators::build(config),
+            operators,
             sink,
             reader,
             wait_for_backlog: false,
@@ -124,6 +138,7 @@ impl Engine {
         }
         let sink = Arc::new(KafkaSink::new(&config.kafka)?);
         let media = media_stage(&config)?;
+        let services = services(&config)?;
         let handle = tokio::runtime::Handle::current();
         let task_sink: Arc<dyn Sink> = sink.clone();
         let task_config = config.clone();
@@ -136,6 +151,7 @@ impl Engine {
                 Some(reader),
                 replayed_through,
                 &media,
+                &services,
             ))
         });
         let source = KafkaSource::new(&config, factory, self.instance_id.as_deref())?;
@@ -168,6 +184,7 @@ impl Engine {
         let started = Instant::now();
         let partitions = self.config.simulator.partitions.max(1);
         let media = media_stage(&self.config)?;
+        let services = services(&self.config)?;
         let tasks: Vec<PartitionHandle> = (0..partitions as i32)
             .map(|p| {
                 PartitionTask::spawn(Self::spec(
@@ -177,6 +194,7 @@ impl Engine {
                     None,
                     None,
                     &media,
+                    &services,
                 ))
             })
             .collect();
@@ -216,6 +234,40 @@ fn media_stage(config: &PipelineConfig) -> Result<Media, EngineError> {
         .map_err(|e| EngineError::Internal(format!("cannot start the decode pool: {e}")))?;
     info!(threads = pool.size(), "media decode pool started");
     Ok(Some((Arc::new(config.media.clone()), pool)))
+}
+
+/// Loads what operators share: Whisper and its pool when speech is on (and
+/// the VAD model once, so that a missing file fails the start, not a
+/// partition).
+fn services(config: &PipelineConfig) -> Result<Services, EngineError> {
+    let sp = &config.operators.speech;
+    if !sp.enabled || !config.media.enabled {
+        return Ok(Services::default());
+    }
+    let ort = (!sp.onnxruntime.is_empty()).then(|| std::path::Path::new(&sp.onnxruntime));
+    crate::models::vad::init_onnx_runtime(ort)?;
+    crate::models::vad::SileroVad::load(std::path::Path::new(&sp.vad_model))?;
+    let path = std::path::Path::new(&sp.whisper_model);
+    let whisper = Arc::new(Whisper::load(path)?);
+    let version = format!(
+        "whisper@{}",
+        path.file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("unknown")
+    );
+    let budget = AsrBudget {
+        max_concurrent: sp.max_concurrent,
+        threads_per_job: sp.threads_per_job,
+        max_queued: sp.max_queued,
+        language: (sp.language != "auto").then(|| sp.language.clone()),
+        candidates: sp.languages.clone(),
+    };
+    let pool = AsrPool::start(whisper, version, &budget)
+        .map_err(|e| EngineError::Internal(format!("cannot start the ASR pool: {e}")))?;
+    info!(threads = pool.threads(), model = %sp.whisper_model, "speech recognition pool started");
+    Ok(Services {
+        speech: Some((Arc::new(sp.clone()), pool)),
+    })
 }
 
 /// Asks a task to drain and waits for its checkpoint without blocking the runtime.

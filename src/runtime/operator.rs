@@ -5,12 +5,19 @@
 //! An operator owns the state of the rooms of one partition. The runtime calls
 //! its hooks in event-time order: `on_record` for each input, `on_tick` once
 //! per closed tick, `on_revoke` when the partition leaves this instance.
+//! Work an operator hands off the task (speech recognition on a shared pool)
+//! comes back through `poll`, which the runtime calls after the context's
+//! wake signal fires.
 //! Operators report the input positions their state still depends on
 //! ([`Holds`]), which is what makes at-least-once commits safe without a
 //! changelog: offsets are never committed past a record whose effect a
 //! restarted engine would still need.
 //!
 //! Not for: I/O. Operators never talk to Kafka; they emit [`Output`]s.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use crate::decode::DecodedMedia;
 use crate::schema::{Event, InputKind};
@@ -32,6 +39,8 @@ pub enum OutputTopic {
     RoomStats,
     /// Records that could not be processed.
     DeadLetters,
+    /// Recognised speech.
+    Transcripts,
 }
 
 impl OutputTopic {
@@ -40,6 +49,7 @@ impl OutputTopic {
         match self {
             OutputTopic::RoomStats => "room_stats",
             OutputTopic::DeadLetters => "dead_letters",
+            OutputTopic::Transcripts => "transcripts",
         }
     }
 }
@@ -73,6 +83,7 @@ pub struct Context<'a> {
     pub(crate) outputs: &'a mut Vec<Output>,
     pub(crate) partition: i32,
     pub(crate) tick_ms: i64,
+    pub(crate) wake: Option<&'a Arc<Notify>>,
 }
 
 impl<'a> Context<'a> {
@@ -82,7 +93,20 @@ impl<'a> Context<'a> {
             outputs,
             partition,
             tick_ms,
+            wake: None,
         }
+    }
+
+    /// The same, with the signal that makes the runtime call [`Operator::poll`].
+    pub fn with_wake(mut self, wake: &'a Arc<Notify>) -> Self {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// The signal to notify when work handed off the task has finished and
+    /// [`Operator::poll`] should run (None outside a partition task).
+    pub fn wake(&self) -> Option<Arc<Notify>> {
+        self.wake.cloned()
     }
 
     /// Queues an output; it is written once the hook returns.
@@ -132,6 +156,21 @@ pub trait Operator: Send {
     /// The tick `[tick_start_ms, tick_start_ms + tick_ms)` closed: no more
     /// records for it will come (later ones are flagged late).
     fn on_tick(&mut self, _tick_start_ms: i64, _ctx: &mut Context<'_>) {}
+
+    /// Emits the results of work that finished off the partition task.
+    /// Called after the wake signal (see [`Context::wake`]) fires, between
+    /// records.
+    fn poll(&mut self, _ctx: &mut Context<'_>) {}
+
+    /// Work handed off the task and not yet back (the end of a finite input
+    /// waits for it).
+    fn pending(&self) -> usize {
+        0
+    }
+
+    /// The input has ended (a finite run): close whatever waits for more
+    /// input, e.g. an utterance still open at the end of the audio.
+    fn on_finish(&mut self, _ctx: &mut Context<'_>) {}
 
     /// Adds the positions the operator's state still depends on.
     fn holds(&self, holds: &mut Holds);

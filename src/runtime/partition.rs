@@ -153,6 +153,8 @@ pub struct PartitionTask {
     /// Decoding of video and audio payloads (when enabled).
     media: Option<MediaStage>,
     media_done: Option<Arc<Notify>>,
+    /// Notified when an operator's off-task work is back (see `Operator::poll`).
+    op_wake: Arc<Notify>,
     /// Each stream's topic name, learned from its records (for dead letters).
     stream_topics: [Option<Arc<str>>; InputKind::ROOM_COUNT],
     /// Emitted-through time restored from the last commit: tick outputs at or
@@ -221,6 +223,9 @@ pub struct PartitionSpec {
 
 const PROCESS_BUDGET: usize = 512;
 
+/// How long the end of a finite input waits for operators' off-task work.
+const FINISH_WAIT: Duration = Duration::from_secs(300);
+
 impl PartitionTask {
     /// Spawns the task on the current tokio runtime.
     pub fn spawn(spec: PartitionSpec) -> PartitionHandle {
@@ -257,6 +262,7 @@ impl PartitionTask {
             pulled: 0,
             media,
             media_done,
+            op_wake: Arc::new(Notify::new()),
             stream_topics: Default::default(),
             replayed_through: spec.replayed_through,
             checkpoint_every: spec.checkpoint_every,
@@ -300,7 +306,8 @@ impl PartitionTask {
     async fn run(mut self) {
         info!(partition = self.partition, replayed_through = ?self.replayed_through, "partition task started");
         {
-            let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms);
+            let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
+                .with_wake(&self.op_wake);
             for op in &mut self.ops {
                 op.on_start(&mut ctx);
             }
@@ -319,6 +326,7 @@ impl PartitionTask {
                 Ok(Control::Finish { until_ms }) => self.finish(until_ms).await,
                 Err(_) => {}
             }
+            self.poll_ops().await;
             let pulled = self.pull();
             let processed = self.process_ready().await;
             self.advance_idle().await;
@@ -337,12 +345,14 @@ impl PartitionTask {
             let pushed = !self.pulls;
             let ready = self.reader_ready.clone();
             let media_done = self.media_done.clone();
+            let op_wake = self.op_wake.clone();
             tokio::select! {
                 ack = self.ack_rx.recv() => {
                     if let Some(ack) = ack {
                         self.on_ack(ack);
                     }
                 }
+                () = op_wake.notified() => {}
                 rec = self.input.recv(), if can_pull && pushed => match rec {
                     Some(input) => self.accept(input),
                     None => self.input_closed = true,
@@ -373,6 +383,22 @@ impl PartitionTask {
         self.depth.set(0.0);
         self.shared.finished.store(true, Ordering::Release);
         info!(partition = self.partition, "partition task stopped");
+    }
+
+    /// Lets operators emit what their off-task work produced.
+    async fn poll_ops(&mut self) {
+        {
+            let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
+                .with_wake(&self.op_wake);
+            for (op, stage) in self.ops.iter_mut().zip(&self.op_stages) {
+                let before = ctx.outputs.len();
+                op.poll(&mut ctx);
+                stage.sent.increment((ctx.outputs.len() - before) as u64);
+            }
+        }
+        if !self.outputs.is_empty() {
+            self.flush_outputs(None).await;
+        }
     }
 
     fn buffered(&self) -> usize {
@@ -707,7 +733,8 @@ impl PartitionTask {
             );
         }
         {
-            let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms);
+            let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
+                .with_wake(&self.op_wake);
             for op in &mut self.ops {
                 op.on_record(&b.event, b.pos, late, &mut ctx);
                 if let Some(m) = &media {
@@ -740,7 +767,8 @@ impl PartitionTask {
                 // Nothing holds state: skip the empty ticks of an event-time gap.
                 nt = nt.max(watermark.div_euclid(tick_ms) * tick_ms - tick_ms);
             }
-            let mut ctx = Context::new(&mut self.outputs, self.partition, tick_ms);
+            let mut ctx =
+                Context::new(&mut self.outputs, self.partition, tick_ms).with_wake(&self.op_wake);
             for (op, stage) in self.ops.iter_mut().zip(&self.op_stages) {
                 let s = Instant::now();
                 let before = ctx.outputs.len();
@@ -936,6 +964,40 @@ impl PartitionTask {
             self.stream_time = Some(until_ms);
         }
         self.close_ticks(until_ms).await;
+        {
+            let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
+                .with_wake(&self.op_wake);
+            for op in &mut self.ops {
+                op.on_finish(&mut ctx);
+            }
+        }
+        self.flush_outputs(None).await;
+        // Off-task work (bounded by its budgets) comes back before the end.
+        let deadline = Instant::now() + FINISH_WAIT;
+        loop {
+            self.poll_ops().await;
+            let pending: usize = self.ops.iter().map(|o| o.pending()).sum();
+            if pending == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    partition = self.partition,
+                    pending, "finish: off-task work still pending; its results are dropped"
+                );
+                break;
+            }
+            let op_wake = self.op_wake.clone();
+            tokio::select! {
+                ack = self.ack_rx.recv() => {
+                    if let Some(ack) = ack {
+                        self.on_ack(ack);
+                    }
+                }
+                () = op_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
         self.publish_checkpoint();
     }
 

@@ -1,10 +1,14 @@
 //! Ground truth of a simulated run: per room and tick, the activity figures the engine's
-//! room-activity operator must reproduce exactly, and the rooms' highlight intervals.
+//! room-activity operator must reproduce exactly, the rooms' highlight intervals, and
+//! the streamer's utterances (what was said, in which language, and when).
 //!
 //! What it is for: computing those figures independently of the engine, directly from
 //! the events as the simulator hands them out ([`GroundTruth::record`]), and storing
 //! them as JSON lines next to a simulated run so tests and benchmarks can compare the
-//! engine's `room-stats` output and highlight detections with them.
+//! engine's `room-stats` output, highlight detections and speech transcripts with them.
+//! Utterances are not derived from the events: the simulator knows what it mixed into
+//! the audio and adds each one ([`GroundTruth::add_utterance`]) once the audio chunks
+//! that carry all of it have been handed out.
 //!
 //! What it is not for: the engine's own statistics (those live in the operators; no
 //! code is shared on purpose), or anything the simulator did not generate.
@@ -27,6 +31,9 @@
 //! * A tick appears iff a record of the room (any kind; for audio, a frame) falls in
 //!   it or at least one viewer is present at its end. `id` is empty and
 //!   `schema_version` is 1.
+//! * An utterance is `[start_ms, end_ms)` of event time: `start_ms` is the time (as
+//!   for audio frames above) of its first speech sample, `end_ms` that of the first
+//!   sample after its last one, or the end of the broadcast when that cuts it short.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, Write};
@@ -43,6 +50,26 @@ pub struct HighlightTruth {
     pub start_ms: i64,
     /// End of the highlight (exclusive).
     pub end_ms: i64,
+}
+
+/// One utterance of a room's streamer: speech mixed into the room's audio over
+/// `[start_ms, end_ms)` of event time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct UtteranceTruth {
+    /// The room.
+    pub room_id: String,
+    /// Time of the first speech sample, ms since the epoch.
+    pub start_ms: i64,
+    /// Time of the first sample after the speech (exclusive end), or the end of the
+    /// broadcast when that cut the utterance short.
+    pub end_ms: i64,
+    /// Language spoken: `"en"` or `"zh"` (Mandarin).
+    pub lang: String,
+    /// What was said as it is written: the English text, or for Mandarin the Chinese
+    /// characters (with full-width commas where the pinyin has commas).
+    pub text: String,
+    /// Mandarin only: the pinyin with tone numbers that the synthesiser spoke.
+    pub pinyin: Option<String>,
 }
 
 /// Why a truth file could not be read.
@@ -111,12 +138,15 @@ pub struct GroundTruth {
     tick_ms: i64,
     ticks: BTreeMap<(String, i64), RoomStats>,
     highlights: Vec<HighlightTruth>,
+    utterances: Vec<UtteranceTruth>,
     rooms: Vec<RoomAcc>,
 }
 
 impl PartialEq for GroundTruth {
     fn eq(&self, other: &Self) -> bool {
-        self.ticks == other.ticks && self.highlights() == other.highlights()
+        self.ticks == other.ticks
+            && self.highlights() == other.highlights()
+            && self.utterances() == other.utterances()
     }
 }
 
@@ -135,6 +165,7 @@ impl GroundTruth {
             tick_ms: tick_ms.max(1),
             ticks: BTreeMap::new(),
             highlights: Vec::new(),
+            utterances: Vec::new(),
             rooms: Vec::new(),
         }
     }
@@ -186,6 +217,20 @@ impl GroundTruth {
         let mut h = self.highlights.clone();
         h.sort();
         h
+    }
+
+    /// Adds one utterance. The simulator adds an utterance once every audio chunk that
+    /// carries it has been handed out (its end is at or before the cursor), so the
+    /// truth holds only what a consumer of the events can have heard.
+    pub fn add_utterance(&mut self, utterance: UtteranceTruth) {
+        self.utterances.push(utterance);
+    }
+
+    /// Every utterance, sorted by room and start.
+    pub fn utterances(&self) -> Vec<UtteranceTruth> {
+        let mut u = self.utterances.clone();
+        u.sort();
+        u
     }
 
     /// Records one event of room `room` (index of [`GroundTruth::add_room`]). Events
@@ -309,7 +354,10 @@ impl GroundTruth {
 
     /// Writes one JSON object per line: every highlight
     /// (`{"type":"highlight","room_id":..,"start_ms":..,"end_ms":..}`), then every
-    /// completed tick (`{"type":"tick", ...RoomStats fields...}`), in key order.
+    /// utterance (`{"type":"utterance","room_id":..,"start_ms":..,"end_ms":..,
+    /// "lang":"en"|"zh","text":..,"pinyin":..|null}`), both sorted by room and start,
+    /// then every completed tick (`{"type":"tick", ...RoomStats fields...}`), in key
+    /// order. Strings are written as JSON escapes them (UTF-8, not `\u` escapes).
     pub fn write_jsonl(&self, mut w: impl Write) -> std::io::Result<()> {
         for h in self.highlights() {
             writeln!(
@@ -320,6 +368,18 @@ impl GroundTruth {
                 h.end_ms
             )?;
         }
+        for u in self.utterances() {
+            writeln!(
+                w,
+                "{{\"type\":\"utterance\",\"room_id\":{},\"start_ms\":{},\"end_ms\":{},\"lang\":{},\"text\":{},\"pinyin\":{}}}",
+                serde_json::to_string(&u.room_id)?,
+                u.start_ms,
+                u.end_ms,
+                serde_json::to_string(&u.lang)?,
+                serde_json::to_string(&u.text)?,
+                serde_json::to_string(&u.pinyin)?
+            )?;
+        }
         for s in self.ticks.values() {
             let obj = serde_json::to_string(s)?;
             let fields = obj.strip_prefix('{').unwrap_or(&obj);
@@ -328,7 +388,9 @@ impl GroundTruth {
         Ok(())
     }
 
-    /// Reads what [`GroundTruth::write_jsonl`] wrote. Blank lines are skipped.
+    /// Reads what [`GroundTruth::write_jsonl`] wrote. Blank lines are skipped; files
+    /// written before utterances were recorded (no `utterance` lines) read with none.
+    /// An utterance's `pinyin` may be `null` or absent.
     pub fn read_jsonl(r: impl BufRead) -> Result<Self, TruthError> {
         let mut truth = GroundTruth::new(1);
         let mut tick_ms = None;
@@ -371,6 +433,21 @@ impl GroundTruth {
                     start_ms: i64_field("start_ms")?,
                     end_ms: i64_field("end_ms")?,
                 }),
+                Some("utterance") => {
+                    let pinyin = match obj.get("pinyin") {
+                        None | Some(serde_json::Value::Null) => None,
+                        Some(serde_json::Value::String(p)) => Some(p.clone()),
+                        Some(_) => return Err(err("non-string field \"pinyin\"".into())),
+                    };
+                    truth.utterances.push(UtteranceTruth {
+                        room_id: str_field("room_id")?,
+                        start_ms: i64_field("start_ms")?,
+                        end_ms: i64_field("end_ms")?,
+                        lang: str_field("lang")?,
+                        text: str_field("text")?,
+                        pinyin,
+                    });
+                }
                 Some("tick") => {
                     let stats = RoomStats {
                         schema_version: u32_field("schema_version")?,
@@ -710,9 +787,78 @@ mod tests {
             back.get(R, 1000).expect("tick").loudness_dbfs.to_bits(),
             loud.to_bits()
         );
+        // Files written before utterances existed read with none.
+        assert!(back.utterances().is_empty());
+        assert!(!text.contains("\"type\":\"utterance\""));
         assert!(GroundTruth::read_jsonl(&b"{\"type\":\"nope\"}\n"[..]).is_err());
         assert!(GroundTruth::read_jsonl(&b"{\"type\":\"tick\"}\n"[..]).is_err());
         assert!(GroundTruth::read_jsonl(&b"[1]\n"[..]).is_err());
+    }
+
+    #[test]
+    fn utterances_round_trip() {
+        let mut g = truth_of(&[act(900, "u1", ActionKind::Enter)]);
+        let zh = UtteranceTruth {
+            room_id: R.into(),
+            start_ms: 4_100,
+            end_ms: 6_033,
+            lang: "zh".into(),
+            text: "赢了，赢了".into(),
+            pinyin: Some("ying2 le5, ying2 le5".into()),
+        };
+        let en = UtteranceTruth {
+            room_id: R.into(),
+            start_ms: 1_200,
+            end_ms: 3_517,
+            lang: "en".into(),
+            text: "say \"hi\", \\ please".into(),
+            pinyin: None,
+        };
+        let other = UtteranceTruth {
+            room_id: "room-0001".into(),
+            start_ms: 0,
+            end_ms: 10,
+            ..en.clone()
+        };
+        g.add_utterance(zh.clone());
+        g.add_utterance(other.clone());
+        g.add_utterance(en.clone());
+        // Sorted by room, then start.
+        assert_eq!(g.utterances(), [en.clone(), zh.clone(), other.clone()]);
+        let mut buf = Vec::new();
+        g.write_jsonl(&mut buf).expect("write");
+        let text = String::from_utf8(buf.clone()).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("{\"type\":\"highlight\""));
+        assert_eq!(
+            lines[1],
+            r#"{"type":"utterance","room_id":"room-0000","start_ms":1200,"end_ms":3517,"lang":"en","text":"say \"hi\", \\ please","pinyin":null}"#
+        );
+        assert_eq!(
+            lines[2],
+            r#"{"type":"utterance","room_id":"room-0000","start_ms":4100,"end_ms":6033,"lang":"zh","text":"赢了，赢了","pinyin":"ying2 le5, ying2 le5"}"#
+        );
+        assert!(lines[3].contains("\"room_id\":\"room-0001\""));
+        assert!(lines[4].starts_with("{\"type\":\"tick\""));
+        let back = GroundTruth::read_jsonl(&buf[..]).expect("read");
+        assert!(back == g);
+        assert_eq!(back.utterances(), g.utterances());
+        // Truths that differ only in utterances differ.
+        let mut fewer = g.clone();
+        fewer.utterances.pop();
+        assert!(fewer != g);
+        // `pinyin` may be absent; it must be a string or null.
+        let line =
+            r#"{"type":"utterance","room_id":"r","start_ms":1,"end_ms":2,"lang":"en","text":"hi"}"#;
+        let one = GroundTruth::read_jsonl(line.as_bytes()).expect("no pinyin");
+        assert_eq!(one.utterances()[0].pinyin, None);
+        for bad in [
+            r#"{"type":"utterance","room_id":"r","start_ms":1,"end_ms":2,"lang":"en","text":"hi","pinyin":3}"#,
+            r#"{"type":"utterance","room_id":"r","start_ms":1,"end_ms":2,"lang":"en"}"#,
+            r#"{"type":"utterance","room_id":"r","start_ms":"1","end_ms":2,"lang":"en","text":"hi"}"#,
+        ] {
+            assert!(GroundTruth::read_jsonl(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -33,9 +33,13 @@
 //!   confetti during highlights). Segments are encoded on up to two worker threads.
 //! * **Audio.** 16 kHz mono PCM chunks: low-passed crowd/game noise whose amplitude
 //!   follows excitement, a quiet 110 Hz hum, and the streamer's speech — phrases in
-//!   English and Mandarin synthesised once per process with `espeak-ng` — mixed in with
-//!   pauses that shorten (and phrases that turn to hype) as excitement rises. Every
-//!   chunk has non-zero energy.
+//!   English and Mandarin synthesised once per process with `espeak-ng`, about 10 dB
+//!   over the noise as a streamer's microphone would be — mixed in with pauses that
+//!   shorten (and phrases that turn to hype) as excitement rises. Every chunk has
+//!   non-zero energy. Each utterance (room, event-time interval of its
+//!   speech samples, language, and text: Chinese characters and the pinyin spoken for
+//!   Mandarin) is ground truth; it enters the truth once the events are handed out up
+//!   to its end.
 //! * **Viewers.** Each room has a population of `viewers` users (about a fifth of them
 //!   shared with other rooms), each with an affinity to the streamer and a gifting
 //!   level (a user trait: most never gift, a few whales do). An absent viewer gets
@@ -67,7 +71,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::media::{self, Lang, MediaError, Scene, VideoSpec};
-use super::truth::GroundTruth;
+use super::truth::{GroundTruth, UtteranceTruth};
 use crate::schema::{
     ActionKind, AudioChunk, AudioFormat, Comment, VideoFormat, VideoSegment, ViewerAction,
 };
@@ -516,73 +520,186 @@ const ZH_HYPE: &[&str] = &[
 const EN_EMPHASIS: &[&str] = &["!", "!!!", " 🔥", " 🔥🔥🔥", " xD"];
 const ZH_EMPHASIS: &[&str] = &["！！", "666", "🔥", "～～", "哈哈哈"];
 
-/// The streamer's lines: (text, language, hype). Chinese is pinyin with tone numbers.
-const PHRASES: &[(&str, Lang, bool)] = &[
-    ("hey everyone, welcome back to the stream", Lang::En, false),
+/// The streamer's lines: (spoken text, language, hype, written text). English is
+/// spoken and written the same (the written text is `None`); Mandarin is spoken as
+/// pinyin with tone numbers and written in Chinese characters, one per syllable, with
+/// a full-width comma where the pinyin has a comma. Order matters: a line is picked by
+/// its index among the lines of its language and kind, so reordering or inserting
+/// lines changes the audio of every seed.
+const PHRASES: &[(&str, Lang, bool, Option<&str>)] = &[
+    (
+        "hey everyone, welcome back to the stream",
+        Lang::En,
+        false,
+        None,
+    ),
     (
         "thanks for the follow, really appreciate it",
         Lang::En,
         false,
+        None,
     ),
-    ("let me check the map real quick", Lang::En, false),
+    ("let me check the map real quick", Lang::En, false, None),
     (
         "we are going to play a few more rounds tonight",
         Lang::En,
         false,
+        None,
     ),
-    ("don't forget to hit the like button", Lang::En, false),
-    ("okay, let's see what we have here", Lang::En, false),
-    ("this round should be pretty easy", Lang::En, false),
+    ("don't forget to hit the like button", Lang::En, false, None),
+    ("okay, let's see what we have here", Lang::En, false, None),
+    ("this round should be pretty easy", Lang::En, false, None),
     (
         "someone asked about my settings, I'll show them later",
         Lang::En,
         false,
+        None,
     ),
     (
         "let's grab some items before the next fight",
         Lang::En,
         false,
+        None,
     ),
-    ("chat, what do you think we should do", Lang::En, false),
-    ("oh my god, did you see that", Lang::En, true),
-    ("let's go, that was insane", Lang::En, true),
-    ("clip that right now", Lang::En, true),
-    ("no way, no way, we actually won", Lang::En, true),
-    ("that was the best play of the night", Lang::En, true),
-    ("thank you so much for the gift", Lang::En, true),
-    ("here they come, get ready", Lang::En, true),
-    ("unbelievable, what a comeback", Lang::En, true),
+    (
+        "chat, what do you think we should do",
+        Lang::En,
+        false,
+        None,
+    ),
+    ("oh my god, did you see that", Lang::En, true, None),
+    ("let's go, that was insane", Lang::En, true, None),
+    ("clip that right now", Lang::En, true, None),
+    ("no way, no way, we actually won", Lang::En, true, None),
+    ("that was the best play of the night", Lang::En, true, None),
+    ("thank you so much for the gift", Lang::En, true, None),
+    ("here they come, get ready", Lang::En, true, None),
+    ("unbelievable, what a comeback", Lang::En, true, None),
     (
         "huan1 ying2 da4 jia1 lai2 dao4 zhi2 bo1 jian1",
         Lang::Zh,
         false,
+        Some("欢迎大家来到直播间"),
     ),
-    ("xie4 xie4 da4 jia1 de5 guan1 zhu4", Lang::Zh, false),
-    ("wo3 men2 xian1 kan4 yi2 xia4 di4 tu2", Lang::Zh, false),
-    ("ji4 de2 dian3 zan4 he2 fen1 xiang3", Lang::Zh, false),
-    ("zhe4 yi4 ju2 ying1 gai1 bu2 tai4 nan2", Lang::Zh, false),
-    ("jin1 tian1 wo3 men2 duo1 da3 ji3 ju2", Lang::Zh, false),
-    ("you3 ren2 wen4 wo3 de5 she4 zhi4", Lang::Zh, false),
-    ("xian1 qu4 na2 yi4 dian3 zhuang1 bei4", Lang::Zh, false),
+    (
+        "xie4 xie4 da4 jia1 de5 guan1 zhu4",
+        Lang::Zh,
+        false,
+        Some("谢谢大家的关注"),
+    ),
+    (
+        "wo3 men2 xian1 kan4 yi2 xia4 di4 tu2",
+        Lang::Zh,
+        false,
+        Some("我们先看一下地图"),
+    ),
+    (
+        "ji4 de2 dian3 zan4 he2 fen1 xiang3",
+        Lang::Zh,
+        false,
+        Some("记得点赞和分享"),
+    ),
+    (
+        "zhe4 yi4 ju2 ying1 gai1 bu2 tai4 nan2",
+        Lang::Zh,
+        false,
+        Some("这一局应该不太难"),
+    ),
+    (
+        "jin1 tian1 wo3 men2 duo1 da3 ji3 ju2",
+        Lang::Zh,
+        false,
+        Some("今天我们多打几局"),
+    ),
+    (
+        "you3 ren2 wen4 wo3 de5 she4 zhi4",
+        Lang::Zh,
+        false,
+        Some("有人问我的设置"),
+    ),
+    (
+        "xian1 qu4 na2 yi4 dian3 zhuang1 bei4",
+        Lang::Zh,
+        false,
+        Some("先去拿一点装备"),
+    ),
     (
         "da4 jia1 jue2 de2 zen3 me5 da3 bi3 jiao4 hao3",
         Lang::Zh,
         false,
+        Some("大家觉得怎么打比较好"),
     ),
-    ("wo3 men2 man4 man4 lai2", Lang::Zh, false),
-    ("tai4 jing1 cai3 le5", Lang::Zh, true),
+    (
+        "wo3 men2 man4 man4 lai2",
+        Lang::Zh,
+        false,
+        Some("我们慢慢来"),
+    ),
+    ("tai4 jing1 cai3 le5", Lang::Zh, true, Some("太精彩了")),
     (
         "wo3 de5 tian1 a5, ni3 men2 kan4 dao4 le5 ma5",
         Lang::Zh,
         true,
+        Some("我的天啊，你们看到了吗"),
     ),
-    ("ying2 le5, ying2 le5", Lang::Zh, true),
-    ("zhe4 bo1 tai4 qiang2 le5", Lang::Zh, true),
-    ("kuai4 jie2 tu2, kuai4 jie2 tu2", Lang::Zh, true),
-    ("xie4 xie4 lao3 tie3 de5 li3 wu4", Lang::Zh, true),
-    ("lai2 le5 lai2 le5, zhun3 bei4 hao3", Lang::Zh, true),
-    ("bu4 ke3 si1 yi4, zhen1 de5 fan1 pan2 le5", Lang::Zh, true),
+    ("ying2 le5, ying2 le5", Lang::Zh, true, Some("赢了，赢了")),
+    (
+        "zhe4 bo1 tai4 qiang2 le5",
+        Lang::Zh,
+        true,
+        Some("这波太强了"),
+    ),
+    (
+        "kuai4 jie2 tu2, kuai4 jie2 tu2",
+        Lang::Zh,
+        true,
+        Some("快截图，快截图"),
+    ),
+    (
+        "xie4 xie4 lao3 tie3 de5 li3 wu4",
+        Lang::Zh,
+        true,
+        Some("谢谢老铁的礼物"),
+    ),
+    (
+        "lai2 le5 lai2 le5, zhun3 bei4 hao3",
+        Lang::Zh,
+        true,
+        Some("来了来了，准备好"),
+    ),
+    (
+        "bu4 ke3 si1 yi4, zhen1 de5 fan1 pan2 le5",
+        Lang::Zh,
+        true,
+        Some("不可思议，真的翻盘了"),
+    ),
 ];
+
+/// The language code of the ground truth (`"en"`, `"zh"`).
+fn lang_code(lang: Lang) -> &'static str {
+    match lang {
+        Lang::En => "en",
+        Lang::Zh => "zh",
+    }
+}
+
+/// The ground truth of an utterance of line `phrase` of [`PHRASES`] in `room_id` over
+/// `[start_ms, end_ms)`.
+fn utterance(room_id: &str, phrase: usize, start_ms: i64, end_ms: i64) -> UtteranceTruth {
+    let (spoken, lang, _, written) =
+        PHRASES
+            .get(phrase)
+            .copied()
+            .unwrap_or(("", Lang::En, false, None));
+    UtteranceTruth {
+        room_id: room_id.to_owned(),
+        start_ms,
+        end_ms,
+        lang: lang_code(lang).to_owned(),
+        text: written.unwrap_or(spoken).to_owned(),
+        pinyin: written.map(|_| spoken.to_owned()),
+    }
+}
 
 /// A synthesised phrase.
 struct Phrase {
@@ -608,7 +725,7 @@ fn speech_phrases() -> Result<Arc<Vec<Phrase>>, SimError> {
                     let mut out = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(text, lang, _)) = PHRASES.get(i) else {
+                        let Some(&(text, lang, _, _)) = PHRASES.get(i) else {
                             break;
                         };
                         out.push((i, media::synthesize_speech(text, lang)));
@@ -632,7 +749,7 @@ fn speech_phrases() -> Result<Arc<Vec<Phrase>>, SimError> {
         slots[i] = Some(samples);
     }
     let mut phrases = Vec::with_capacity(PHRASES.len());
-    for (slot, &(_, lang, hype)) in slots.into_iter().zip(PHRASES) {
+    for (slot, &(_, lang, hype, _)) in slots.into_iter().zip(PHRASES) {
         let samples = slot.ok_or(SimError::WorkerPanicked)?;
         phrases.push(Phrase {
             lang,
@@ -709,11 +826,16 @@ struct Viewer {
     state: ViewerState,
 }
 
+/// The phrase being spoken (it can span chunks and steps).
 #[derive(Clone, Debug)]
 struct Speaking {
+    /// Index into [`PHRASES`].
     phrase: usize,
+    /// Playback position in the phrase's samples (advances by the room's voice rate).
     pos: f64,
     gain: f64,
+    /// Event time of the first sample, for the ground truth.
+    start_ms: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -802,6 +924,9 @@ pub struct Simulator {
     poisoned: bool,
     /// Encoded video variants (see [`SimConfig::video_variants`]).
     video_cache: HashMap<VariantKey, Vec<u8>>,
+    /// Utterances generated to their end but not yet in the truth: one goes there once
+    /// the cursor reaches its end (all the audio carrying it has been handed out).
+    spoken: Vec<UtteranceTruth>,
 }
 
 /// (palette, excitement level, highlight, frames).
@@ -1037,14 +1162,16 @@ impl Simulator {
             truth,
             poisoned: false,
             video_cache: HashMap::new(),
+            spoken: Vec::new(),
             cfg,
         })
     }
 
     /// Returns every event with event time in `[previous until, until_ms)` (clamped to
     /// the broadcast), sorted by event time (ties: room index, then generation order),
-    /// and records them in the ground truth. Ticks of the truth are closed once
-    /// `until_ms` passes their end. After an error the simulator is unusable.
+    /// and records them in the ground truth. Ticks of the truth are closed, and the
+    /// streamers' utterances added to it, once `until_ms` reaches their end. After an
+    /// error the simulator is unusable.
     ///
     /// Events are generated one internal second at a time, so memory grows with the
     /// span asked for: a load generator should advance in small steps.
@@ -1087,6 +1214,15 @@ impl Simulator {
             }
         }
         self.cursor = until;
+        if self.spoken.iter().any(|u| u.end_ms <= until) {
+            let (done, later) = std::mem::take(&mut self.spoken)
+                .into_iter()
+                .partition(|u| u.end_ms <= until);
+            self.spoken = later;
+            for u in done {
+                self.truth.add_utterance(u);
+            }
+        }
         if until >= self.end_ms {
             self.truth.close_all();
         } else {
@@ -1189,6 +1325,7 @@ impl Simulator {
                     self.phrases.as_deref().map(|p| p.as_slice()),
                     out,
                     &mut seq,
+                    &mut self.spoken,
                 );
             }
             gen_viewers(&ctx, room, &mut self.busy_until, out, &mut seq);
@@ -1366,6 +1503,8 @@ fn gen_video(
     }
 }
 
+/// The room's audio chunks that start in the step; utterances that end in them (or
+/// are cut by the end of the broadcast) go to `spoken`.
 fn gen_audio(
     ctx: &StepCtx<'_>,
     room: &mut Room,
@@ -1373,6 +1512,7 @@ fn gen_audio(
     phrases: Option<&[Phrase]>,
     out: &mut Staging,
     seq: &mut u32,
+    spoken: &mut Vec<UtteranceTruth>,
 ) {
     /// 110 Hz hum: phase increment per sample of a 32-bit phase accumulator.
     const HUM_STEP: u32 = ((110u64 << 32) / SAMPLE_RATE as u64) as u32;
@@ -1412,7 +1552,10 @@ fn gen_audio(
                         a.speaking = Some(Speaking {
                             phrase: idx,
                             pos: 0.0,
-                            gain: 0.35 + 0.4 * ex,
+                            // espeak-ng speaks at about 2500 RMS; the noise
+                            // is about 0.3 x its amplitude (600-1700 RMS).
+                            gain: 0.9 + 0.3 * ex,
+                            start_ms: t,
                         });
                     }
                 }
@@ -1440,6 +1583,7 @@ fn gen_audio(
                     let ex = room.curve.at(t);
                     let pause = 400.0 + a.rng.exp(600.0 + 5000.0 * (1.0 - ex));
                     a.next_talk_ms = t + pause.min(30_000.0) as i64;
+                    spoken.push(utterance(&ctx.info.room_id, sp.phrase, sp.start_ms, t));
                     a.speaking = None;
                 }
             }
@@ -1449,6 +1593,17 @@ fn gen_audio(
         }
         if !nonzero && pcm.len() >= 2 {
             pcm[0] = 1;
+        }
+        if t1 >= ctx.end_ms {
+            // The broadcast ends: no audio follows (and no random draw depends on this).
+            if let Some(sp) = a.speaking.take() {
+                spoken.push(utterance(
+                    &ctx.info.room_id,
+                    sp.phrase,
+                    sp.start_ms,
+                    ctx.end_ms,
+                ));
+            }
         }
         let chunk = AudioChunk {
             schema_version: 1,
@@ -2194,6 +2349,218 @@ mod tests {
         assert!(truth
             .ticks()
             .all(|s| s.id.is_empty() && s.schema_version == 1 && s.tick_ms == 1000));
+    }
+
+    /// Samples of phrase `phrase` played at `rate` (the mixing loop's own stepping).
+    fn played_samples(sim: &Simulator, phrase: usize, rate: f64) -> i64 {
+        let len = sim.phrases.as_ref().expect("speech on")[phrase]
+            .samples
+            .len();
+        let (mut pos, mut n) = (0.0f64, 0i64);
+        while (pos as usize) + 1 < len {
+            pos += rate;
+            n += 1;
+        }
+        n
+    }
+
+    /// Runs `cfg` (speech on) in steps of `step_ms`, checking that the truth holds only
+    /// utterances that end by the cursor; returns the simulator and the events.
+    fn run_speech(cfg: SimConfig, step_ms: i64) -> (Simulator, Vec<SimEvent>) {
+        let mut sim = Simulator::new(cfg).expect("new");
+        let mut all = Vec::new();
+        let mut t = sim.config().start_ms;
+        let mut seen = 0;
+        while !sim.finished() {
+            t += step_ms;
+            all.extend(sim.advance(t).expect("advance"));
+            let now = sim.truth().utterances();
+            assert!(now.len() >= seen);
+            assert!(now.iter().all(|u| u.end_ms <= sim.cursor_ms()));
+            seen = now.len();
+        }
+        (sim, all)
+    }
+
+    #[test]
+    fn utterances_are_ground_truth() {
+        let cfg = SimConfig {
+            audio: true,
+            speech: true,
+            ..quiet(5, 4, 20)
+        };
+        let (start, end) = (cfg.start_ms, cfg.start_ms + cfg.duration_ms);
+        let (sim, events) = run_speech(cfg.clone(), 1_300);
+        let utts = sim.truth().utterances();
+        for u in &utts {
+            println!(
+                "{} [{}, {}) +{} ms {} {:?} {:?}",
+                u.room_id,
+                u.start_ms - start,
+                u.end_ms - start,
+                u.end_ms - u.start_ms,
+                u.lang,
+                u.text,
+                u.pinyin
+            );
+        }
+        assert!(utts.len() >= 8, "only {} utterances", utts.len());
+        assert!(utts.iter().any(|u| u.lang == "en") && utts.iter().any(|u| u.lang == "zh"));
+        let mut cut = 0;
+        for u in &utts {
+            assert!(start <= u.start_ms && u.start_ms < u.end_ms && u.end_ms <= end);
+            // Speech starts on a block (100 ms) boundary.
+            assert_eq!((u.start_ms - start) % 100, 0, "{u:?}");
+            let idx = PHRASES
+                .iter()
+                .position(|&(spoken, _, _, written)| match written {
+                    Some(w) => u.text == w && u.pinyin.as_deref() == Some(spoken),
+                    None => u.text == spoken && u.pinyin.is_none(),
+                })
+                .expect("utterance of a known phrase");
+            assert_eq!(u.lang, lang_code(PHRASES[idx].1));
+            let room = sim
+                .rooms()
+                .iter()
+                .position(|r| r.room_id == u.room_id)
+                .expect("room");
+            let rate = sim.rooms[room].voice_rate;
+            // Exactly the samples played (16 per ms), unless the broadcast ended first.
+            let full = u.start_ms + played_samples(&sim, idx, rate) / SAMPLES_PER_MS;
+            if u.end_ms == end && full > end {
+                cut += 1;
+            } else {
+                assert_eq!(u.end_ms, full, "{u:?}");
+                let len = sim.phrases.as_ref().expect("speech")[idx].samples.len();
+                let want = len as f64 / rate / SAMPLES_PER_MS as f64;
+                assert!(((u.end_ms - u.start_ms) as f64 - want).abs() < 100.0);
+            }
+        }
+        assert!(cut <= sim.rooms().len());
+        // Not overlapping within a room (sorted by room, then start).
+        for w in utts.windows(2) {
+            if w[0].room_id == w[1].room_id {
+                assert!(w[0].end_ms < w[1].start_ms, "{w:?}");
+            }
+        }
+        // The audio is louder while the streamer speaks.
+        let (mut e_in, mut n_in, mut e_out, mut n_out) = (0.0f64, 0u64, 0.0f64, 0u64);
+        for ev in &events {
+            let SimEvent::Audio(a) = ev else { continue };
+            let spans: Vec<(i64, i64)> = utts
+                .iter()
+                .filter(|u| u.room_id == a.room_id)
+                .map(|u| (u.start_ms, u.end_ms))
+                .collect();
+            for (i, b) in a.payload.chunks_exact(2).enumerate() {
+                let t = a.start_time_ms + i as i64 / SAMPLES_PER_MS;
+                let x = f64::from(i16::from_le_bytes([b[0], b[1]]));
+                if spans.iter().any(|&(s, e)| s <= t && t < e) {
+                    (e_in, n_in) = (e_in + x * x, n_in + 1);
+                } else {
+                    (e_out, n_out) = (e_out + x * x, n_out + 1);
+                }
+            }
+        }
+        let (rms_in, rms_out) = ((e_in / n_in as f64).sqrt(), (e_out / n_out as f64).sqrt());
+        println!(
+            "{} utterances, rms {rms_in:.0} inside, {rms_out:.0} outside",
+            utts.len()
+        );
+        assert!(rms_in > 1.3 * rms_out, "{rms_in} vs {rms_out}");
+        // The same however the run is chunked, and it survives the JSONL round trip.
+        let (other, _) = run_speech(cfg, 20_000);
+        assert_eq!(other.truth().utterances(), utts);
+        let mut buf = Vec::new();
+        sim.truth().write_jsonl(&mut buf).expect("write");
+        let back = GroundTruth::read_jsonl(&buf[..]).expect("read");
+        assert_eq!(back.utterances(), utts);
+    }
+
+    #[test]
+    fn utterances_span_chunks_and_stop_with_speech() {
+        // Chunks that are not whole steps, ticks not aligned to the start.
+        let cfg = SimConfig {
+            audio: true,
+            speech: true,
+            audio_chunk_ms: 700,
+            start_ms: 1_767_225_600_250,
+            ..quiet(9, 3, 23)
+        };
+        let start = cfg.start_ms;
+        let (sim, _) = run_speech(cfg.clone(), 900);
+        let utts = sim.truth().utterances();
+        assert!(!utts.is_empty());
+        // Some utterance crosses a chunk boundary.
+        assert!(utts
+            .iter()
+            .any(|u| (u.start_ms - start) / 700 != (u.end_ms - 1 - start) / 700));
+        for u in &utts {
+            let room = sim
+                .rooms()
+                .iter()
+                .position(|r| r.room_id == u.room_id)
+                .expect("room");
+            let idx = PHRASES
+                .iter()
+                .position(|p| u.pinyin.as_deref().unwrap_or(&u.text) == p.0)
+                .expect("phrase");
+            let full =
+                u.start_ms + played_samples(&sim, idx, sim.rooms[room].voice_rate) / SAMPLES_PER_MS;
+            assert!(u.end_ms == full || (u.end_ms == sim.end_ms() && full > u.end_ms));
+        }
+        // No speech, no utterances.
+        let (sim, _) = run_all(
+            SimConfig {
+                speech: false,
+                ..cfg
+            },
+            1000,
+        );
+        assert!(sim.truth().utterances().is_empty());
+    }
+
+    #[test]
+    fn phrase_table_is_consistent() {
+        for &(spoken, lang, _, written) in PHRASES {
+            match (lang, written) {
+                (Lang::En, None) => assert!(spoken.is_ascii()),
+                (Lang::Zh, Some(w)) => {
+                    // One character per syllable, commas in the same places.
+                    let syl: Vec<usize> = spoken
+                        .split(',')
+                        .map(|p| p.split_whitespace().count())
+                        .collect();
+                    let chars: Vec<usize> = w.split('，').map(|p| p.chars().count()).collect();
+                    assert_eq!(syl, chars, "{spoken} / {w}");
+                    assert!(w
+                        .split('，')
+                        .flat_map(str::chars)
+                        .all(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)));
+                    assert!(spoken
+                        .split([' ', ','])
+                        .filter(|x| !x.is_empty())
+                        .all(|x| x.ends_with(|c: char| ('1'..='5').contains(&c))));
+                }
+                other => panic!("{spoken}: {other:?}"),
+            }
+        }
+        for lang in [Lang::En, Lang::Zh] {
+            for hype in [false, true] {
+                assert!(PHRASES.iter().any(|p| p.1 == lang && p.2 == hype));
+            }
+        }
+        let u = utterance("room-0001", 19, 5, 9);
+        assert_eq!(
+            (u.lang.as_str(), u.text.as_str(), u.pinyin.as_deref()),
+            (
+                "zh",
+                "谢谢大家的关注",
+                Some("xie4 xie4 da4 jia1 de5 guan1 zhu4")
+            )
+        );
+        let u = utterance("room-0001", 0, 5, 9);
+        assert_eq!((u.lang.as_str(), u.pinyin), ("en", None));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The console sink of the embedded demo: keeps the latest figures of every
-//! room, prints a readable live view on demand, and keeps every room-stats
-//! record so that the demo can compare them with the simulator's truth.
+//! room, prints a readable live view on demand (with each room's latest
+//! transcript), and keeps every room-stats record and transcript so that the
+//! demo can compare them with the simulator's truth.
 //!
 //! Not for: production output (it holds everything in memory).
 
@@ -12,7 +13,7 @@ use prost::Message;
 
 use super::{Ack, Busy, Sink};
 use crate::runtime::{Output, OutputTopic};
-use crate::schema::{DeadLetter, RoomStats};
+use crate::schema::{DeadLetter, RoomStats, Transcript};
 
 #[derive(Default)]
 struct View {
@@ -20,6 +21,7 @@ struct View {
     duplicates: u64,
     conflicting: u64,
     dead_letters: Vec<DeadLetter>,
+    transcripts: Vec<Transcript>,
 }
 
 /// Acknowledges at once and remembers what it saw.
@@ -47,6 +49,8 @@ pub struct Totals {
     pub conflicting: u64,
     /// Dead letters written.
     pub dead_letters: usize,
+    /// Transcripts written.
+    pub transcripts: usize,
 }
 
 impl ConsoleSink {
@@ -63,6 +67,14 @@ impl ConsoleSink {
             .unwrap_or_default()
     }
 
+    /// Every transcript, in the order written.
+    pub fn transcripts(&self) -> Vec<Transcript> {
+        self.view
+            .lock()
+            .map(|v| v.transcripts.clone())
+            .unwrap_or_default()
+    }
+
     /// Totals so far.
     pub fn totals(&self) -> Totals {
         let Ok(v) = self.view.lock() else {
@@ -74,6 +86,7 @@ impl ConsoleSink {
             duplicates: v.duplicates,
             conflicting: v.conflicting,
             dead_letters: v.dead_letters.len(),
+            transcripts: v.transcripts.len(),
             ..Totals::default()
         };
         for ((room, _), s) in &v.stats {
@@ -129,6 +142,26 @@ impl ConsoleSink {
                 loud
             );
         }
+        let mut latest: BTreeMap<&str, &Transcript> = BTreeMap::new();
+        for t in &v.transcripts {
+            if latest
+                .get(t.room_id.as_str())
+                .is_none_or(|l| l.start_time_ms <= t.start_time_ms)
+            {
+                latest.insert(&t.room_id, t);
+            }
+        }
+        for (room, t) in latest {
+            let text: String = t.text.trim().chars().take(60).collect();
+            let _ = writeln!(
+                out,
+                "{:<12} {:>9} [{}] {}",
+                room,
+                (t.start_time_ms / 1000) % 100_000,
+                t.language,
+                text
+            );
+        }
         if !v.dead_letters.is_empty() {
             let _ = writeln!(out, "dead letters: {}", v.dead_letters.len());
         }
@@ -154,6 +187,11 @@ impl Sink for ConsoleSink {
                 OutputTopic::DeadLetters => {
                     if let Ok(d) = DeadLetter::decode(&out.payload[..]) {
                         v.dead_letters.push(d);
+                    }
+                }
+                OutputTopic::Transcripts => {
+                    if let Ok(t) = Transcript::decode(&out.payload[..]) {
+                        v.transcripts.push(t);
                     }
                 }
             }

@@ -47,6 +47,7 @@ pub struct KafkaSink {
     producer: ThreadedProducer<AckContext>,
     room_stats: String,
     dead_letters: String,
+    transcripts: String,
 }
 
 impl KafkaSink {
@@ -62,6 +63,7 @@ impl KafkaSink {
             producer,
             room_stats: cfg.topics.room_stats.clone(),
             dead_letters: cfg.topics.dead_letters.clone(),
+            transcripts: cfg.topics.transcripts.clone(),
         })
     }
 
@@ -83,6 +85,7 @@ impl KafkaSink {
         match t {
             OutputTopic::RoomStats => &self.room_stats,
             OutputTopic::DeadLetters => &self.dead_letters,
+            OutputTopic::Transcripts => &self.transcripts,
         }
     }
 

@@ -72,6 +72,7 @@ actions = "{prefix}-actions"
 short_video_actions = "{prefix}-short-video-actions"
 room_stats = "{prefix}-room-stats"
 dead_letters = "{prefix}-dead-letters"
+transcripts = "{prefix}-transcripts"
 partitions = 4
 [runtime]
 idle_timeout_ms = 2000
@@ -92,6 +93,18 @@ allowed_lateness_ms = 15000
     let path = dir.join("pipeline.toml");
     std::fs::write(&path, text).expect("write pipeline");
     path
+}
+
+/// Creates every topic of a pipeline file (validated), as `run` would.
+pub fn create_topics(pipeline: &Path) {
+    let config = onair::config::PipelineConfig::load(pipeline).expect("pipeline is valid");
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(onair::kafka::ensure_topics(
+            &config.kafka,
+            &onair::kafka::pipeline_topics(&config.kafka),
+        ))
+        .expect("topics created");
 }
 
 pub fn free_port() -> u16 {
