@@ -8,6 +8,7 @@
 //! model runs (operators do).
 
 pub mod asr;
+pub mod image;
 pub mod vad;
 pub mod whisper;
 

@@ -55,7 +55,7 @@ pub fn init_onnx_runtime(dylib: Option<&Path>) -> Result<(), ModelError> {
 }
 
 /// The loaded environment, loading ONNX Runtime first when needed.
-fn environment(dylib: Option<&Path>) -> Result<Environment, ModelError> {
+pub(crate) fn environment(dylib: Option<&Path>) -> Result<Environment, ModelError> {
     // A poisoned lock only means another thread panicked while loading; the
     // Option it guards is still either empty or a complete environment.
     let mut runtime = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
