@@ -13,7 +13,6 @@
 
 use std::path::Path;
 
-use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::TensorRef;
 
@@ -86,27 +85,11 @@ impl ImageEncoder {
     /// Loads the ONNX export with `threads` intra-op threads, loading ONNX
     /// Runtime first if this process has not.
     pub fn load(model: &Path, threads: usize) -> Result<Self, ModelError> {
-        super::vad::init_onnx_runtime(None)?;
-        let env = super::vad::environment(None)?;
+        let session = super::vad::onnx_session(model, threads)?;
         let missing = |reason: String| ModelError::Missing {
             path: model.display().to_string(),
             reason,
         };
-        if !model.is_file() {
-            return Err(missing("not found".into()));
-        }
-        let runtime = |e: String| ModelError::Runtime(format!("ONNX Runtime session: {e}"));
-        let mut builder = Session::builder(&env)
-            .map_err(|e| runtime(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| runtime(e.to_string()))?
-            .with_intra_threads(threads.max(1))
-            .map_err(|e| runtime(e.to_string()))?
-            .with_inter_threads(1)
-            .map_err(|e| runtime(e.to_string()))?;
-        let session = builder
-            .commit_from_file(model)
-            .map_err(|e| missing(format!("cannot load: {e}")))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         if inputs != ["image"] || !outputs.contains(&"embedding") || !outputs.contains(&"logits") {

@@ -55,7 +55,7 @@ pub fn init_onnx_runtime(dylib: Option<&Path>) -> Result<(), ModelError> {
 }
 
 /// The loaded environment, loading ONNX Runtime first when needed.
-pub(crate) fn environment(dylib: Option<&Path>) -> Result<Environment, ModelError> {
+fn environment(dylib: Option<&Path>) -> Result<Environment, ModelError> {
     // A poisoned lock only means another thread panicked while loading; the
     // Option it guards is still either empty or a complete environment.
     let mut runtime = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -80,6 +80,32 @@ pub(crate) fn environment(dylib: Option<&Path>) -> Result<Environment, ModelErro
         .map_err(|e| ModelError::Runtime(format!("ONNX Runtime environment: {e}")))?;
     *runtime = Some(env.clone());
     Ok(env)
+}
+
+/// An ONNX Runtime session for `model` (loading the runtime first if this
+/// process has not): all graph optimisations, `intra_threads` threads within
+/// an operator, one across operators.
+pub(crate) fn onnx_session(model: &Path, intra_threads: usize) -> Result<Session, ModelError> {
+    let env = environment(None)?;
+    let missing = |reason: String| ModelError::Missing {
+        path: model.display().to_string(),
+        reason,
+    };
+    if !model.is_file() {
+        return Err(missing("not found".into()));
+    }
+    let runtime = |e: String| ModelError::Runtime(format!("ONNX Runtime session: {e}"));
+    let mut builder = Session::builder(&env)
+        .map_err(|e| runtime(e.to_string()))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| runtime(e.to_string()))?
+        .with_intra_threads(intra_threads.max(1))
+        .map_err(|e| runtime(e.to_string()))?
+        .with_inter_threads(1)
+        .map_err(|e| runtime(e.to_string()))?;
+    builder
+        .commit_from_file(model)
+        .map_err(|e| missing(format!("cannot load: {e}")))
 }
 
 /// Where to load ONNX Runtime from: `dylib`, else `env_var`
@@ -187,26 +213,11 @@ impl SileroVad {
     /// not (see [`init_onnx_runtime`]). The session runs on one intra-op and
     /// one inter-op thread with all graph optimisations on.
     pub fn load(model: &Path) -> Result<Self, ModelError> {
-        let env = environment(None)?;
+        let session = onnx_session(model, 1)?;
         let missing = |reason: String| ModelError::Missing {
             path: model.display().to_string(),
             reason,
         };
-        if !model.is_file() {
-            return Err(missing("not found".into()));
-        }
-        let runtime = |e: String| ModelError::Runtime(format!("ONNX Runtime session: {e}"));
-        let mut builder = Session::builder(&env)
-            .map_err(|e| runtime(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| runtime(e.to_string()))?
-            .with_intra_threads(1)
-            .map_err(|e| runtime(e.to_string()))?
-            .with_inter_threads(1)
-            .map_err(|e| runtime(e.to_string()))?;
-        let session = builder
-            .commit_from_file(model)
-            .map_err(|e| missing(format!("cannot load: {e}")))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         let has = |names: &[&str], want: &[&str]| want.iter().all(|w| names.contains(w));
