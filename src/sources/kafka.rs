@@ -188,8 +188,15 @@ impl SourceContext {
             for e in committed.elements() {
                 resumed |= matches!(e.offset(), Offset::Offset(_));
                 has_metadata |= e.metadata().starts_with(Checkpoint::PREFIX);
+                // Each stream's offset comes with the emitted-through time of
+                // the same checkpoint. When the streams' commits differ (one
+                // landed later), the newest time is the safe one: its ticks
+                // were all written, and every stream resumes at or before
+                // what that checkpoint's state needed. An older time would
+                // rewrite ticks whose inputs the newer offsets no longer
+                // replay (seen once: a viewer missing from a rewritten tick).
                 if let Some(t) = Checkpoint::parse_metadata(e.metadata()) {
-                    replayed_through = Some(replayed_through.map_or(t, |r: i64| r.min(t)));
+                    replayed_through = Some(replayed_through.map_or(t, |r: i64| r.max(t)));
                 }
                 let offset = match e.offset() {
                     Offset::Offset(o) => Offset::Offset(o),
