@@ -9,6 +9,7 @@
 
 pub mod asr;
 pub mod image;
+pub mod text;
 pub mod vad;
 pub mod whisper;
 

@@ -1,0 +1,119 @@
+//! The text encoder: multilingual-e5-small (Chinese, English and about 90
+//! other languages) on ONNX Runtime, with its own tokenizer (the upstream
+//! `tokenizer.json`, read by the `tokenizers` crate). Texts in, one
+//! L2-normalised 384-d embedding per text out; cosine similarity is their
+//! dot product.
+//!
+//! E5 expects a prefix: `query: ` for similarity and clustering (what the
+//! engine does with comments and transcripts), `passage: ` for documents in
+//! query-to-document retrieval. [`TextEncoder::embed`] adds `query: `.
+//!
+//! Not for: batching across rooms (the batcher does) or pooling per tick
+//! (the feature state does).
+
+use std::path::Path;
+
+use ort::session::Session;
+use ort::value::TensorRef;
+use tokenizers::Tokenizer;
+
+use super::ModelError;
+
+/// A loaded text encoder.
+pub struct TextEncoder {
+    session: Session,
+    tokenizer: Tokenizer,
+}
+
+impl std::fmt::Debug for TextEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextEncoder").finish_non_exhaustive()
+    }
+}
+
+impl TextEncoder {
+    /// Embedding width.
+    pub const DIM: usize = 384;
+    /// Longest input in tokens (the model's positions); longer texts are cut.
+    pub const MAX_TOKENS: usize = 512;
+    /// The `<pad>` token id.
+    const PAD: u32 = 1;
+
+    /// Loads the ONNX export (`scripts/models` makes it) and the tokenizer,
+    /// with `threads` intra-op threads.
+    pub fn load(model: &Path, tokenizer: &Path, threads: usize) -> Result<Self, ModelError> {
+        let session = super::vad::onnx_session(model, threads)?;
+        let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        if inputs != ["input_ids", "attention_mask"] || !outputs.contains(&"sentence_embedding") {
+            return Err(ModelError::Missing {
+                path: model.display().to_string(),
+                reason: format!(
+                    "not the text encoder export (inputs {inputs:?}, outputs {outputs:?})"
+                ),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(tokenizer).map_err(|e| ModelError::Missing {
+            path: tokenizer.display().to_string(),
+            reason: format!("cannot load the tokenizer: {e}"),
+        })?;
+        Ok(TextEncoder { session, tokenizer })
+    }
+
+    /// Embeds `texts` (as E5 queries), one row of [`Self::DIM`] values each,
+    /// back to back.
+    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<f32>, ModelError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prefixed: Vec<String> = texts.iter().map(|t| format!("query: {t}")).collect();
+        let encodings = self
+            .tokenizer
+            .encode_batch(prefixed, true)
+            .map_err(|e| ModelError::Input(format!("tokenising: {e}")))?;
+        let len = encodings
+            .iter()
+            .map(|e| e.get_ids().len().min(Self::MAX_TOKENS))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let n = encodings.len();
+        let mut ids = vec![i64::from(Self::PAD); n * len];
+        let mut mask = vec![0i64; n * len];
+        for (row, e) in encodings.iter().enumerate() {
+            let take = e.get_ids().len().min(Self::MAX_TOKENS);
+            for (j, &id) in e.get_ids()[..take].iter().enumerate() {
+                ids[row * len + j] = i64::from(id);
+                mask[row * len + j] = 1;
+            }
+            // A cut text still ends with its end-of-sequence token.
+            if e.get_ids().len() > Self::MAX_TOKENS {
+                if let Some(&eos) = e.get_ids().last() {
+                    ids[row * len + take - 1] = i64::from(eos);
+                }
+            }
+        }
+        let runtime = |e: ort::Error| ModelError::Runtime(format!("text encoder: {e}"));
+        let ids_t = TensorRef::from_array_view(([n, len], &ids[..])).map_err(runtime)?;
+        let mask_t = TensorRef::from_array_view(([n, len], &mask[..])).map_err(runtime)?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["input_ids" => ids_t, "attention_mask" => mask_t])
+            .map_err(runtime)?;
+        let (_, emb) = outputs["sentence_embedding"]
+            .try_extract_tensor::<f32>()
+            .map_err(runtime)?;
+        if emb.len() != n * Self::DIM {
+            return Err(ModelError::Runtime(format!(
+                "text encoder gave {} values for {n} texts",
+                emb.len()
+            )));
+        }
+        Ok(emb.to_vec())
+    }
+}
+
+/// Cosine similarity of two L2-normalised embeddings.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
