@@ -358,13 +358,14 @@ async fn demo(a: DemoArgs) -> CliResult {
     let totals = console.totals();
     println!("\n{}", console.render(usize::MAX));
     println!(
-        "summary: {} rooms, {} room-ticks, {} comments, {} gifts worth {}, {} transcript segments, {} dead letters, {} replayed duplicates, {} conflicting, in {:.1}s",
+        "summary: {} rooms, {} room-ticks, {} comments, {} gifts worth {}, {} transcript segments, {} feature records, {} dead letters, {} replayed duplicates, {} conflicting, in {:.1}s",
         totals.rooms,
         totals.ticks,
         totals.comments,
         totals.gifts,
         totals.gift_value,
         totals.transcripts,
+        totals.feature_ticks,
         totals.dead_letters,
         totals.duplicates,
         totals.conflicting,

@@ -124,6 +124,8 @@ pub struct TopicsConfig {
     pub dead_letters: String,
     /// Output: the streamers' recognised speech (room-keyed).
     pub transcripts: String,
+    /// Output: per-room per-tick embeddings and audio features (room-keyed).
+    pub room_features: String,
     /// Partitions of the room-keyed topics when onair creates them.
     pub partitions: i32,
     /// Whether `run` creates missing topics at start (admin API).
@@ -141,6 +143,7 @@ impl Default for TopicsConfig {
             room_stats: "room-stats".into(),
             dead_letters: "dead-letters".into(),
             transcripts: "transcripts".into(),
+            room_features: "room-features".into(),
             partitions: 4,
             create: true,
         }
@@ -320,6 +323,8 @@ pub struct OperatorsConfig {
     pub room_activity: RoomActivityConfig,
     /// Voice activity and speech recognition.
     pub speech: SpeechConfig,
+    /// Image, text and audio features per room and tick.
+    pub features: FeaturesConfig,
 }
 
 impl Default for OperatorsConfig {
@@ -327,6 +332,7 @@ impl Default for OperatorsConfig {
         OperatorsConfig {
             room_activity: RoomActivityConfig { enabled: true },
             speech: SpeechConfig::default(),
+            features: FeaturesConfig::default(),
         }
     }
 }
@@ -390,6 +396,95 @@ impl Default for SpeechConfig {
             min_silence_ms: 300,
             max_window_ms: 15_000,
             pad_ms: 100,
+        }
+    }
+}
+
+/// `[operators.features]`: embeds each room's sampled frames (image encoder)
+/// and its comments and transcripts (text encoder), computes audio features,
+/// and writes one `room-features` record per room and tick. Requests from
+/// every room of the instance are batched per model. Needs `media.enabled`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// Whether the operator runs.
+    pub enabled: bool,
+    /// The image encoder's model directory: numbered versions inside
+    /// (`1/model.onnx`, ...); the highest that loads serves.
+    pub image_model: String,
+    /// The text encoder's model directory (`N/model.onnx` and
+    /// `N/tokenizer.json`).
+    pub text_model: String,
+    /// How often the model directories are checked for a new version (ms);
+    /// 0: never (the version loaded at start serves until restart).
+    pub reload_interval_ms: u64,
+    /// Ticks of features each room keeps for the models that look back.
+    pub window_ticks: usize,
+    /// Video segments each room keeps as per-segment sets (frames,
+    /// comments, transcripts).
+    pub segments: usize,
+    /// Comments embedded per room and tick; the rest are counted but not
+    /// embedded (a flood of comments cannot flood the text encoder).
+    pub max_comments_per_tick: usize,
+    /// Batching of the image encoder.
+    pub image_batch: BatchSettings,
+    /// Batching of the text encoder.
+    pub text_batch: BatchSettings,
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        FeaturesConfig {
+            enabled: false,
+            image_model: "models/image".into(),
+            text_model: "models/text".into(),
+            reload_interval_ms: 5000,
+            window_ticks: 32,
+            segments: 4,
+            max_comments_per_tick: 32,
+            image_batch: BatchSettings {
+                max_batch: 16,
+                max_delay_ms: 20,
+                capacity: 64,
+                workers: 1,
+                threads: 2,
+            },
+            text_batch: BatchSettings {
+                max_batch: 32,
+                max_delay_ms: 20,
+                capacity: 512,
+                workers: 1,
+                threads: 1,
+            },
+        }
+    }
+}
+
+/// How one model's requests are batched across rooms.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Most requests in one batch.
+    pub max_batch: usize,
+    /// Longest the oldest request waits for its batch to fill (ms).
+    pub max_delay_ms: u64,
+    /// Requests waiting across all rooms before the model refuses more and
+    /// the partitions stop reading (backpressure).
+    pub capacity: usize,
+    /// Worker threads, each with its own copy of the model.
+    pub workers: usize,
+    /// ONNX Runtime intra-op threads per worker.
+    pub threads: usize,
+}
+
+impl BatchSettings {
+    /// As the batcher takes it.
+    pub fn batch_config(&self) -> crate::models::batcher::BatchConfig {
+        crate::models::batcher::BatchConfig {
+            max_batch: self.max_batch,
+            max_delay: std::time::Duration::from_millis(self.max_delay_ms),
+            capacity: self.capacity,
+            workers: self.workers,
         }
     }
 }
@@ -556,6 +651,7 @@ impl PipelineConfig {
             ("room_stats", &k.topics.room_stats),
             ("dead_letters", &k.topics.dead_letters),
             ("transcripts", &k.topics.transcripts),
+            ("room_features", &k.topics.room_features),
         ] {
             let valid = !topic.is_empty()
                 && topic.len() <= 249
@@ -688,6 +784,82 @@ impl PipelineConfig {
                 (0..=1000).contains(&sp.pad_ms),
                 "must be 0..=1000",
             );
+        }
+        let f = &self.operators.features;
+        if f.enabled {
+            bad(
+                "operators.features.enabled",
+                self.media.enabled,
+                "needs media.enabled (features read decoded frames and audio)",
+            );
+            bad(
+                "operators.features.enabled",
+                self.media.audio.sample_rate == 16_000,
+                "needs media.audio.sample_rate = 16000",
+            );
+            bad(
+                "operators.features.enabled",
+                self.media.video.width == 224
+                    && self.media.video.height == 224
+                    && self.media.video.layout == crate::decode::video::Layout::Chw,
+                "needs 224x224 CHW frames (media.video), what the image encoder reads",
+            );
+            bad(
+                "operators.features.image_model",
+                !f.image_model.trim().is_empty(),
+                "must name a directory",
+            );
+            bad(
+                "operators.features.text_model",
+                !f.text_model.trim().is_empty(),
+                "must name a directory",
+            );
+            bad(
+                "operators.features.window_ticks",
+                (1..=3600).contains(&f.window_ticks),
+                "must be 1..=3600",
+            );
+            bad(
+                "operators.features.segments",
+                (1..=64).contains(&f.segments),
+                "must be 1..=64",
+            );
+            bad(
+                "operators.features.max_comments_per_tick",
+                (1..=10_000).contains(&f.max_comments_per_tick),
+                "must be 1..=10000",
+            );
+            for (name, b) in [
+                ("image_batch", &f.image_batch),
+                ("text_batch", &f.text_batch),
+            ] {
+                let at = |field: &str| format!("operators.features.{name}.{field}");
+                bad(
+                    &at("max_batch"),
+                    (1..=1024).contains(&b.max_batch),
+                    "must be 1..=1024",
+                );
+                bad(
+                    &at("max_delay_ms"),
+                    b.max_delay_ms <= 10_000,
+                    "must be at most 10000",
+                );
+                bad(
+                    &at("capacity"),
+                    b.capacity >= b.max_batch && b.capacity <= 1_000_000,
+                    "must be at least max_batch and at most 1000000",
+                );
+                bad(
+                    &at("workers"),
+                    (1..=64).contains(&b.workers),
+                    "must be 1..=64",
+                );
+                bad(
+                    &at("threads"),
+                    (1..=64).contains(&b.threads),
+                    "must be 1..=64",
+                );
+            }
         }
         let m = &self.media;
         let v = &m.video;

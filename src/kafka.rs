@@ -161,6 +161,11 @@ pub fn pipeline_topics(cfg: &KafkaConfig) -> Vec<TopicSpec<'_>> {
             configs: vec![],
         },
         TopicSpec {
+            name: &t.room_features,
+            partitions: p,
+            configs: vec![],
+        },
+        TopicSpec {
             name: &t.dead_letters,
             partitions: p,
             configs: vec![("max.message.bytes", big)],

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod features;
 pub mod kafka;
 pub mod metrics;
 pub mod models;

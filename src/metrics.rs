@@ -77,6 +77,28 @@ pub const ASR_PENDING: &str = "onair_asr_windows_pending";
 /// Transcribed segments written.
 pub const TRANSCRIPTS: &str = "onair_transcripts_total";
 
+/// Model versions loaded, labelled `model` and `result` (`ok`, or `failed`
+/// when the files did not load or the smoke inference failed; the old
+/// version keeps serving).
+pub const MODEL_LOADS: &str = "onair_model_loads_total";
+/// 1 for the version of each model now serving, 0 for versions that served
+/// before; labelled `model` and `version`.
+pub const MODEL_SERVING: &str = "onair_model_serving";
+/// Requests per batch sent to a model, labelled `model`.
+pub const BATCH_SIZE: &str = "onair_batch_size";
+/// Time a request waited in a model's queue before its batch ran, seconds,
+/// labelled `model`.
+pub const BATCH_QUEUE_SECONDS: &str = "onair_batch_queue_seconds";
+/// Wall time of one batch's inference, seconds, labelled `model`.
+pub const BATCH_INFERENCE_SECONDS: &str = "onair_batch_inference_seconds";
+/// Requests waiting in a model's queue, labelled `model`.
+pub const BATCH_QUEUED: &str = "onair_batch_queued";
+/// Requests a model's full queue refused (the caller holds them and stops
+/// reading input until there is room), labelled `model`.
+pub const BATCH_REFUSED: &str = "onair_batch_refused_total";
+/// Per-tick feature records written, labelled `partition`.
+pub const ROOM_FEATURES: &str = "onair_room_features_total";
+
 /// Handles of one stage's metric family, created once and cloned cheaply.
 #[derive(Clone)]
 pub struct Stage {
@@ -134,6 +156,10 @@ fn builder() -> Result<PrometheusBuilder, BuildError> {
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 1.0, 2.5, 5.0, 10.0,
             ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(BATCH_SIZE.into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
         )?
         .set_buckets_for_metric(
             Matcher::Full(ASR_REAL_TIME_FACTOR.into()),

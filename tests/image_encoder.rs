@@ -83,7 +83,7 @@ fn photos_are_recognised_through_the_frame_path() {
         batch.extend_from_slice(&frame.tensor);
     }
     let mut encoder =
-        ImageEncoder::load(&root.join("models/image/mobilenet_v2.onnx"), 1).expect("encoder");
+        ImageEncoder::load(&root.join("models/image/1/model.onnx"), 1).expect("encoder");
     let out = encoder.embed(&batch).expect("batch of 5");
     let mut right = 0;
     for (i, (name, accepted)) in PHOTOS.iter().enumerate() {

@@ -164,8 +164,8 @@ fn margins(enc: &mut TextEncoder, set: &[(&str, &str, &str)]) -> Vec<f32> {
 fn paraphrases_score_above_unrelated_sentences() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut enc = TextEncoder::load(
-        &root.join("models/text/e5-small.onnx"),
-        &root.join("models/text/tokenizer.json"),
+        &root.join("models/text/1/model.onnx"),
+        &root.join("models/text/1/tokenizer.json"),
         1,
     )
     .expect("text encoder (run scripts/models)");

@@ -9,13 +9,15 @@
 //!
 //! Not for: batching requests across rooms (the batcher does), choosing
 //! frames (decode and operators do), or loading ONNX Runtime (see
-//! [`super::vad::init_onnx_runtime`]).
+//! [`super::onnx::init_onnx_runtime`]).
 
 use std::path::Path;
 
 use ort::session::Session;
 use ort::value::TensorRef;
 
+use super::batcher::BatchModel;
+use super::serving::Servable;
 use super::ModelError;
 
 /// What one batch gave.
@@ -61,14 +63,55 @@ impl ImageOutputs {
 /// A loaded image encoder (one session; `embed` takes `&mut self`).
 pub struct ImageEncoder {
     session: Session,
-    version: String,
 }
 
 impl std::fmt::Debug for ImageEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageEncoder")
-            .field("version", &self.version)
-            .finish_non_exhaustive()
+        f.debug_struct("ImageEncoder").finish_non_exhaustive()
+    }
+}
+
+/// A version directory holds `model.onnx`.
+impl Servable for ImageEncoder {
+    fn load(dir: &Path, threads: usize) -> Result<Self, ModelError> {
+        ImageEncoder::load(&dir.join("model.onnx"), threads)
+    }
+
+    fn smoke(&mut self) -> Result<(), ModelError> {
+        let out = self.embed(&vec![0.0; Self::FRAME])?;
+        if out.embeddings.iter().all(|v| v.is_finite()) {
+            Ok(())
+        } else {
+            Err(ModelError::Runtime(
+                "non-finite embedding on a grey frame".into(),
+            ))
+        }
+    }
+}
+
+/// One request is one frame ([`ImageEncoder::FRAME`] values); its result is
+/// the frame's embedding.
+impl BatchModel for ImageEncoder {
+    type Input = Vec<f32>;
+    type Output = Vec<f32>;
+
+    fn run_batch(&mut self, inputs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut frames = Vec::with_capacity(inputs.len() * Self::FRAME);
+        for f in inputs {
+            if f.len() != Self::FRAME {
+                return Err(ModelError::Input(format!(
+                    "a frame of {} values, not 3x224x224",
+                    f.len()
+                )));
+            }
+            frames.extend_from_slice(f);
+        }
+        let out = self.embed(&frames)?;
+        Ok(out
+            .embeddings
+            .chunks(Self::EMBEDDING)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 
@@ -85,7 +128,7 @@ impl ImageEncoder {
     /// Loads the ONNX export with `threads` intra-op threads, loading ONNX
     /// Runtime first if this process has not.
     pub fn load(model: &Path, threads: usize) -> Result<Self, ModelError> {
-        let session = super::vad::onnx_session(model, threads)?;
+        let session = super::onnx::session(model, threads)?;
         let missing = |reason: String| ModelError::Missing {
             path: model.display().to_string(),
             reason,
@@ -97,19 +140,7 @@ impl ImageEncoder {
                 "not the image encoder export (inputs {inputs:?}, outputs {outputs:?})"
             )));
         }
-        let version = format!(
-            "mobilenet_v2@{}",
-            model
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or("unknown")
-        );
-        Ok(ImageEncoder { session, version })
-    }
-
-    /// `name@version` for the outputs it makes.
-    pub fn version(&self) -> &str {
-        &self.version
+        Ok(ImageEncoder { session })
     }
 
     /// Embeds a batch: `frames` holds whole frames of [`Self::FRAME`] values

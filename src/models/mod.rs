@@ -8,7 +8,10 @@
 //! model runs (operators do).
 
 pub mod asr;
+pub mod batcher;
 pub mod image;
+pub mod onnx;
+pub mod serving;
 pub mod text;
 pub mod vad;
 pub mod whisper;

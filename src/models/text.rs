@@ -17,6 +17,8 @@ use ort::session::Session;
 use ort::value::TensorRef;
 use tokenizers::Tokenizer;
 
+use super::batcher::BatchModel;
+use super::serving::Servable;
 use super::ModelError;
 
 /// A loaded text encoder.
@@ -42,7 +44,7 @@ impl TextEncoder {
     /// Loads the ONNX export (`scripts/models` makes it) and the tokenizer,
     /// with `threads` intra-op threads.
     pub fn load(model: &Path, tokenizer: &Path, threads: usize) -> Result<Self, ModelError> {
-        let session = super::vad::onnx_session(model, threads)?;
+        let session = super::onnx::session(model, threads)?;
         let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         if inputs != ["input_ids", "attention_mask"] || !outputs.contains(&"sentence_embedding") {
@@ -110,6 +112,41 @@ impl TextEncoder {
             )));
         }
         Ok(emb.to_vec())
+    }
+}
+
+/// A version directory holds `model.onnx` and `tokenizer.json`.
+impl Servable for TextEncoder {
+    fn load(dir: &Path, threads: usize) -> Result<Self, ModelError> {
+        TextEncoder::load(
+            &dir.join("model.onnx"),
+            &dir.join("tokenizer.json"),
+            threads,
+        )
+    }
+
+    fn smoke(&mut self) -> Result<(), ModelError> {
+        let e = self.embed(&["smoke test", "冒烟测试"])?;
+        let norm: f32 = e[..Self::DIM].iter().map(|v| v * v).sum();
+        if (norm - 1.0).abs() < 0.01 {
+            Ok(())
+        } else {
+            Err(ModelError::Runtime(format!(
+                "embedding of squared norm {norm}, not 1"
+            )))
+        }
+    }
+}
+
+/// One request is one text; its result is its embedding.
+impl BatchModel for TextEncoder {
+    type Input = String;
+    type Output = Vec<f32>;
+
+    fn run_batch(&mut self, inputs: &[String]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let e = self.embed(&texts)?;
+        Ok(e.chunks(Self::DIM).map(<[f32]>::to_vec).collect())
     }
 }
 

@@ -5,6 +5,7 @@
 //! (shared resources, such as the speech-recognition pool, come in through
 //! [`Services`]).
 
+pub mod features;
 pub mod room_activity;
 pub mod speech;
 
@@ -20,6 +21,8 @@ use crate::runtime::Operator;
 pub struct Services {
     /// The speech-recognition pool and the speech settings (None: speech off).
     pub speech: Option<(Arc<SpeechConfig>, Arc<AsrPool>)>,
+    /// The image and text encoders (None: features off).
+    pub features: Option<Arc<features::Encoders>>,
 }
 
 /// Builds the operators a pipeline enables, in the order they run.
@@ -35,6 +38,10 @@ pub fn build(
     }
     if let Some((cfg, pool)) = &services.speech {
         ops.push(Box::new(speech::Speech::new(cfg.clone(), pool.clone())?));
+    }
+    // After speech: it reads the speech operator's notes.
+    if let Some(enc) = &services.features {
+        ops.push(Box::new(features::Features::new(enc.clone())));
     }
     Ok(ops)
 }

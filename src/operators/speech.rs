@@ -30,7 +30,7 @@ use crate::models::asr::{AsrFailure, AsrOutcome, AsrPool, AsrReply, AsrRequest};
 use crate::models::vad::{SileroVad, VadStream};
 use crate::models::whisper::SAMPLE_RATE;
 use crate::models::ModelError;
-use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
+use crate::runtime::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
 use crate::schema::{deterministic_id, Event, Transcript, SCHEMA_VERSION};
 
 /// Samples per millisecond at 16 kHz.
@@ -90,6 +90,9 @@ struct Room {
     /// Event time of the end of the room's audio.
     audio_end_ms: i64,
     recent: VecDeque<Said>,
+    /// Milliseconds voiced and judged per tick (by tick start), told to
+    /// later operators when the tick closes.
+    voice: std::collections::BTreeMap<i64, (i64, i64)>,
 }
 
 impl Room {
@@ -108,6 +111,7 @@ impl Room {
             this_tick: 0,
             audio_end_ms: start_ms,
             recent: VecDeque::new(),
+            voice: std::collections::BTreeMap::new(),
         }
     }
 
@@ -172,6 +176,7 @@ pub struct Speech {
     unvoiced_ms: Counter,
     pending_gauge: Option<Gauge>,
     vad_failed: bool,
+    tick_ms: i64,
 }
 
 impl Speech {
@@ -193,6 +198,7 @@ impl Speech {
             unvoiced_ms: counter!(crate::metrics::VAD_AUDIO_MS, "voiced" => "false"),
             pending_gauge: None,
             vad_failed: false,
+            tick_ms: 1000,
         })
     }
 
@@ -306,7 +312,11 @@ impl Speech {
                 }
             };
             room.judged = c + chunk;
+            let tick = room.time_of(c).div_euclid(self.tick_ms) * self.tick_ms;
+            let v = room.voice.entry(tick).or_default();
+            v.1 += 32;
             if p >= threshold {
+                v.0 += 32;
                 self.voiced_ms.increment(32);
             } else {
                 self.unvoiced_ms.increment(32);
@@ -436,6 +446,7 @@ impl Operator for Speech {
     }
 
     fn on_start(&mut self, ctx: &mut Context<'_>) {
+        self.tick_ms = ctx.tick_ms().max(1);
         if let Some(w) = ctx.wake() {
             self.wake = w;
         }
@@ -481,6 +492,18 @@ impl Operator for Speech {
         let mut silent = Vec::new();
         let mut gone = Vec::new();
         for (id, room) in &mut self.rooms {
+            while let Some(entry) = room.voice.first_entry() {
+                if *entry.key() > tick_start_ms {
+                    break;
+                }
+                let (tick, (voiced_ms, judged_ms)) = entry.remove_entry();
+                ctx.note(Note::Voice {
+                    room_id: id.clone(),
+                    tick_start_ms: tick,
+                    voiced_ms,
+                    judged_ms,
+                });
+            }
             room.activity = room.activity * ACTIVITY_DECAY + f64::from(room.this_tick);
             room.this_tick = 0;
             // The audio stopped (the stream ended or stalled): what was being
@@ -541,6 +564,12 @@ impl Operator for Speech {
                         room.recent.pop_front();
                     }
                 }
+                ctx.note(Note::Transcript {
+                    room_id: w.room_id.clone(),
+                    start_ms: t.start_time_ms,
+                    end_ms: t.end_time_ms,
+                    text: t.text.clone(),
+                });
                 ctx.emit(Output {
                     topic: OutputTopic::Transcripts,
                     key: w.room_id.clone().into_bytes(),

@@ -240,12 +240,25 @@ fn media_stage(config: &PipelineConfig) -> Result<Media, EngineError> {
 /// the VAD model once, so that a missing file fails the start, not a
 /// partition).
 fn services(config: &PipelineConfig) -> Result<Services, EngineError> {
+    let mut services = Services::default();
     let sp = &config.operators.speech;
-    if !sp.enabled || !config.media.enabled {
-        return Ok(Services::default());
+    if (sp.enabled || config.operators.features.enabled) && config.media.enabled {
+        let ort = (!sp.onnxruntime.is_empty()).then(|| std::path::Path::new(&sp.onnxruntime));
+        crate::models::onnx::init_onnx_runtime(ort)?;
     }
-    let ort = (!sp.onnxruntime.is_empty()).then(|| std::path::Path::new(&sp.onnxruntime));
-    crate::models::vad::init_onnx_runtime(ort)?;
+    let fc = &config.operators.features;
+    if fc.enabled && config.media.enabled {
+        let enc = crate::operators::features::Encoders::start(Arc::new(fc.clone()))?;
+        info!(
+            image = %enc.image.slot().label(),
+            text = %enc.text.slot().label(),
+            "encoders serving"
+        );
+        services.features = Some(Arc::new(enc));
+    }
+    if !sp.enabled || !config.media.enabled {
+        return Ok(services);
+    }
     crate::models::vad::SileroVad::load(std::path::Path::new(&sp.vad_model))?;
     let path = std::path::Path::new(&sp.whisper_model);
     let whisper = Arc::new(Whisper::load(path)?);
@@ -265,9 +278,8 @@ fn services(config: &PipelineConfig) -> Result<Services, EngineError> {
     let pool = AsrPool::start(whisper, version, &budget)
         .map_err(|e| EngineError::Internal(format!("cannot start the ASR pool: {e}")))?;
     info!(threads = pool.threads(), model = %sp.whisper_model, "speech recognition pool started");
-    Ok(Services {
-        speech: Some((Arc::new(sp.clone()), pool)),
-    })
+    services.speech = Some((Arc::new(sp.clone()), pool));
+    Ok(services)
 }
 
 /// Asks a task to drain and waits for its checkpoint without blocking the runtime.

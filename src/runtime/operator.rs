@@ -23,6 +23,28 @@ use crate::decode::DecodedMedia;
 use crate::schema::{Event, InputKind};
 pub use crate::state::Holds;
 
+/// Runs `hook` on every operator in order, delivering the notes each one
+/// sends to the operators after it.
+pub(crate) fn each_operator(
+    ops: &mut [Box<dyn Operator>],
+    ctx: &mut Context<'_>,
+    mut hook: impl FnMut(&mut dyn Operator, &mut Context<'_>, usize),
+) {
+    for i in 0..ops.len() {
+        hook(ops[i].as_mut(), ctx, i);
+        if ctx.notes.is_empty() {
+            continue;
+        }
+        let notes = std::mem::take(&mut ctx.notes);
+        for later in &mut ops[i + 1..] {
+            for n in &notes {
+                later.on_note(n, ctx);
+            }
+        }
+        ctx.notes.clear();
+    }
+}
+
 /// Where a record sits in its input stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
@@ -41,6 +63,8 @@ pub enum OutputTopic {
     DeadLetters,
     /// Recognised speech.
     Transcripts,
+    /// Per-room per-tick embeddings and audio features.
+    RoomFeatures,
 }
 
 impl OutputTopic {
@@ -50,6 +74,7 @@ impl OutputTopic {
             OutputTopic::RoomStats => "room_stats",
             OutputTopic::DeadLetters => "dead_letters",
             OutputTopic::Transcripts => "transcripts",
+            OutputTopic::RoomFeatures => "room_features",
         }
     }
 }
@@ -78,9 +103,39 @@ pub struct Output {
     pub depends_on: Holds,
 }
 
+/// What an operator tells the operators after it in the same partition
+/// task (in the order the pipeline builds them). Notes are not written
+/// anywhere; notes sent while handling a note are dropped.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Note {
+    /// Speech recognised in a room (also written to the transcripts topic).
+    Transcript {
+        /// The room.
+        room_id: String,
+        /// Event time the speech started and ended.
+        start_ms: i64,
+        /// End of the speech.
+        end_ms: i64,
+        /// What was said.
+        text: String,
+    },
+    /// Voice activity over a closed tick of a room's audio.
+    Voice {
+        /// The room.
+        room_id: String,
+        /// The tick.
+        tick_start_ms: i64,
+        /// Milliseconds judged speech.
+        voiced_ms: i64,
+        /// Milliseconds judged in all.
+        judged_ms: i64,
+    },
+}
+
 /// What an operator can do while handling a hook.
 pub struct Context<'a> {
     pub(crate) outputs: &'a mut Vec<Output>,
+    pub(crate) notes: Vec<Note>,
     pub(crate) partition: i32,
     pub(crate) tick_ms: i64,
     pub(crate) wake: Option<&'a Arc<Notify>>,
@@ -91,6 +146,7 @@ impl<'a> Context<'a> {
     pub fn new(outputs: &'a mut Vec<Output>, partition: i32, tick_ms: i64) -> Self {
         Context {
             outputs,
+            notes: Vec::new(),
             partition,
             tick_ms,
             wake: None,
@@ -112,6 +168,11 @@ impl<'a> Context<'a> {
     /// Queues an output; it is written once the hook returns.
     pub fn emit(&mut self, output: Output) {
         self.outputs.push(output);
+    }
+
+    /// Tells the operators after this one (see [`Note`]).
+    pub fn note(&mut self, note: Note) {
+        self.notes.push(note);
     }
 
     /// The partition this task owns.
@@ -156,6 +217,25 @@ pub trait Operator: Send {
     /// The tick `[tick_start_ms, tick_start_ms + tick_ms)` closed: no more
     /// records for it will come (later ones are flagged late).
     fn on_tick(&mut self, _tick_start_ms: i64, _ctx: &mut Context<'_>) {}
+
+    /// A note from an operator before this one, handled right after the
+    /// hook that sent it.
+    fn on_note(&mut self, _note: &Note, _ctx: &mut Context<'_>) {}
+
+    /// The start of the earliest tick whose outputs this operator has not
+    /// written yet because work for it is still off the task. The partition's
+    /// emitted-through time stays at or before it, so a restart writes that
+    /// tick again rather than skipping it.
+    fn unfinished_tick(&self) -> Option<i64> {
+        None
+    }
+
+    /// Whether the operator holds work it could not hand off (a model's
+    /// queue was full): the partition stops taking records until a wake
+    /// signal, and its paused input is what backpressure looks like.
+    fn congested(&self) -> bool {
+        false
+    }
 
     /// Emits the results of work that finished off the partition task.
     /// Called after the wake signal (see [`Context::wake`]) fires, between

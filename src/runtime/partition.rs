@@ -31,7 +31,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use super::feed::{Polled, RecordRef, StreamReader};
 use super::media::{MediaStage, Slot};
-use super::operator::{Context, Operator, Output, Position};
+use super::operator::{each_operator, Context, Operator, Output, Position};
 use crate::config::{DeadLetterConfig, MediaConfig, RuntimeConfig};
 use crate::decode::pool::DecodePool;
 use crate::decode::MediaError;
@@ -390,11 +390,14 @@ impl PartitionTask {
         {
             let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
                 .with_wake(&self.op_wake);
-            for (op, stage) in self.ops.iter_mut().zip(&self.op_stages) {
+            let stages = &self.op_stages;
+            each_operator(&mut self.ops, &mut ctx, |op, ctx, i| {
                 let before = ctx.outputs.len();
-                op.poll(&mut ctx);
-                stage.sent.increment((ctx.outputs.len() - before) as u64);
-            }
+                op.poll(ctx);
+                stages[i]
+                    .sent
+                    .increment((ctx.outputs.len() - before) as u64);
+            });
         }
         if !self.outputs.is_empty() {
             self.flush_outputs(None).await;
@@ -411,6 +414,8 @@ impl PartitionTask {
     /// could never get past the others in the queue.
     fn may_pull(&self) -> bool {
         self.in_flight < self.cfg.max_in_flight
+            // An operator holding work a full model queue refused.
+            && !self.ops.iter().any(|o| o.congested())
             // A pushing source mixes streams: hold all of them while the
             // media stage is full (a pulling one holds only video and audio).
             && (self.pulls || self.media.as_ref().is_none_or(MediaStage::has_room))
@@ -735,12 +740,12 @@ impl PartitionTask {
         {
             let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
                 .with_wake(&self.op_wake);
-            for op in &mut self.ops {
-                op.on_record(&b.event, b.pos, late, &mut ctx);
+            each_operator(&mut self.ops, &mut ctx, |op, ctx, _| {
+                op.on_record(&b.event, b.pos, late, ctx);
                 if let Some(m) = &media {
-                    op.on_media(&b.event, m, b.pos, late, &mut ctx);
+                    op.on_media(&b.event, m, b.pos, late, ctx);
                 }
-            }
+            });
         }
         if !self.outputs.is_empty() {
             self.flush_outputs(None).await;
@@ -769,13 +774,16 @@ impl PartitionTask {
             }
             let mut ctx =
                 Context::new(&mut self.outputs, self.partition, tick_ms).with_wake(&self.op_wake);
-            for (op, stage) in self.ops.iter_mut().zip(&self.op_stages) {
+            let stages = &self.op_stages;
+            each_operator(&mut self.ops, &mut ctx, |op, ctx, i| {
                 let s = Instant::now();
                 let before = ctx.outputs.len();
-                op.on_tick(nt, &mut ctx);
-                stage.sent.increment((ctx.outputs.len() - before) as u64);
-                stage.latency.record(s.elapsed().as_secs_f64());
-            }
+                op.on_tick(nt, ctx);
+                stages[i]
+                    .sent
+                    .increment((ctx.outputs.len() - before) as u64);
+                stages[i].latency.record(s.elapsed().as_secs_f64());
+            });
             nt += tick_ms;
         }
         self.next_tick = Some(nt);
@@ -919,9 +927,15 @@ impl PartitionTask {
             next_offsets[k] =
                 self.received_next[k].map(|n| holds.get(kind).map_or(n, |h| h.min(n)));
         }
+        // A tick an operator has not finished is not emitted through.
+        let unfinished = self.ops.iter().filter_map(|o| o.unfinished_tick()).min();
+        let emitted_through_ms = match (self.emitted_through, unfinished) {
+            (Some(e), Some(u)) => Some(e.min(u)),
+            (e, _) => e,
+        };
         Checkpoint {
             next_offsets,
-            emitted_through_ms: self.emitted_through,
+            emitted_through_ms,
         }
     }
 
@@ -967,9 +981,7 @@ impl PartitionTask {
         {
             let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
                 .with_wake(&self.op_wake);
-            for op in &mut self.ops {
-                op.on_finish(&mut ctx);
-            }
+            each_operator(&mut self.ops, &mut ctx, |op, ctx, _| op.on_finish(ctx));
         }
         self.flush_outputs(None).await;
         // Off-task work (bounded by its budgets) comes back before the end.

@@ -13,7 +13,7 @@ use prost::Message;
 
 use super::{Ack, Busy, Sink};
 use crate::runtime::{Output, OutputTopic};
-use crate::schema::{DeadLetter, RoomStats, Transcript};
+use crate::schema::{DeadLetter, RoomFeatures, RoomStats, Transcript};
 
 #[derive(Default)]
 struct View {
@@ -22,6 +22,8 @@ struct View {
     conflicting: u64,
     dead_letters: Vec<DeadLetter>,
     transcripts: Vec<Transcript>,
+    features: BTreeMap<(String, i64), RoomFeatures>,
+    features_duplicates: u64,
 }
 
 /// Acknowledges at once and remembers what it saw.
@@ -51,6 +53,10 @@ pub struct Totals {
     pub dead_letters: usize,
     /// Transcripts written.
     pub transcripts: usize,
+    /// Distinct (room, tick) feature records.
+    pub feature_ticks: usize,
+    /// Feature records received twice (replays).
+    pub feature_duplicates: u64,
 }
 
 impl ConsoleSink {
@@ -75,6 +81,15 @@ impl ConsoleSink {
             .unwrap_or_default()
     }
 
+    /// Every room-features record, keyed by (room, tick start); a replayed
+    /// tick keeps the last copy.
+    pub fn features(&self) -> BTreeMap<(String, i64), RoomFeatures> {
+        self.view
+            .lock()
+            .map(|v| v.features.clone())
+            .unwrap_or_default()
+    }
+
     /// Totals so far.
     pub fn totals(&self) -> Totals {
         let Ok(v) = self.view.lock() else {
@@ -87,6 +102,8 @@ impl ConsoleSink {
             conflicting: v.conflicting,
             dead_letters: v.dead_letters.len(),
             transcripts: v.transcripts.len(),
+            feature_ticks: v.features.len(),
+            feature_duplicates: v.features_duplicates,
             ..Totals::default()
         };
         for ((room, _), s) in &v.stats {
@@ -192,6 +209,14 @@ impl Sink for ConsoleSink {
                 OutputTopic::Transcripts => {
                     if let Ok(t) = Transcript::decode(&out.payload[..]) {
                         v.transcripts.push(t);
+                    }
+                }
+                OutputTopic::RoomFeatures => {
+                    if let Ok(f) = RoomFeatures::decode(&out.payload[..]) {
+                        let key = (f.room_id.clone(), f.tick_start_ms);
+                        if v.features.insert(key, f).is_some() {
+                            v.features_duplicates += 1;
+                        }
                     }
                 }
             }

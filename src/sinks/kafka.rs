@@ -48,6 +48,7 @@ pub struct KafkaSink {
     room_stats: String,
     dead_letters: String,
     transcripts: String,
+    room_features: String,
 }
 
 impl KafkaSink {
@@ -64,6 +65,7 @@ impl KafkaSink {
             room_stats: cfg.topics.room_stats.clone(),
             dead_letters: cfg.topics.dead_letters.clone(),
             transcripts: cfg.topics.transcripts.clone(),
+            room_features: cfg.topics.room_features.clone(),
         })
     }
 
@@ -86,6 +88,7 @@ impl KafkaSink {
             OutputTopic::RoomStats => &self.room_stats,
             OutputTopic::DeadLetters => &self.dead_letters,
             OutputTopic::Transcripts => &self.transcripts,
+            OutputTopic::RoomFeatures => &self.room_features,
         }
     }
 
