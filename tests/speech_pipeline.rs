@@ -16,7 +16,7 @@ use std::io::BufReader;
 use std::time::{Duration, Instant};
 
 use common::{read_until, Proc, Topics};
-use onair::schema::Transcript;
+use onair::schema::{RoomFeatures, Transcript};
 use onair::simulator::truth::{GroundTruth, UtteranceTruth};
 use prost::Message;
 
@@ -70,6 +70,13 @@ vad_model = "{root}/models/silero/silero_vad.onnx"
 # the queue may hold them all.
 max_concurrent = 1
 max_queued = 1000
+# The features operator reads the speech operator's notes: voice activity
+# per tick (speech ratio) and the transcripts (embedded).
+[operators.features]
+enabled = true
+image_model = "{root}/models/image"
+text_model = "{root}/models/text"
+reload_interval_ms = 0
 "#
         ),
     );
@@ -142,6 +149,9 @@ max_queued = 1000
         std::thread::sleep(Duration::from_millis(500));
     };
     let recs = read_until(&topics.name("transcripts"), Duration::from_secs(30), |_| {
+        false
+    });
+    let feature_recs = read_until(&topics.name("room-features"), Duration::from_secs(20), |_| {
         false
     });
     engine.signal_term();
@@ -310,4 +320,51 @@ max_queued = 1000
         m
     });
     assert_eq!(per_room.len(), 2, "both rooms transcribed: {per_room:?}");
+
+    // The features records carry the VAD's speech ratio per tick, higher in
+    // ticks the simulator spoke in, and the transcripts' embeddings.
+    let feats: Vec<RoomFeatures> = feature_recs
+        .iter()
+        .map(|r| RoomFeatures::decode(&r.payload[..]).expect("features decode"))
+        .collect();
+    let (mut spoken, mut silent) = (Vec::new(), Vec::new());
+    for f in &feats {
+        let Some(ratio) = f.audio.as_ref().and_then(|a| a.speech_ratio) else {
+            continue;
+        };
+        let tick = (f.tick_start_ms, f.tick_start_ms + f.tick_ms);
+        let said: i64 = utterances
+            .iter()
+            .filter(|u| u.room_id == f.room_id)
+            .map(|u| overlap((u.start_ms, u.end_ms), tick))
+            .sum();
+        if said * 2 >= f.tick_ms {
+            spoken.push(ratio);
+        } else if said == 0 {
+            silent.push(ratio);
+        }
+    }
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
+    let with_speech: Vec<&RoomFeatures> = feats.iter().filter(|f| f.transcripts > 0).collect();
+    println!(
+        "features: {} records; speech ratio {:.2} in {} ticks mostly spoken, {:.2} in {} silent ones; {} records carry {} transcripts",
+        feats.len(),
+        mean(&spoken),
+        spoken.len(),
+        mean(&silent),
+        silent.len(),
+        with_speech.len(),
+        with_speech.iter().map(|f| f.transcripts).sum::<u32>()
+    );
+    assert!(spoken.len() >= 5 && silent.len() >= 5, "both kinds of ticks");
+    assert!(
+        mean(&spoken) > mean(&silent) + 0.3,
+        "speech ratio follows the speech"
+    );
+    assert!(!with_speech.is_empty(), "transcripts reach the features");
+    for f in with_speech {
+        assert_eq!(f.transcript_embedding.len(), 384);
+        assert!(f.transcripts_start_ms <= f.transcripts_end_ms);
+        assert_eq!(f.text_model, "text@1");
+    }
 }
