@@ -415,6 +415,10 @@ pub struct FeaturesConfig {
     /// The text encoder's model directory (`N/model.onnx` and
     /// `N/tokenizer.json`).
     pub text_model: String,
+    /// What runs the encoders: "onnx" (ONNX Runtime, `N/model.onnx`) or
+    /// "torch" (libtorch, `N/model.pt`; needs a build with the `torch`
+    /// feature), on a GPU when the runtime sees one.
+    pub backend: String,
     /// How often the model directories are checked for a new version (ms);
     /// 0: never (the version loaded at start serves until restart).
     pub reload_interval_ms: u64,
@@ -438,6 +442,7 @@ impl Default for FeaturesConfig {
             enabled: false,
             image_model: "models/image".into(),
             text_model: "models/text".into(),
+            backend: "onnx".into(),
             reload_interval_ms: 5000,
             window_ticks: 32,
             segments: 4,
@@ -813,6 +818,16 @@ impl PipelineConfig {
                 "operators.features.text_model",
                 !f.text_model.trim().is_empty(),
                 "must name a directory",
+            );
+            bad(
+                "operators.features.backend",
+                f.backend == "onnx" || f.backend == "torch",
+                "must be \"onnx\" or \"torch\"",
+            );
+            bad(
+                "operators.features.backend",
+                f.backend != "torch" || cfg!(feature = "torch"),
+                "\"torch\" needs a build with the `torch` feature (see scripts/torch)",
             );
             bad(
                 "operators.features.window_ticks",

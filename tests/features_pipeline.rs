@@ -65,7 +65,10 @@ fn features_for_every_room_tick_across_good_and_bad_model_reloads() {
     let _ = std::fs::remove_dir_all(&models);
     for name in ["image", "text"] {
         std::fs::create_dir_all(models.join(name)).expect("models dir");
-        link_version(&root.join("models").join(name).join("1"), &models.join(name).join("1"));
+        link_version(
+            &root.join("models").join(name).join("1"),
+            &models.join(name).join("1"),
+        );
     }
     let pipeline = common::pipeline(
         &dir,
@@ -118,19 +121,30 @@ threads = 1
     let m = |text: &str, name: &str, labels: &[(&str, &str)]| {
         common::metric(text, name, labels).unwrap_or(0.0)
     };
-    wait_for(&engine, "the first features", Duration::from_secs(120), |t| {
-        m(t, "onair_room_features_total", &[]) >= 6.0
-    });
+    wait_for(
+        &engine,
+        "the first features",
+        Duration::from_secs(120),
+        |t| m(t, "onair_room_features_total", &[]) >= 6.0,
+    );
     // A broken version: garbage where the model should be.
     let broken = models.join("image").join("2.tmp");
     std::fs::create_dir_all(&broken).expect("dir");
     std::fs::write(broken.join("model.onnx"), b"not an onnx model").expect("write");
     std::fs::rename(&broken, models.join("image").join("2")).expect("rename");
     let text = wait_for(&engine, "the failed load", Duration::from_secs(30), |t| {
-        m(t, "onair_model_loads_total", &[("model", "image"), ("result", "failed")]) >= 1.0
+        m(
+            t,
+            "onair_model_loads_total",
+            &[("model", "image"), ("result", "failed")],
+        ) >= 1.0
     });
     assert_eq!(
-        m(&text, "onair_model_serving", &[("model", "image"), ("version", "1")]),
+        m(
+            &text,
+            "onair_model_serving",
+            &[("model", "image"), ("version", "1")]
+        ),
         1.0,
         "version 1 still serves after 2 failed"
     );
@@ -140,13 +154,28 @@ threads = 1
         &models.join("image").join("1"),
         &models.join("image").join("3"),
     );
-    link_version(&models.join("text").join("1"), &models.join("text").join("2"));
+    link_version(
+        &models.join("text").join("1"),
+        &models.join("text").join("2"),
+    );
     let text = wait_for(&engine, "the swaps", Duration::from_secs(60), |t| {
-        m(t, "onair_model_serving", &[("model", "image"), ("version", "3")]) == 1.0
-            && m(t, "onair_model_serving", &[("model", "text"), ("version", "2")]) == 1.0
+        m(
+            t,
+            "onair_model_serving",
+            &[("model", "image"), ("version", "3")],
+        ) == 1.0
+            && m(
+                t,
+                "onair_model_serving",
+                &[("model", "text"), ("version", "2")],
+            ) == 1.0
     });
     assert_eq!(
-        m(&text, "onair_model_serving", &[("model", "image"), ("version", "1")]),
+        m(
+            &text,
+            "onair_model_serving",
+            &[("model", "image"), ("version", "1")]
+        ),
         0.0
     );
     assert!(
@@ -170,10 +199,14 @@ threads = 1
         std::thread::sleep(Duration::from_millis(500));
     };
     let written = m(&metrics, "onair_room_features_total", &[]);
-    let feats = read_until(&topics.name("room-features"), Duration::from_secs(60), |r| {
-        r.len() as f64 >= written
+    let feats = read_until(
+        &topics.name("room-features"),
+        Duration::from_secs(60),
+        |r| r.len() as f64 >= written,
+    );
+    let stats = read_until(&topics.name("room-stats"), Duration::from_secs(30), |_| {
+        false
     });
-    let stats = read_until(&topics.name("room-stats"), Duration::from_secs(30), |_| false);
     engine.signal_term();
     let status = engine.wait(Duration::from_secs(30));
     assert!(
@@ -210,9 +243,16 @@ threads = 1
         stat_keys.len(),
         before_swap
     );
-    assert!(stat_keys.len() >= 3 * 35, "the rooms were live: {}", stat_keys.len());
+    assert!(
+        stat_keys.len() >= 3 * 35,
+        "the rooms were live: {}",
+        stat_keys.len()
+    );
     assert!(missing.is_empty(), "ticks without features: {missing:?}");
-    assert!(extra.is_empty(), "features for ticks without media: {extra:?}");
+    assert!(
+        extra.is_empty(),
+        "features for ticks without media: {extra:?}"
+    );
 
     // Per room, the image model goes from version 1 to 3 once and never
     // names the broken 2; every embedding has the right width.

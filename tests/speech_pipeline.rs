@@ -151,9 +151,11 @@ reload_interval_ms = 0
     let recs = read_until(&topics.name("transcripts"), Duration::from_secs(30), |_| {
         false
     });
-    let feature_recs = read_until(&topics.name("room-features"), Duration::from_secs(20), |_| {
-        false
-    });
+    let feature_recs = read_until(
+        &topics.name("room-features"),
+        Duration::from_secs(20),
+        |_| false,
+    );
     engine.signal_term();
     let status = engine.wait(Duration::from_secs(30));
     assert!(
@@ -356,7 +358,10 @@ reload_interval_ms = 0
         with_speech.len(),
         with_speech.iter().map(|f| f.transcripts).sum::<u32>()
     );
-    assert!(spoken.len() >= 5 && silent.len() >= 5, "both kinds of ticks");
+    assert!(
+        spoken.len() >= 5 && silent.len() >= 5,
+        "both kinds of ticks"
+    );
     assert!(
         mean(&spoken) > mean(&silent) + 0.3,
         "speech ratio follows the speech"

@@ -276,6 +276,42 @@ impl<M: BatchModel> Batcher<M> {
     }
 }
 
+/// A batcher as its callers see it, whatever model and backend serve it.
+pub trait Submit<I, O>: Send + Sync {
+    /// See [`Batcher::submit`].
+    fn submit(
+        &self,
+        room: &Arc<str>,
+        id: u64,
+        input: I,
+        reply: &ReplyTo<O>,
+    ) -> Result<(), Refused<I>>;
+    /// `name@version` of the version serving now.
+    fn label(&self) -> Arc<str>;
+    /// Requests waiting now.
+    fn queued(&self) -> usize;
+}
+
+impl<M: BatchModel> Submit<M::Input, M::Output> for Batcher<M> {
+    fn submit(
+        &self,
+        room: &Arc<str>,
+        id: u64,
+        input: M::Input,
+        reply: &ReplyTo<M::Output>,
+    ) -> Result<(), Refused<M::Input>> {
+        Batcher::submit(self, room, id, input, reply)
+    }
+
+    fn label(&self) -> Arc<str> {
+        self.shared.slot.label()
+    }
+
+    fn queued(&self) -> usize {
+        Batcher::queued(self)
+    }
+}
+
 impl<M: BatchModel> Drop for Batcher<M> {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);

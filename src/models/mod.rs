@@ -13,6 +13,8 @@ pub mod image;
 pub mod onnx;
 pub mod serving;
 pub mod text;
+#[cfg(feature = "torch")]
+pub mod torch;
 pub mod vad;
 pub mod whisper;
 

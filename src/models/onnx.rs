@@ -3,7 +3,8 @@
 //! `onnxruntime` wheel), and the one way sessions are built.
 //!
 //! Not for: any one model's inputs and outputs (each model's file has those)
-//! or choosing execution providers per model (all run on CPU for now).
+//! or choosing execution providers per model (with the `cuda` feature every
+//! session asks for CUDA first; without it all run on CPU).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -66,7 +67,7 @@ fn environment(dylib: Option<&Path>) -> Result<Environment, ModelError> {
 /// An ONNX Runtime session for `model` (loading the runtime first if this
 /// process has not): all graph optimisations, `intra_threads` threads within
 /// an operator, one across operators.
-pub(crate) fn session(model: &Path, intra_threads: usize) -> Result<Session, ModelError> {
+pub fn session(model: &Path, intra_threads: usize) -> Result<Session, ModelError> {
     let env = environment(None)?;
     let missing = |reason: String| ModelError::Missing {
         path: model.display().to_string(),
@@ -76,7 +77,7 @@ pub(crate) fn session(model: &Path, intra_threads: usize) -> Result<Session, Mod
         return Err(missing("not found".into()));
     }
     let runtime = |e: String| ModelError::Runtime(format!("ONNX Runtime session: {e}"));
-    let mut builder = Session::builder(&env)
+    let builder = Session::builder(&env)
         .map_err(|e| runtime(e.to_string()))?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| runtime(e.to_string()))?
@@ -84,6 +85,14 @@ pub(crate) fn session(model: &Path, intra_threads: usize) -> Result<Session, Mod
         .map_err(|e| runtime(e.to_string()))?
         .with_inter_threads(1)
         .map_err(|e| runtime(e.to_string()))?;
+    // With the `cuda` feature, the CUDA provider first; ONNX Runtime falls
+    // back to the CPU (with a warning) when its library is a CPU build or no
+    // GPU is present.
+    #[cfg(feature = "cuda")]
+    let builder = builder
+        .with_execution_providers([ort::ep::CUDA::default().build()])
+        .map_err(|e| runtime(e.to_string()))?;
+    let mut builder = builder;
     builder
         .commit_from_file(model)
         .map_err(|e| missing(format!("cannot load: {e}")))

@@ -39,7 +39,7 @@ impl TextEncoder {
     /// Longest input in tokens (the model's positions); longer texts are cut.
     pub const MAX_TOKENS: usize = 512;
     /// The `<pad>` token id.
-    const PAD: u32 = 1;
+    pub(crate) const PAD: u32 = 1;
 
     /// Loads the ONNX export (`scripts/models` makes it) and the tokenizer,
     /// with `threads` intra-op threads.
@@ -55,10 +55,7 @@ impl TextEncoder {
                 ),
             });
         }
-        let tokenizer = Tokenizer::from_file(tokenizer).map_err(|e| ModelError::Missing {
-            path: tokenizer.display().to_string(),
-            reason: format!("cannot load the tokenizer: {e}"),
-        })?;
+        let tokenizer = load_tokenizer(tokenizer)?;
         Ok(TextEncoder { session, tokenizer })
     }
 
@@ -68,33 +65,7 @@ impl TextEncoder {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let prefixed: Vec<String> = texts.iter().map(|t| format!("query: {t}")).collect();
-        let encodings = self
-            .tokenizer
-            .encode_batch(prefixed, true)
-            .map_err(|e| ModelError::Input(format!("tokenising: {e}")))?;
-        let len = encodings
-            .iter()
-            .map(|e| e.get_ids().len().min(Self::MAX_TOKENS))
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let n = encodings.len();
-        let mut ids = vec![i64::from(Self::PAD); n * len];
-        let mut mask = vec![0i64; n * len];
-        for (row, e) in encodings.iter().enumerate() {
-            let take = e.get_ids().len().min(Self::MAX_TOKENS);
-            for (j, &id) in e.get_ids()[..take].iter().enumerate() {
-                ids[row * len + j] = i64::from(id);
-                mask[row * len + j] = 1;
-            }
-            // A cut text still ends with its end-of-sequence token.
-            if e.get_ids().len() > Self::MAX_TOKENS {
-                if let Some(&eos) = e.get_ids().last() {
-                    ids[row * len + take - 1] = i64::from(eos);
-                }
-            }
-        }
+        let Tokens { ids, mask, n, len } = tokenize(&self.tokenizer, texts)?;
         let runtime = |e: ort::Error| ModelError::Runtime(format!("text encoder: {e}"));
         let ids_t = TensorRef::from_array_view(([n, len], &ids[..])).map_err(runtime)?;
         let mask_t = TensorRef::from_array_view(([n, len], &mask[..])).map_err(runtime)?;
@@ -113,6 +84,56 @@ impl TextEncoder {
         }
         Ok(emb.to_vec())
     }
+}
+
+/// A batch of texts as the model reads them: `n` rows of `len` token ids
+/// (padded) and their attention mask.
+pub(crate) struct Tokens {
+    pub ids: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub n: usize,
+    pub len: usize,
+}
+
+/// Tokenises `texts` as E5 queries (`query: ` prefix), cut at
+/// [`TextEncoder::MAX_TOKENS`] and padded to the longest.
+pub(crate) fn tokenize(tokenizer: &Tokenizer, texts: &[&str]) -> Result<Tokens, ModelError> {
+    let max = TextEncoder::MAX_TOKENS;
+    let prefixed: Vec<String> = texts.iter().map(|t| format!("query: {t}")).collect();
+    let encodings = tokenizer
+        .encode_batch(prefixed, true)
+        .map_err(|e| ModelError::Input(format!("tokenising: {e}")))?;
+    let len = encodings
+        .iter()
+        .map(|e| e.get_ids().len().min(max))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let n = encodings.len();
+    let mut ids = vec![i64::from(TextEncoder::PAD); n * len];
+    let mut mask = vec![0i64; n * len];
+    for (row, e) in encodings.iter().enumerate() {
+        let take = e.get_ids().len().min(max);
+        for (j, &id) in e.get_ids()[..take].iter().enumerate() {
+            ids[row * len + j] = i64::from(id);
+            mask[row * len + j] = 1;
+        }
+        // A cut text still ends with its end-of-sequence token.
+        if e.get_ids().len() > max {
+            if let Some(&eos) = e.get_ids().last() {
+                ids[row * len + take - 1] = i64::from(eos);
+            }
+        }
+    }
+    Ok(Tokens { ids, mask, n, len })
+}
+
+/// Loads the tokenizer file.
+pub(crate) fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
+    Tokenizer::from_file(path).map_err(|e| ModelError::Missing {
+        path: path.display().to_string(),
+        reason: format!("cannot load the tokenizer: {e}"),
+    })
 }
 
 /// A version directory holds `model.onnx` and `tokenizer.json`.

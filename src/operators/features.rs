@@ -23,12 +23,12 @@ use std::time::Duration;
 use metrics::Counter;
 use prost::Message;
 
-use crate::config::FeaturesConfig;
+use crate::config::{BatchSettings, FeaturesConfig};
 use crate::decode::video::purpose;
 use crate::decode::DecodedMedia;
 use crate::features::audio::{AudioAcc, AudioAnalyzer};
 use crate::features::window::{mean_in, RoomWindow, TickFeatures};
-use crate::models::batcher::{Batcher, Done, Refused, ReplyTo};
+use crate::models::batcher::{BatchModel, Batcher, Done, Refused, ReplyTo, Submit};
 use crate::models::image::ImageEncoder;
 use crate::models::serving::{ModelSlot, Watch};
 use crate::models::text::TextEncoder;
@@ -46,44 +46,83 @@ pub struct Encoders {
     /// The settings.
     pub cfg: Arc<FeaturesConfig>,
     /// Frames to embeddings.
-    pub image: Batcher<ImageEncoder>,
+    pub image: Box<dyn Submit<Vec<f32>, Vec<f32>>>,
     /// Comments and transcripts to embeddings.
-    pub text: Batcher<TextEncoder>,
+    pub text: Box<dyn Submit<String, Vec<f32>>>,
     _watches: Vec<Watch>,
 }
 
 impl std::fmt::Debug for Encoders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Encoders")
-            .field("image", &self.image)
-            .field("text", &self.text)
+            .field("image", &self.image.label())
+            .field("text", &self.text.label())
             .finish_non_exhaustive()
     }
 }
 
+/// Opens a model directory, starts its batcher and its watcher.
+fn serve<M: BatchModel>(
+    dir: &str,
+    batch: &BatchSettings,
+    reload_ms: u64,
+    watches: &mut Vec<Watch>,
+) -> Result<Batcher<M>, ModelError> {
+    let slot = ModelSlot::<M>::open(std::path::Path::new(dir), batch.workers, batch.threads)?;
+    if reload_ms > 0 {
+        watches.push(slot.watch(Duration::from_millis(reload_ms)));
+    }
+    Ok(Batcher::start(slot, batch.batch_config()))
+}
+
 impl Encoders {
-    /// Loads both models (the highest working version of each), starts
-    /// their batchers and, when `reload_interval_ms` > 0, their watchers.
+    /// Loads both models (the highest working version of each) on the
+    /// configured backend, starts their batchers and, when
+    /// `reload_interval_ms` > 0, their watchers.
     pub fn start(cfg: Arc<FeaturesConfig>) -> Result<Self, ModelError> {
-        let image = ModelSlot::<ImageEncoder>::open(
-            std::path::Path::new(&cfg.image_model),
-            cfg.image_batch.workers,
-            cfg.image_batch.threads,
-        )?;
-        let text = ModelSlot::<TextEncoder>::open(
-            std::path::Path::new(&cfg.text_model),
-            cfg.text_batch.workers,
-            cfg.text_batch.threads,
-        )?;
         let mut watches = Vec::new();
-        if cfg.reload_interval_ms > 0 {
-            let every = Duration::from_millis(cfg.reload_interval_ms);
-            watches.push(image.watch(every));
-            watches.push(text.watch(every));
-        }
+        let reload = cfg.reload_interval_ms;
+        let (image, text): (Box<dyn Submit<_, _>>, Box<dyn Submit<_, _>>) =
+            match cfg.backend.as_str() {
+                #[cfg(feature = "torch")]
+                "torch" => (
+                    Box::new(serve::<crate::models::torch::TorchImageEncoder>(
+                        &cfg.image_model,
+                        &cfg.image_batch,
+                        reload,
+                        &mut watches,
+                    )?),
+                    Box::new(serve::<crate::models::torch::TorchTextEncoder>(
+                        &cfg.text_model,
+                        &cfg.text_batch,
+                        reload,
+                        &mut watches,
+                    )?),
+                ),
+                "onnx" => (
+                    Box::new(serve::<ImageEncoder>(
+                        &cfg.image_model,
+                        &cfg.image_batch,
+                        reload,
+                        &mut watches,
+                    )?),
+                    Box::new(serve::<TextEncoder>(
+                        &cfg.text_model,
+                        &cfg.text_batch,
+                        reload,
+                        &mut watches,
+                    )?),
+                ),
+                other => {
+                    return Err(ModelError::Missing {
+                        path: "operators.features.backend".into(),
+                        reason: format!("backend {other:?} is not built in"),
+                    })
+                }
+            };
         Ok(Encoders {
-            image: Batcher::start(image, cfg.image_batch.batch_config()),
-            text: Batcher::start(text, cfg.text_batch.batch_config()),
+            image,
+            text,
             cfg,
             _watches: watches,
         })
@@ -374,7 +413,7 @@ impl Features {
     /// order per room.
     fn emit_ready(&mut self, ctx: &mut Context<'_>) {
         let tick_ms = self.tick_ms;
-        let text_label = self.enc.text.slot().label();
+        let text_label = self.enc.text.label();
         for (room_id, room) in &mut self.rooms {
             while let Some(entry) = room.ticks.first_entry() {
                 let acc = entry.get();

@@ -250,8 +250,9 @@ fn services(config: &PipelineConfig) -> Result<Services, EngineError> {
     if fc.enabled && config.media.enabled {
         let enc = crate::operators::features::Encoders::start(Arc::new(fc.clone()))?;
         info!(
-            image = %enc.image.slot().label(),
-            text = %enc.text.slot().label(),
+            image = %enc.image.label(),
+            text = %enc.text.label(),
+            backend = %fc.backend,
             "encoders serving"
         );
         services.features = Some(Arc::new(enc));

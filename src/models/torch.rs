@@ -1,0 +1,250 @@
+//! The libtorch backend (the `torch` feature): the same two encoders as
+//! [`super::image`] and [`super::text`], as TorchScript exports
+//! (`scripts/torch` writes `model.pt` next to each version's `model.onnx`)
+//! run by `tch` on the GPU when libtorch sees one, else on the CPU. Inputs
+//! and outputs are those of the ONNX backend, so either serves the batcher;
+//! `tests/backends.rs` checks that they agree.
+//!
+//! Not for: training, or choosing a backend (the features configuration does).
+
+use std::path::Path;
+
+use tch::{CModule, Device, IValue, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+use super::batcher::BatchModel;
+use super::image::{ImageEncoder, ImageOutputs};
+use super::serving::Servable;
+use super::text::{load_tokenizer, tokenize, TextEncoder, Tokens};
+use super::ModelError;
+
+fn runtime(what: &'static str) -> impl Fn(tch::TchError) -> ModelError {
+    move |e| ModelError::Runtime(format!("{what} (libtorch): {e}"))
+}
+
+/// The device models load on: the first GPU when libtorch has CUDA and sees
+/// one, else the CPU.
+pub fn device() -> Device {
+    Device::cuda_if_available()
+}
+
+fn load_module(path: &Path, threads: usize) -> Result<CModule, ModelError> {
+    if !path.is_file() {
+        return Err(ModelError::Missing {
+            path: path.display().to_string(),
+            reason: "not found (scripts/torch exports it)".into(),
+        });
+    }
+    // libtorch's intra-op pool is per process: the last setting wins.
+    tch::set_num_threads(threads.max(1) as i32);
+    CModule::load_on_device(path, device()).map_err(|e| ModelError::Missing {
+        path: path.display().to_string(),
+        reason: format!("cannot load the TorchScript module: {e}"),
+    })
+}
+
+fn two_tensors(out: IValue, what: &str) -> Result<(Tensor, Tensor), ModelError> {
+    match out {
+        IValue::Tuple(mut v) if v.len() == 2 => match (v.remove(0), v.remove(0)) {
+            (IValue::Tensor(a), IValue::Tensor(b)) => Ok((a, b)),
+            _ => Err(ModelError::Runtime(format!(
+                "{what}: outputs are not tensors"
+            ))),
+        },
+        _ => Err(ModelError::Runtime(format!(
+            "{what}: not a pair of outputs"
+        ))),
+    }
+}
+
+fn to_vec(t: &Tensor, what: &'static str) -> Result<Vec<f32>, ModelError> {
+    let flat = t
+        .f_to_kind(Kind::Float)
+        .and_then(|t| t.f_to_device(Device::Cpu))
+        .and_then(|t| t.f_flatten(0, -1))
+        .map_err(runtime(what))?;
+    Vec::<f32>::try_from(&flat).map_err(runtime(what))
+}
+
+/// MobileNetV2 on libtorch.
+pub struct TorchImageEncoder {
+    module: CModule,
+}
+
+impl std::fmt::Debug for TorchImageEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TorchImageEncoder").finish_non_exhaustive()
+    }
+}
+
+impl TorchImageEncoder {
+    /// Loads the TorchScript export.
+    pub fn load(model: &Path, threads: usize) -> Result<Self, ModelError> {
+        Ok(TorchImageEncoder {
+            module: load_module(model, threads)?,
+        })
+    }
+
+    /// As [`ImageEncoder::embed`].
+    pub fn embed(&mut self, frames: &[f32]) -> Result<ImageOutputs, ModelError> {
+        let f = ImageEncoder::FRAME;
+        if frames.is_empty() || !frames.len().is_multiple_of(f) {
+            return Err(ModelError::Input(format!(
+                "{} values is not a whole number of 3x224x224 frames",
+                frames.len()
+            )));
+        }
+        if frames.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::Input("non-finite pixel value".into()));
+        }
+        let n = (frames.len() / f) as i64;
+        let s = ImageEncoder::SIZE as i64;
+        let _guard = tch::no_grad_guard();
+        let x = Tensor::f_from_slice(frames)
+            .and_then(|t| t.f_reshape([n, 3, s, s]))
+            .and_then(|t| t.f_to_device(device()))
+            .map_err(runtime("image encoder"))?;
+        let out = self
+            .module
+            .forward_is(&[IValue::Tensor(x)])
+            .map_err(runtime("image encoder"))?;
+        let (emb, logits) = two_tensors(out, "image encoder")?;
+        let embeddings = to_vec(&emb, "image encoder")?;
+        let logits = to_vec(&logits, "image encoder")?;
+        let n = n as usize;
+        if embeddings.len() != n * ImageEncoder::EMBEDDING
+            || logits.len() != n * ImageEncoder::CLASSES
+        {
+            return Err(ModelError::Runtime(format!(
+                "image encoder gave {} embedding and {} logit values for {n} frames",
+                embeddings.len(),
+                logits.len()
+            )));
+        }
+        Ok(ImageOutputs { embeddings, logits })
+    }
+}
+
+impl Servable for TorchImageEncoder {
+    fn load(dir: &Path, threads: usize) -> Result<Self, ModelError> {
+        TorchImageEncoder::load(&dir.join("model.pt"), threads)
+    }
+
+    fn smoke(&mut self) -> Result<(), ModelError> {
+        let out = self.embed(&vec![0.0; ImageEncoder::FRAME])?;
+        if out.embeddings.iter().all(|v| v.is_finite()) {
+            Ok(())
+        } else {
+            Err(ModelError::Runtime(
+                "non-finite embedding on a grey frame".into(),
+            ))
+        }
+    }
+}
+
+impl BatchModel for TorchImageEncoder {
+    type Input = Vec<f32>;
+    type Output = Vec<f32>;
+
+    fn run_batch(&mut self, inputs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut frames = Vec::with_capacity(inputs.len() * ImageEncoder::FRAME);
+        for f in inputs {
+            if f.len() != ImageEncoder::FRAME {
+                return Err(ModelError::Input(format!(
+                    "a frame of {} values, not 3x224x224",
+                    f.len()
+                )));
+            }
+            frames.extend_from_slice(f);
+        }
+        let out = self.embed(&frames)?;
+        Ok(out
+            .embeddings
+            .chunks(ImageEncoder::EMBEDDING)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+}
+
+/// multilingual-e5-small on libtorch.
+pub struct TorchTextEncoder {
+    module: CModule,
+    tokenizer: Tokenizer,
+}
+
+impl std::fmt::Debug for TorchTextEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TorchTextEncoder").finish_non_exhaustive()
+    }
+}
+
+impl TorchTextEncoder {
+    /// Loads the TorchScript export and the tokenizer.
+    pub fn load(model: &Path, tokenizer: &Path, threads: usize) -> Result<Self, ModelError> {
+        Ok(TorchTextEncoder {
+            module: load_module(model, threads)?,
+            tokenizer: load_tokenizer(tokenizer)?,
+        })
+    }
+
+    /// As [`TextEncoder::embed`].
+    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<f32>, ModelError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Tokens { ids, mask, n, len } = tokenize(&self.tokenizer, texts)?;
+        let shape = [n as i64, len as i64];
+        let _guard = tch::no_grad_guard();
+        let err = runtime("text encoder");
+        let ids = Tensor::f_from_slice(&ids)
+            .and_then(|t| t.f_reshape(shape))
+            .and_then(|t| t.f_to_device(device()))
+            .map_err(&err)?;
+        let mask = Tensor::f_from_slice(&mask)
+            .and_then(|t| t.f_reshape(shape))
+            .and_then(|t| t.f_to_device(device()))
+            .map_err(&err)?;
+        let out = self
+            .module
+            .forward_is(&[IValue::Tensor(ids), IValue::Tensor(mask)])
+            .map_err(&err)?;
+        let (_, sentence) = two_tensors(out, "text encoder")?;
+        let emb = to_vec(&sentence, "text encoder")?;
+        if emb.len() != n * TextEncoder::DIM {
+            return Err(ModelError::Runtime(format!(
+                "text encoder gave {} values for {n} texts",
+                emb.len()
+            )));
+        }
+        Ok(emb)
+    }
+}
+
+impl Servable for TorchTextEncoder {
+    fn load(dir: &Path, threads: usize) -> Result<Self, ModelError> {
+        TorchTextEncoder::load(&dir.join("model.pt"), &dir.join("tokenizer.json"), threads)
+    }
+
+    fn smoke(&mut self) -> Result<(), ModelError> {
+        let e = self.embed(&["smoke test", "冒烟测试"])?;
+        let norm: f32 = e[..TextEncoder::DIM].iter().map(|v| v * v).sum();
+        if (norm - 1.0).abs() < 0.01 {
+            Ok(())
+        } else {
+            Err(ModelError::Runtime(format!(
+                "embedding of squared norm {norm}, not 1"
+            )))
+        }
+    }
+}
+
+impl BatchModel for TorchTextEncoder {
+    type Input = String;
+    type Output = Vec<f32>;
+
+    fn run_batch(&mut self, inputs: &[String]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let e = self.embed(&texts)?;
+        Ok(e.chunks(TextEncoder::DIM).map(<[f32]>::to_vec).collect())
+    }
+}
