@@ -215,11 +215,30 @@ threads = 1
         engine.log_tail()
     );
 
-    // Exactly one record per (room, tick), for the same (room, tick)s as the
-    // room statistics: a reload neither dropped nor repeated one.
+    let by_key = one_record_per_media_tick(&feats, &stats, before_swap, 3 * 35);
+    check_models_and_widths(&by_key);
+    let batches = m(&metrics, "onair_batch_size_count", &[("model", "image")]);
+    let frames = m(&metrics, "onair_batch_size_sum", &[("model", "image")]);
+    println!(
+        "image batches {batches}, mean size {:.2}; text mean size {:.2}",
+        frames / batches.max(1.0),
+        m(&metrics, "onair_batch_size_sum", &[("model", "text")])
+            / m(&metrics, "onair_batch_size_count", &[("model", "text")]).max(1.0)
+    );
+    assert!(batches > 0.0);
+}
+
+/// Exactly one record per (room, tick), for the same (room, tick)s as the
+/// room statistics' ticks with media or comments.
+fn one_record_per_media_tick(
+    feats: &[common::Rec],
+    stats: &[common::Rec],
+    before_swap: f64,
+    min_ticks: usize,
+) -> BTreeMap<(String, i64), RoomFeatures> {
     let mut by_key: BTreeMap<(String, i64), RoomFeatures> = BTreeMap::new();
     let mut repeated = Vec::new();
-    for r in &feats {
+    for r in feats {
         let f = RoomFeatures::decode(&r.payload[..]).expect("room features decode");
         assert_eq!(r.key, f.room_id.as_bytes(), "keyed by room");
         assert_eq!(r.headers.get("onair-id"), Some(&f.id), "id header");
@@ -238,13 +257,13 @@ threads = 1
     let missing: Vec<_> = stat_keys.difference(&feat_keys).collect();
     let extra: Vec<_> = feat_keys.difference(&stat_keys).collect();
     println!(
-        "{} feature records for {} media ticks; {} before the swap; missing {missing:?}; extra {extra:?}",
+        "{} feature records for {} media ticks; {} written before the swap; missing {missing:?}; extra {extra:?}",
         by_key.len(),
         stat_keys.len(),
         before_swap
     );
     assert!(
-        stat_keys.len() >= 3 * 35,
+        stat_keys.len() >= min_ticks,
         "the rooms were live: {}",
         stat_keys.len()
     );
@@ -253,7 +272,10 @@ threads = 1
         extra.is_empty(),
         "features for ticks without media: {extra:?}"
     );
+    by_key
+}
 
+fn check_models_and_widths(by_key: &BTreeMap<(String, i64), RoomFeatures>) {
     // Per room, the image model goes from version 1 to 3 once and never
     // names the broken 2; every embedding has the right width.
     let mut versions_seen = BTreeSet::new();
@@ -289,13 +311,117 @@ threads = 1
     for v in ["image@1", "image@3", "text@1", "text@2"] {
         assert!(versions_seen.contains(v), "{v} made some records");
     }
-    let batches = m(&metrics, "onair_batch_size_count", &[("model", "image")]);
-    let frames = m(&metrics, "onair_batch_size_sum", &[("model", "image")]);
-    println!(
-        "image batches {batches}, mean size {:.2}; text mean size {:.2}",
-        frames / batches.max(1.0),
-        m(&metrics, "onair_batch_size_sum", &[("model", "text")])
-            / m(&metrics, "onair_batch_size_count", &[("model", "text")]).max(1.0)
+}
+
+/// Input faster than the models with tiny model queues: the operator holds
+/// what a full queue refuses, the partitions stop reading (paused), and
+/// still every room tick gets exactly one record.
+#[test]
+fn full_model_queues_pause_the_input_and_lose_nothing() {
+    let dir = common::scratch("features-backpressure");
+    let topics = Topics {
+        prefix: common::unique("features-bp"),
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pipeline = common::pipeline(
+        &dir,
+        &topics,
+        &format!(
+            r#"# (still in [runtime]) small stream buffers, so holding back shows soon
+queue_capacity = 16
+[operators.features]
+enabled = true
+image_model = "{root}/models/image"
+text_model = "{root}/models/text"
+reload_interval_ms = 0
+[operators.features.image_batch]
+max_batch = 2
+max_delay_ms = 5
+capacity = 2
+workers = 1
+threads = 1
+[operators.features.text_batch]
+max_batch = 2
+max_delay_ms = 5
+capacity = 2
+workers = 1
+threads = 1
+"#,
+            root = root.display()
+        ),
     );
-    assert!(batches > 0.0);
+    common::create_topics(&pipeline);
+    let start = onair::simulator::default_start_ms().to_string();
+    // The whole input is in the broker before the engine starts.
+    let mut sim = Proc::simulate(
+        &dir,
+        &pipeline,
+        &[
+            "--rooms",
+            "3",
+            "--duration",
+            "20s",
+            "--speed",
+            "0",
+            "--seed",
+            "8",
+            "--fps",
+            "2",
+            "--start-ms",
+            &start,
+        ],
+    );
+    assert!(
+        sim.wait(Duration::from_secs(180)).success(),
+        "{}",
+        sim.log_tail()
+    );
+    let mut engine = Proc::engine(&dir, &pipeline, "engine");
+    let m = |text: &str, name: &str, labels: &[(&str, &str)]| {
+        common::metric(text, name, labels).unwrap_or(0.0)
+    };
+    let mut paused_seen = 0.0f64;
+    let mut last = (-1.0, Instant::now());
+    let until = Instant::now() + Duration::from_secs(240);
+    let metrics = loop {
+        let text = engine.scrape().unwrap_or_default();
+        paused_seen = paused_seen.max(m(&text, "onair_partitions_paused", &[]));
+        let n = m(&text, "onair_room_features_total", &[]);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if n > 0.0 && last.1.elapsed() > Duration::from_secs(6) {
+            break text;
+        }
+        assert!(
+            Instant::now() < until,
+            "features kept coming\n{}",
+            engine.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let written = m(&metrics, "onair_room_features_total", &[]);
+    let feats = read_until(
+        &topics.name("room-features"),
+        Duration::from_secs(60),
+        |r| r.len() as f64 >= written,
+    );
+    let stats = read_until(&topics.name("room-stats"), Duration::from_secs(30), |_| {
+        false
+    });
+    engine.signal_term();
+    let status = engine.wait(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "engine exit {status}\n{}",
+        engine.log_tail()
+    );
+    let refused = m(&metrics, "onair_batch_refused_total", &[]);
+    let queued_max = m(&metrics, "onair_batch_queued", &[]);
+    println!(
+        "refused submissions {refused}; partitions paused (max seen) {paused_seen}; queued at the end {queued_max}"
+    );
+    assert!(refused > 0.0, "the tiny queues filled");
+    assert!(paused_seen > 0.0, "a full model queue paused the input");
+    let by_key = one_record_per_media_tick(&feats, &stats, f64::NAN, 3 * 18);
+    assert!(by_key.len() >= 3 * 18, "{} records", by_key.len());
 }

@@ -175,6 +175,8 @@ pub struct PartitionTask {
     batches: VecDeque<Batch>,
     next_batch: u64,
     emitted_through: Option<i64>,
+    /// The streams are shown held back because an operator is congested.
+    held_for_ops: bool,
     in_flight: usize,
     ack_tx: mpsc::UnboundedSender<AckMsg>,
     ack_rx: mpsc::UnboundedReceiver<AckMsg>,
@@ -278,6 +280,7 @@ impl PartitionTask {
             batches: VecDeque::new(),
             next_batch: 0,
             emitted_through: spec.replayed_through,
+            held_for_ops: false,
             in_flight: 0,
             ack_tx,
             ack_rx,
@@ -327,6 +330,7 @@ impl PartitionTask {
                 Err(_) => {}
             }
             self.poll_ops().await;
+            self.mark_congestion();
             let pulled = self.pull();
             let processed = self.process_ready().await;
             self.advance_idle().await;
@@ -401,6 +405,27 @@ impl PartitionTask {
         }
         if !self.outputs.is_empty() {
             self.flush_outputs(None).await;
+        }
+    }
+
+    /// Whether an operator holds work a full model queue refused: no record
+    /// is taken or processed until it is handed off.
+    fn congested(&self) -> bool {
+        self.ops.iter().any(|o| o.congested())
+    }
+
+    /// Shows a congested task's streams as held back (the paused gauge),
+    /// and their buffers' own state once it is not.
+    fn mark_congestion(&mut self) {
+        let congested = self.congested();
+        if congested == self.held_for_ops {
+            return;
+        }
+        self.held_for_ops = congested;
+        for kind in InputKind::ROOM {
+            let k = kind.index();
+            let full = self.buffers[k].len() >= self.cfg.queue_capacity / 2;
+            self.shared.pause[k].store(congested || full, Ordering::Relaxed);
         }
     }
 
@@ -667,7 +692,7 @@ impl PartitionTask {
         }
         let mut n = 0;
         let started = Instant::now();
-        while n < PROCESS_BUDGET && self.in_flight < self.cfg.max_in_flight {
+        while n < PROCESS_BUDGET && self.in_flight < self.cfg.max_in_flight && !self.congested() {
             let Some(k) = self.next_ready(started) else {
                 break;
             };
@@ -955,15 +980,17 @@ impl PartitionTask {
             while let Ok(ack) = self.ack_rx.try_recv() {
                 self.on_ack(ack);
             }
+            self.poll_ops().await;
             let pulled = self.pull();
             let processed = self.process_ready().await;
             if pulled + processed == 0 {
                 if self.buffered() == 0 && (self.pulls || self.input.is_empty()) {
                     break;
                 }
-                // Blocked on outputs in flight or on media being decoded:
-                // wait for either.
+                // Blocked on outputs in flight, on media being decoded or
+                // on a full model queue: wait for any.
                 let media_done = self.media_done.clone();
+                let op_wake = self.op_wake.clone();
                 tokio::select! {
                     ack = self.ack_rx.recv() => {
                         if let Some(ack) = ack {
@@ -971,6 +998,7 @@ impl PartitionTask {
                         }
                     }
                     () = notified(media_done.as_deref()) => {}
+                    () = op_wake.notified() => {}
                 }
             }
         }
