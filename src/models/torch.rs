@@ -131,14 +131,7 @@ impl Servable for TorchImageEncoder {
     }
 
     fn smoke(&mut self) -> Result<(), ModelError> {
-        let out = self.embed(&vec![0.0; ImageEncoder::FRAME])?;
-        if out.embeddings.iter().all(|v| v.is_finite()) {
-            Ok(())
-        } else {
-            Err(ModelError::Runtime(
-                "non-finite embedding on a grey frame".into(),
-            ))
-        }
+        super::image::smoke_check(&self.embed(&vec![0.0; ImageEncoder::FRAME])?)
     }
 }
 
@@ -147,22 +140,8 @@ impl BatchModel for TorchImageEncoder {
     type Output = Vec<f32>;
 
     fn run_batch(&mut self, inputs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let mut frames = Vec::with_capacity(inputs.len() * ImageEncoder::FRAME);
-        for f in inputs {
-            if f.len() != ImageEncoder::FRAME {
-                return Err(ModelError::Input(format!(
-                    "a frame of {} values, not 3x224x224",
-                    f.len()
-                )));
-            }
-            frames.extend_from_slice(f);
-        }
-        let out = self.embed(&frames)?;
-        Ok(out
-            .embeddings
-            .chunks(ImageEncoder::EMBEDDING)
-            .map(<[f32]>::to_vec)
-            .collect())
+        let frames = super::image::concat_frames(inputs)?;
+        Ok(super::image::per_frame(&self.embed(&frames)?))
     }
 }
 
@@ -226,15 +205,7 @@ impl Servable for TorchTextEncoder {
     }
 
     fn smoke(&mut self) -> Result<(), ModelError> {
-        let e = self.embed(&["smoke test", "冒烟测试"])?;
-        let norm: f32 = e[..TextEncoder::DIM].iter().map(|v| v * v).sum();
-        if (norm - 1.0).abs() < 0.01 {
-            Ok(())
-        } else {
-            Err(ModelError::Runtime(format!(
-                "embedding of squared norm {norm}, not 1"
-            )))
-        }
+        super::text::smoke_check(&self.embed(&super::text::SMOKE)?)
     }
 }
 
