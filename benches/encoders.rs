@@ -177,6 +177,11 @@ fn closed_loop<M: BatchModel>(
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("encoders: skipped (run it with `cargo bench --bench encoders`)");
+        return;
+    }
     let threads = env_usize("ONAIR_BENCH_THREADS", 2);
     let rounds = env_usize("ONAIR_BENCH_ROUNDS", 3);
     let budget = env_usize("ONAIR_BENCH_BUDGET_MS", 250) as f64 / 1000.0;

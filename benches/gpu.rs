@@ -142,6 +142,11 @@ fn rooms_per_device<M: BatchModel>(
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries without `--bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("gpu: skipped (run it with `cargo bench --features torch --bench gpu`)");
+        return;
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     let threads = env("ONAIR_GPU_THREADS", 4usize);
     let max_batch = env("ONAIR_GPU_MAX_BATCH", 64usize);
