@@ -25,6 +25,7 @@ use crate::schema::{self, RoomStats};
 use crate::simulator::publish::{publish, PublishOptions};
 use crate::simulator::{default_start_ms, sim_config, Simulator};
 use crate::sinks::console::ConsoleSink;
+use crate::sinks::samples::SampleFiles;
 
 /// onair: real-time live-stream processing.
 #[derive(Parser, Debug)]
@@ -76,6 +77,10 @@ struct RunArgs {
     /// with the same id gets its partitions back without a rebalance.
     #[arg(long, env = "ONAIR_INSTANCE_ID")]
     instance_id: Option<String>,
+    /// Also append training samples to files here, for offline training
+    /// (`DIR/<task>/samples.jsonl` and `samples.f32`).
+    #[arg(long, env = "ONAIR_SAMPLES_DIR")]
+    samples_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -104,6 +109,13 @@ struct DemoArgs {
     /// Don't print the live view every second (summary only).
     #[arg(long)]
     quiet: bool,
+    /// Also append training samples to files here, for offline training
+    /// (`DIR/<task>/samples.jsonl` and `samples.f32`).
+    #[arg(long)]
+    samples_dir: Option<PathBuf>,
+    /// Write the simulator's ground truth (JSON lines) here at the end.
+    #[arg(long)]
+    truth: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -281,6 +293,7 @@ async fn run(a: RunArgs) -> CliResult {
     let stop = stop_on_signal();
     Engine::new(config)
         .with_instance_id(a.instance_id)
+        .with_samples_dir(a.samples_dir)
         .run_kafka(stop)
         .await
         .map_err(|e| chain(&e))
@@ -347,8 +360,12 @@ async fn demo(a: DemoArgs) -> CliResult {
     };
     let engine = Engine::new(config);
     let started = Instant::now();
+    let sink: Arc<dyn crate::sinks::Sink> = match &a.samples_dir {
+        Some(dir) => Arc::new(SampleFiles::new(console.clone(), dir)),
+        None => console.clone(),
+    };
     let run = engine
-        .run_simulated(sim, console.clone(), stop.clone())
+        .run_simulated(sim, sink, stop.clone())
         .await
         .map_err(|e| chain(&e))?;
     stop.store(true, Ordering::SeqCst);
@@ -358,7 +375,7 @@ async fn demo(a: DemoArgs) -> CliResult {
     let totals = console.totals();
     println!("\n{}", console.render(usize::MAX));
     println!(
-        "summary: {} rooms, {} room-ticks, {} comments, {} gifts worth {}, {} transcript segments, {} feature records, {} dead letters, {} replayed duplicates, {} conflicting, in {:.1}s",
+        "summary: {} rooms, {} room-ticks, {} comments, {} gifts worth {}, {} transcript segments, {} feature records, {} training samples, {} dead letters, {} replayed duplicates, {} conflicting, in {:.1}s",
         totals.rooms,
         totals.ticks,
         totals.comments,
@@ -366,6 +383,7 @@ async fn demo(a: DemoArgs) -> CliResult {
         totals.gift_value,
         totals.transcripts,
         totals.feature_ticks,
+        totals.training_samples,
         totals.dead_letters,
         totals.duplicates,
         totals.conflicting,
@@ -389,6 +407,9 @@ async fn demo(a: DemoArgs) -> CliResult {
     }
     let mut truth = run.simulator.truth().clone();
     truth.close_until(run.summary.simulated_until_ms);
+    if let Some(path) = &a.truth {
+        write_truth(&truth, path)?;
+    }
     let comparison = truth.compare(&console.stats());
     println!("check: {comparison}");
     if comparison.is_exact() {
@@ -468,14 +489,19 @@ async fn simulate(a: SimulateArgs) -> CliResult {
         report.wall.as_secs_f64()
     );
     if let Some(path) = a.truth {
-        let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut w = std::io::BufWriter::new(file);
-        sim.truth()
-            .write_jsonl(&mut w)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        w.flush().map_err(|e| format!("{}: {e}", path.display()))?;
+        write_truth(sim.truth(), &path)?;
     }
     Ok(())
+}
+
+/// Writes a simulated run's ground truth as JSON lines.
+fn write_truth(truth: &crate::simulator::truth::GroundTruth, path: &Path) -> CliResult {
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    truth
+        .write_jsonl(&mut w)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    w.flush().map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn validate(files: &[PathBuf]) -> CliResult {

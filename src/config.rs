@@ -126,6 +126,8 @@ pub struct TopicsConfig {
     pub transcripts: String,
     /// Output: per-room per-tick embeddings and audio features (room-keyed).
     pub room_features: String,
+    /// Output: labelled examples for training (room- or user-keyed).
+    pub training_samples: String,
     /// Partitions of the room-keyed topics when onair creates them.
     pub partitions: i32,
     /// Whether `run` creates missing topics at start (admin API).
@@ -144,6 +146,7 @@ impl Default for TopicsConfig {
             dead_letters: "dead-letters".into(),
             transcripts: "transcripts".into(),
             room_features: "room-features".into(),
+            training_samples: "training-samples".into(),
             partitions: 4,
             create: true,
         }
@@ -325,6 +328,8 @@ pub struct OperatorsConfig {
     pub speech: SpeechConfig,
     /// Image, text and audio features per room and tick.
     pub features: FeaturesConfig,
+    /// Highlight labels from viewers' long views, joined with features.
+    pub highlight_labels: HighlightLabelsConfig,
 }
 
 impl Default for OperatorsConfig {
@@ -333,6 +338,7 @@ impl Default for OperatorsConfig {
             room_activity: RoomActivityConfig { enabled: true },
             speech: SpeechConfig::default(),
             features: FeaturesConfig::default(),
+            highlight_labels: HighlightLabelsConfig::default(),
         }
     }
 }
@@ -490,6 +496,38 @@ impl BatchSettings {
             max_delay: std::time::Duration::from_millis(self.max_delay_ms),
             capacity: self.capacity,
             workers: self.workers,
+        }
+    }
+}
+
+/// `[operators.highlight_labels]`: the highlight model's weak labels. Per
+/// room and tick, the long-view-through rate of the feed impressions that
+/// started in the tick, joined with the tick's features once known, written
+/// as `highlight` samples to the training-samples topic (and to local files
+/// with `--samples-dir`). Needs `operators.features.enabled`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HighlightLabelsConfig {
+    /// Whether the operator runs.
+    pub enabled: bool,
+    /// A view is long when the viewer is still in the room this long after
+    /// entering (ms).
+    pub long_view_ms: i64,
+    /// An impression led to a view when the viewer entered the room within
+    /// this long after it (ms).
+    pub enter_window_ms: i64,
+    /// Impressions and views a room may have open at once; more are counted
+    /// as dropped (`room_full`) and left out of the rate.
+    pub max_open_per_room: usize,
+}
+
+impl Default for HighlightLabelsConfig {
+    fn default() -> Self {
+        HighlightLabelsConfig {
+            enabled: false,
+            long_view_ms: 30_000,
+            enter_window_ms: 10_000,
+            max_open_per_room: 100_000,
         }
     }
 }
@@ -657,6 +695,7 @@ impl PipelineConfig {
             ("dead_letters", &k.topics.dead_letters),
             ("transcripts", &k.topics.transcripts),
             ("room_features", &k.topics.room_features),
+            ("training_samples", &k.topics.training_samples),
         ] {
             let valid = !topic.is_empty()
                 && topic.len() <= 249
@@ -875,6 +914,29 @@ impl PipelineConfig {
                     "must be 1..=64",
                 );
             }
+        }
+        let hl = &self.operators.highlight_labels;
+        if hl.enabled {
+            bad(
+                "operators.highlight_labels.enabled",
+                f.enabled,
+                "needs operators.features.enabled (labels are joined with the features)",
+            );
+            bad(
+                "operators.highlight_labels.long_view_ms",
+                (1..=3_600_000).contains(&hl.long_view_ms),
+                "must be 1..=3600000",
+            );
+            bad(
+                "operators.highlight_labels.enter_window_ms",
+                (0..=600_000).contains(&hl.enter_window_ms),
+                "must be 0..=600000",
+            );
+            bad(
+                "operators.highlight_labels.max_open_per_room",
+                (1..=10_000_000).contains(&hl.max_open_per_room),
+                "must be 1..=10000000",
+            );
         }
         let m = &self.media;
         let v = &m.video;

@@ -166,6 +166,11 @@ pub fn pipeline_topics(cfg: &KafkaConfig) -> Vec<TopicSpec<'_>> {
             configs: vec![],
         },
         TopicSpec {
+            name: &t.training_samples,
+            partitions: p,
+            configs: vec![],
+        },
+        TopicSpec {
             name: &t.dead_letters,
             partitions: p,
             configs: vec![("max.message.bytes", big)],

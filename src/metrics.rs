@@ -98,6 +98,8 @@ pub const BATCH_QUEUED: &str = "onair_batch_queued";
 pub const BATCH_REFUSED: &str = "onair_batch_refused_total";
 /// Per-tick feature records written, labelled `partition`.
 pub const ROOM_FEATURES: &str = "onair_room_features_total";
+/// Training samples written, labelled `task`.
+pub const TRAINING_SAMPLES: &str = "onair_training_samples_total";
 
 /// Handles of one stage's metric family, created once and cloned cheaply.
 #[derive(Clone)]

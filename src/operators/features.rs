@@ -426,7 +426,7 @@ impl Features {
                 acc.feats.speech_ratio = (acc.judged_ms > 0)
                     .then(|| (acc.voiced_ms as f32 / acc.judged_ms as f32).clamp(0.0, 1.0));
                 let speech = std::mem::take(&mut room.new_speech);
-                let record = record(room_id, tick_ms, &acc.feats, &speech, &text_label);
+                let record = Arc::new(record(room_id, tick_ms, &acc.feats, &speech, &text_label));
                 room.window.push_tick(acc.feats, tick_ms);
                 if let Some(c) = &self.written {
                     c.increment(1);
@@ -441,6 +441,10 @@ impl Features {
                         .then(|| record.image_model.clone()),
                     tick_end_ms: Some(tick + tick_ms),
                     depends_on: acc.holds,
+                });
+                ctx.note(Note::Features {
+                    record,
+                    holds: acc.holds,
                 });
             }
         }
@@ -671,6 +675,7 @@ impl Operator for Features {
                     }
                 }
             }
+            Note::Features { .. } => {}
         }
     }
 

@@ -6,6 +6,7 @@
 //! [`Services`]).
 
 pub mod features;
+pub mod highlight_labels;
 pub mod room_activity;
 pub mod speech;
 
@@ -42,6 +43,14 @@ pub fn build(
     // After speech: it reads the speech operator's notes.
     if let Some(enc) = &services.features {
         ops.push(Box::new(features::Features::new(enc.clone())));
+        // After features: it reads their notes.
+        let hl = &config.operators.highlight_labels;
+        if hl.enabled {
+            ops.push(Box::new(highlight_labels::HighlightLabels::new(
+                Arc::new(hl.clone()),
+                config.runtime.tick_ms,
+            )));
+        }
     }
     Ok(ops)
 }

@@ -75,6 +75,7 @@ pub struct SimulatedRun {
 pub struct Engine {
     config: PipelineConfig,
     instance_id: Option<String>,
+    samples_dir: Option<std::path::PathBuf>,
 }
 
 impl Engine {
@@ -83,12 +84,20 @@ impl Engine {
         Engine {
             config,
             instance_id: None,
+            samples_dir: None,
         }
     }
 
     /// Static group membership under this id (see `KafkaSource::new`).
     pub fn with_instance_id(mut self, id: Option<String>) -> Self {
         self.instance_id = id;
+        self
+    }
+
+    /// Also appends training samples to files under `dir` (see
+    /// [`crate::sinks::samples`]).
+    pub fn with_samples_dir(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.samples_dir = dir;
         self
     }
 
@@ -140,7 +149,10 @@ impl Engine {
         let media = media_stage(&config)?;
         let services = services(&config)?;
         let handle = tokio::runtime::Handle::current();
-        let task_sink: Arc<dyn Sink> = sink.clone();
+        let task_sink: Arc<dyn Sink> = match &self.samples_dir {
+            Some(dir) => Arc::new(crate::sinks::samples::SampleFiles::new(sink.clone(), dir)),
+            None => sink.clone(),
+        };
         let task_config = config.clone();
         let factory: Arc<TaskFactory> = Arc::new(move |partition, replayed_through, reader| {
             let _guard = handle.enter();

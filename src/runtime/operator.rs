@@ -65,6 +65,8 @@ pub enum OutputTopic {
     Transcripts,
     /// Per-room per-tick embeddings and audio features.
     RoomFeatures,
+    /// Labelled examples for training the engine's models.
+    TrainingSamples,
 }
 
 impl OutputTopic {
@@ -75,6 +77,7 @@ impl OutputTopic {
             OutputTopic::DeadLetters => "dead_letters",
             OutputTopic::Transcripts => "transcripts",
             OutputTopic::RoomFeatures => "room_features",
+            OutputTopic::TrainingSamples => "training_samples",
         }
     }
 }
@@ -118,6 +121,14 @@ pub enum Note {
         end_ms: i64,
         /// What was said.
         text: String,
+    },
+    /// The features of one room tick, as written to the room-features
+    /// topic, with the input positions they were computed from.
+    Features {
+        /// The record.
+        record: Arc<crate::schema::RoomFeatures>,
+        /// Input positions it depends on.
+        holds: Holds,
     },
     /// Voice activity over a closed tick of a room's audio.
     Voice {

@@ -24,6 +24,7 @@ struct View {
     transcripts: Vec<Transcript>,
     features: BTreeMap<(String, i64), RoomFeatures>,
     features_duplicates: u64,
+    training_samples: u64,
 }
 
 /// Acknowledges at once and remembers what it saw.
@@ -57,6 +58,8 @@ pub struct Totals {
     pub feature_ticks: usize,
     /// Feature records received twice (replays).
     pub feature_duplicates: u64,
+    /// Training samples written (every copy).
+    pub training_samples: u64,
 }
 
 impl ConsoleSink {
@@ -104,6 +107,7 @@ impl ConsoleSink {
             transcripts: v.transcripts.len(),
             feature_ticks: v.features.len(),
             feature_duplicates: v.features_duplicates,
+            training_samples: v.training_samples,
             ..Totals::default()
         };
         for ((room, _), s) in &v.stats {
@@ -211,6 +215,7 @@ impl Sink for ConsoleSink {
                         v.transcripts.push(t);
                     }
                 }
+                OutputTopic::TrainingSamples => v.training_samples += 1,
                 OutputTopic::RoomFeatures => {
                     if let Ok(f) = RoomFeatures::decode(&out.payload[..]) {
                         let key = (f.room_id.clone(), f.tick_start_ms);

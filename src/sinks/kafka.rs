@@ -49,6 +49,7 @@ pub struct KafkaSink {
     dead_letters: String,
     transcripts: String,
     room_features: String,
+    training_samples: String,
 }
 
 impl KafkaSink {
@@ -66,6 +67,7 @@ impl KafkaSink {
             dead_letters: cfg.topics.dead_letters.clone(),
             transcripts: cfg.topics.transcripts.clone(),
             room_features: cfg.topics.room_features.clone(),
+            training_samples: cfg.topics.training_samples.clone(),
         })
     }
 
@@ -89,6 +91,7 @@ impl KafkaSink {
             OutputTopic::DeadLetters => &self.dead_letters,
             OutputTopic::Transcripts => &self.transcripts,
             OutputTopic::RoomFeatures => &self.room_features,
+            OutputTopic::TrainingSamples => &self.training_samples,
         }
     }
 

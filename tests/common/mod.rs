@@ -74,6 +74,7 @@ room_stats = "{prefix}-room-stats"
 dead_letters = "{prefix}-dead-letters"
 transcripts = "{prefix}-transcripts"
 room_features = "{prefix}-room-features"
+training_samples = "{prefix}-training-samples"
 partitions = 4
 [runtime]
 idle_timeout_ms = 2000
