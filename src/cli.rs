@@ -358,6 +358,7 @@ async fn demo(a: DemoArgs) -> CliResult {
             }
         }))
     };
+    let config_highlight = config.operators.highlight.enabled;
     let engine = Engine::new(config);
     let started = Instant::now();
     let sink: Arc<dyn crate::sinks::Sink> = match &a.samples_dir {
@@ -375,7 +376,7 @@ async fn demo(a: DemoArgs) -> CliResult {
     let totals = console.totals();
     println!("\n{}", console.render(usize::MAX));
     println!(
-        "summary: {} rooms, {} room-ticks, {} comments, {} gifts worth {}, {} transcript segments, {} feature records, {} training samples, {} dead letters, {} replayed duplicates, {} conflicting, in {:.1}s",
+        "summary: {} rooms, {} room-ticks, {} comments, {} gifts worth {}, {} transcript segments, {} feature records, {} training samples, {} highlight scores, {} highlights, {} dead letters, {} replayed duplicates, {} conflicting, in {:.1}s",
         totals.rooms,
         totals.ticks,
         totals.comments,
@@ -384,26 +385,50 @@ async fn demo(a: DemoArgs) -> CliResult {
         totals.transcripts,
         totals.feature_ticks,
         totals.training_samples,
+        totals.highlight_scores,
+        totals.highlights,
         totals.dead_letters,
         totals.duplicates,
         totals.conflicting,
         started.elapsed().as_secs_f64()
     );
+    let detected = console.highlights();
+    let span = |s: i64, e: i64| {
+        if e == 0 {
+            format!("{}s-(open)", (s - start) / 1000)
+        } else {
+            format!("{}s-{}s", (s - start) / 1000, (e - start) / 1000)
+        }
+    };
     for room in truth_sim_rooms
         .iter()
         .filter(|r| !r.highlights.is_empty())
         .take(8)
     {
-        let spans: Vec<String> = room
-            .highlights
+        let truth: Vec<String> = room.highlights.iter().map(|&(s, e)| span(s, e)).collect();
+        let found: Vec<String> = detected
             .iter()
-            .map(|(s, e)| format!("{}s-{}s", (s - start) / 1000, (e - start) / 1000))
+            .filter(|h| h.room_id == room.room_id)
+            .map(|h| span(h.start_time_ms, h.end_time_ms))
             .collect();
-        println!(
-            "  {} highlights (truth): {}",
-            room.room_id,
-            spans.join(", ")
-        );
+        if config_highlight {
+            println!(
+                "  {} highlights: truth {}; detected {}",
+                room.room_id,
+                truth.join(", "),
+                if found.is_empty() {
+                    "none".to_string()
+                } else {
+                    found.join(", ")
+                }
+            );
+        } else {
+            println!(
+                "  {} highlights (truth): {}",
+                room.room_id,
+                truth.join(", ")
+            );
+        }
     }
     let mut truth = run.simulator.truth().clone();
     truth.close_until(run.summary.simulated_until_ms);

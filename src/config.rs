@@ -128,6 +128,10 @@ pub struct TopicsConfig {
     pub room_features: String,
     /// Output: labelled examples for training (room- or user-keyed).
     pub training_samples: String,
+    /// Output: per-room per-tick highlight scores (room-keyed).
+    pub highlight_scores: String,
+    /// Output: highlight events (room-keyed).
+    pub highlights: String,
     /// Partitions of the room-keyed topics when onair creates them.
     pub partitions: i32,
     /// Whether `run` creates missing topics at start (admin API).
@@ -147,6 +151,8 @@ impl Default for TopicsConfig {
             transcripts: "transcripts".into(),
             room_features: "room-features".into(),
             training_samples: "training-samples".into(),
+            highlight_scores: "highlight-scores".into(),
+            highlights: "highlights".into(),
             partitions: 4,
             create: true,
         }
@@ -330,6 +336,8 @@ pub struct OperatorsConfig {
     pub features: FeaturesConfig,
     /// Highlight labels from viewers' long views, joined with features.
     pub highlight_labels: HighlightLabelsConfig,
+    /// Highlight scores and events per room, from the highlight model.
+    pub highlight: HighlightConfig,
 }
 
 impl Default for OperatorsConfig {
@@ -339,6 +347,7 @@ impl Default for OperatorsConfig {
             speech: SpeechConfig::default(),
             features: FeaturesConfig::default(),
             highlight_labels: HighlightLabelsConfig::default(),
+            highlight: HighlightConfig::default(),
         }
     }
 }
@@ -532,6 +541,83 @@ impl Default for HighlightLabelsConfig {
     }
 }
 
+/// `[operators.highlight]`: scores every room's newest tick with the
+/// highlight model (its look-back window of features, never later ticks),
+/// writes the scores to `highlight-scores`, and turns them into highlight
+/// events on `highlights` with the thresholds calibrated for the model
+/// version (hysteresis: one highlight, one event). Ticks of all rooms of
+/// the instance are batched. Needs `operators.features.enabled`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HighlightConfig {
+    /// Whether the operator runs.
+    pub enabled: bool,
+    /// The model directory: numbered versions (`1/model.onnx` and
+    /// `1/highlight.json`); the highest that loads serves.
+    pub model: String,
+    /// How often the directory is checked for a new version (ms); 0: never.
+    pub reload_interval_ms: u64,
+    /// Per-tick model states each room keeps (at least the window of any
+    /// version that will serve, minus one).
+    pub history_ticks: usize,
+    /// Comments per tick each room keeps for its events' top comments.
+    pub comments_per_tick: usize,
+    /// Top comments reported with an event.
+    pub top_comments: usize,
+    /// Batching of the model.
+    pub batch: BatchSettings,
+}
+
+impl Default for HighlightConfig {
+    fn default() -> Self {
+        HighlightConfig {
+            enabled: false,
+            model: "models/highlight".into(),
+            reload_interval_ms: 5000,
+            history_ticks: 64,
+            comments_per_tick: 16,
+            top_comments: 5,
+            batch: BatchSettings {
+                max_batch: 64,
+                max_delay_ms: 10,
+                capacity: 1024,
+                workers: 1,
+                threads: 1,
+            },
+        }
+    }
+}
+
+/// Checks one model's batch settings, found at `path`.
+fn check_batch(path: &str, b: &BatchSettings, bad: &mut impl FnMut(&str, bool, &str)) {
+    let at = |field: &str| format!("{path}.{field}");
+    bad(
+        &at("max_batch"),
+        (1..=1024).contains(&b.max_batch),
+        "must be 1..=1024",
+    );
+    bad(
+        &at("max_delay_ms"),
+        b.max_delay_ms <= 10_000,
+        "must be at most 10000",
+    );
+    bad(
+        &at("capacity"),
+        b.capacity >= b.max_batch && b.capacity <= 1_000_000,
+        "must be at least max_batch and at most 1000000",
+    );
+    bad(
+        &at("workers"),
+        (1..=64).contains(&b.workers),
+        "must be 1..=64",
+    );
+    bad(
+        &at("threads"),
+        (1..=64).contains(&b.threads),
+        "must be 1..=64",
+    );
+}
+
 /// `[operators.room_activity]`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -696,6 +782,8 @@ impl PipelineConfig {
             ("transcripts", &k.topics.transcripts),
             ("room_features", &k.topics.room_features),
             ("training_samples", &k.topics.training_samples),
+            ("highlight_scores", &k.topics.highlight_scores),
+            ("highlights", &k.topics.highlights),
         ] {
             let valid = !topic.is_empty()
                 && topic.len() <= 249
@@ -883,37 +971,37 @@ impl PipelineConfig {
                 (1..=10_000).contains(&f.max_comments_per_tick),
                 "must be 1..=10000",
             );
-            for (name, b) in [
-                ("image_batch", &f.image_batch),
-                ("text_batch", &f.text_batch),
-            ] {
-                let at = |field: &str| format!("operators.features.{name}.{field}");
-                bad(
-                    &at("max_batch"),
-                    (1..=1024).contains(&b.max_batch),
-                    "must be 1..=1024",
-                );
-                bad(
-                    &at("max_delay_ms"),
-                    b.max_delay_ms <= 10_000,
-                    "must be at most 10000",
-                );
-                bad(
-                    &at("capacity"),
-                    b.capacity >= b.max_batch && b.capacity <= 1_000_000,
-                    "must be at least max_batch and at most 1000000",
-                );
-                bad(
-                    &at("workers"),
-                    (1..=64).contains(&b.workers),
-                    "must be 1..=64",
-                );
-                bad(
-                    &at("threads"),
-                    (1..=64).contains(&b.threads),
-                    "must be 1..=64",
-                );
-            }
+            check_batch("operators.features.image_batch", &f.image_batch, &mut bad);
+            check_batch("operators.features.text_batch", &f.text_batch, &mut bad);
+        }
+        let h = &self.operators.highlight;
+        if h.enabled {
+            bad(
+                "operators.highlight.enabled",
+                f.enabled,
+                "needs operators.features.enabled (the model reads the features)",
+            );
+            bad(
+                "operators.highlight.model",
+                !h.model.trim().is_empty(),
+                "must name a directory",
+            );
+            bad(
+                "operators.highlight.history_ticks",
+                (1..=4096).contains(&h.history_ticks),
+                "must be 1..=4096",
+            );
+            bad(
+                "operators.highlight.comments_per_tick",
+                h.comments_per_tick <= 1000,
+                "must be at most 1000",
+            );
+            bad(
+                "operators.highlight.top_comments",
+                h.top_comments <= 100,
+                "must be at most 100",
+            );
+            check_batch("operators.highlight.batch", &h.batch, &mut bad);
         }
         let hl = &self.operators.highlight_labels;
         if hl.enabled {

@@ -171,6 +171,16 @@ pub fn pipeline_topics(cfg: &KafkaConfig) -> Vec<TopicSpec<'_>> {
             configs: vec![],
         },
         TopicSpec {
+            name: &t.highlight_scores,
+            partitions: p,
+            configs: vec![],
+        },
+        TopicSpec {
+            name: &t.highlights,
+            partitions: p,
+            configs: vec![],
+        },
+        TopicSpec {
             name: &t.dead_letters,
             partitions: p,
             configs: vec![("max.message.bytes", big)],

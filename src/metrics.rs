@@ -100,6 +100,13 @@ pub const BATCH_REFUSED: &str = "onair_batch_refused_total";
 pub const ROOM_FEATURES: &str = "onair_room_features_total";
 /// Training samples written, labelled `task`.
 pub const TRAINING_SAMPLES: &str = "onair_training_samples_total";
+/// Room ticks scored by the highlight model, labelled `partition`.
+pub const HIGHLIGHT_SCORES: &str = "onair_highlight_scores_total";
+/// Highlight event records written, labelled `state` (`open`, `closed`).
+pub const HIGHLIGHT_EVENTS: &str = "onair_highlight_events_total";
+/// Bytes of per-room highlight state (model states, running means,
+/// comments kept for events), labelled `partition`.
+pub const HIGHLIGHT_STATE_BYTES: &str = "onair_highlight_state_bytes";
 
 /// Handles of one stage's metric family, created once and cloned cheaply.
 #[derive(Clone)]

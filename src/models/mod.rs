@@ -9,6 +9,7 @@
 
 pub mod asr;
 pub mod batcher;
+pub mod highlight;
 pub mod image;
 pub mod onnx;
 pub mod serving;

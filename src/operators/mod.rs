@@ -6,6 +6,7 @@
 //! [`Services`]).
 
 pub mod features;
+pub mod highlight;
 pub mod highlight_labels;
 pub mod room_activity;
 pub mod speech;
@@ -24,6 +25,8 @@ pub struct Services {
     pub speech: Option<(Arc<SpeechConfig>, Arc<AsrPool>)>,
     /// The image and text encoders (None: features off).
     pub features: Option<Arc<features::Encoders>>,
+    /// The highlight model (None: highlight detection off).
+    pub highlight: Option<Arc<highlight::HighlightService>>,
 }
 
 /// Builds the operators a pipeline enables, in the order they run.
@@ -43,7 +46,10 @@ pub fn build(
     // After speech: it reads the speech operator's notes.
     if let Some(enc) = &services.features {
         ops.push(Box::new(features::Features::new(enc.clone())));
-        // After features: it reads their notes.
+        // After features: these read their notes.
+        if let Some(svc) = &services.highlight {
+            ops.push(Box::new(highlight::Highlight::new(svc.clone())));
+        }
         let hl = &config.operators.highlight_labels;
         if hl.enabled {
             ops.push(Box::new(highlight_labels::HighlightLabels::new(

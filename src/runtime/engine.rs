@@ -268,6 +268,12 @@ fn services(config: &PipelineConfig) -> Result<Services, EngineError> {
             "encoders serving"
         );
         services.features = Some(Arc::new(enc));
+        let hc = &config.operators.highlight;
+        if hc.enabled {
+            let svc = crate::operators::highlight::HighlightService::start(Arc::new(hc.clone()))?;
+            info!(model = %svc.model.label(), "highlight model serving");
+            services.highlight = Some(Arc::new(svc));
+        }
     }
     if !sp.enabled || !config.media.enabled {
         return Ok(services);

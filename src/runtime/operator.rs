@@ -67,6 +67,10 @@ pub enum OutputTopic {
     RoomFeatures,
     /// Labelled examples for training the engine's models.
     TrainingSamples,
+    /// Per-room per-tick highlight scores.
+    HighlightScores,
+    /// Highlight events.
+    Highlights,
 }
 
 impl OutputTopic {
@@ -78,6 +82,8 @@ impl OutputTopic {
             OutputTopic::Transcripts => "transcripts",
             OutputTopic::RoomFeatures => "room_features",
             OutputTopic::TrainingSamples => "training_samples",
+            OutputTopic::HighlightScores => "highlight_scores",
+            OutputTopic::Highlights => "highlights",
         }
     }
 }

@@ -13,7 +13,7 @@ use prost::Message;
 
 use super::{Ack, Busy, Sink};
 use crate::runtime::{Output, OutputTopic};
-use crate::schema::{DeadLetter, RoomFeatures, RoomStats, Transcript};
+use crate::schema::{DeadLetter, HighlightEvent, RoomFeatures, RoomStats, Transcript};
 
 #[derive(Default)]
 struct View {
@@ -25,6 +25,9 @@ struct View {
     features: BTreeMap<(String, i64), RoomFeatures>,
     features_duplicates: u64,
     training_samples: u64,
+    highlight_scores: u64,
+    /// Highlight events, the last record per id.
+    highlights: BTreeMap<String, HighlightEvent>,
 }
 
 /// Acknowledges at once and remembers what it saw.
@@ -60,6 +63,10 @@ pub struct Totals {
     pub feature_duplicates: u64,
     /// Training samples written (every copy).
     pub training_samples: u64,
+    /// Highlight scores written (every copy).
+    pub highlight_scores: u64,
+    /// Distinct highlight events.
+    pub highlights: usize,
 }
 
 impl ConsoleSink {
@@ -74,6 +81,17 @@ impl ConsoleSink {
             .lock()
             .map(|v| v.stats.clone())
             .unwrap_or_default()
+    }
+
+    /// Every highlight event (the last record of each), by room and start.
+    pub fn highlights(&self) -> Vec<HighlightEvent> {
+        let mut h: Vec<HighlightEvent> = self
+            .view
+            .lock()
+            .map(|v| v.highlights.values().cloned().collect())
+            .unwrap_or_default();
+        h.sort_by(|a, b| (&a.room_id, a.start_time_ms).cmp(&(&b.room_id, b.start_time_ms)));
+        h
     }
 
     /// Every transcript, in the order written.
@@ -108,6 +126,8 @@ impl ConsoleSink {
             feature_ticks: v.features.len(),
             feature_duplicates: v.features_duplicates,
             training_samples: v.training_samples,
+            highlight_scores: v.highlight_scores,
+            highlights: v.highlights.len(),
             ..Totals::default()
         };
         for ((room, _), s) in &v.stats {
@@ -216,6 +236,12 @@ impl Sink for ConsoleSink {
                     }
                 }
                 OutputTopic::TrainingSamples => v.training_samples += 1,
+                OutputTopic::HighlightScores => v.highlight_scores += 1,
+                OutputTopic::Highlights => {
+                    if let Ok(h) = HighlightEvent::decode(&out.payload[..]) {
+                        v.highlights.insert(h.id.clone(), h);
+                    }
+                }
                 OutputTopic::RoomFeatures => {
                     if let Ok(f) = RoomFeatures::decode(&out.payload[..]) {
                         let key = (f.room_id.clone(), f.tick_start_ms);

@@ -50,6 +50,8 @@ pub struct KafkaSink {
     transcripts: String,
     room_features: String,
     training_samples: String,
+    highlight_scores: String,
+    highlights: String,
 }
 
 impl KafkaSink {
@@ -68,6 +70,8 @@ impl KafkaSink {
             transcripts: cfg.topics.transcripts.clone(),
             room_features: cfg.topics.room_features.clone(),
             training_samples: cfg.topics.training_samples.clone(),
+            highlight_scores: cfg.topics.highlight_scores.clone(),
+            highlights: cfg.topics.highlights.clone(),
         })
     }
 
@@ -92,6 +96,8 @@ impl KafkaSink {
             OutputTopic::Transcripts => &self.transcripts,
             OutputTopic::RoomFeatures => &self.room_features,
             OutputTopic::TrainingSamples => &self.training_samples,
+            OutputTopic::HighlightScores => &self.highlight_scores,
+            OutputTopic::Highlights => &self.highlights,
         }
     }
 

@@ -75,6 +75,8 @@ dead_letters = "{prefix}-dead-letters"
 transcripts = "{prefix}-transcripts"
 room_features = "{prefix}-room-features"
 training_samples = "{prefix}-training-samples"
+highlight_scores = "{prefix}-highlight-scores"
+highlights = "{prefix}-highlights"
 partitions = 4
 [runtime]
 idle_timeout_ms = 2000
