@@ -574,7 +574,7 @@ impl Default for HighlightConfig {
             enabled: false,
             model: "models/highlight".into(),
             reload_interval_ms: 5000,
-            history_ticks: 64,
+            history_ticks: 32,
             comments_per_tick: 16,
             top_comments: 5,
             batch: BatchSettings {

@@ -1,0 +1,248 @@
+//! The shipped highlight model (models/highlight/, the highest version) as
+//! the engine runs it, on ONNX Runtime:
+//! - causality: changing the features of ticks after t never changes the
+//!   score of t, through the model's step and through the highlight
+//!   operator (its per-room history, batching and running means);
+//! - the look-back is real: changing an earlier tick does change later
+//!   scores;
+//! - batching rooms together gives each room the score it gets alone.
+//!
+//! Needs the files of `scripts/models` (ONNX Runtime); the model itself is
+//! committed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use onair::config::HighlightConfig;
+use onair::features::row::ROW_WIDTH;
+use onair::models::highlight::{HighlightModel, StepInput, StepState};
+use onair::operators::highlight::{Highlight, HighlightService};
+use onair::runtime::{Context, Holds, Note, Operator, Output, OutputTopic};
+use onair::schema::{AudioFeatures, HighlightScore, RoomFeatures};
+use prost::Message;
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/highlight")
+}
+
+/// The highest numbered version directory.
+fn latest_version() -> PathBuf {
+    let dir = model_dir();
+    let mut versions: Vec<u64> = std::fs::read_dir(&dir)
+        .expect("models/highlight")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    dir.join(versions.last().expect("a version").to_string())
+}
+
+fn init() {
+    onair::models::onnx::init_onnx_runtime(None).expect("ONNX Runtime (run scripts/models)");
+}
+
+/// Deterministic pseudo-random numbers in [0, 1).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// Feature records that look like the engine's: non-negative image
+/// features, unit text embeddings, log-mel values, loudness.
+fn features(room: &str, ticks: usize, seed: u64) -> Vec<RoomFeatures> {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    (0..ticks)
+        .map(|i| {
+            let excited = (i / 7) % 3 == 2;
+            let mut text: Vec<f32> = (0..384).map(|_| rng.next() - 0.5).collect();
+            let n = text.iter().map(|v| v * v).sum::<f32>().sqrt();
+            text.iter_mut().for_each(|v| *v /= n);
+            RoomFeatures {
+                room_id: room.into(),
+                tick_start_ms: 1_000_000 + i as i64 * 1000,
+                tick_ms: 1000,
+                image_embedding: (0..1280)
+                    .map(|_| rng.next() * if excited { 2.0 } else { 0.8 })
+                    .collect(),
+                frames: 1,
+                comment_embedding: text,
+                comments: 2 + u32::from(excited) * 6,
+                audio: Some(AudioFeatures {
+                    audio_ms: 1000,
+                    log_mel_mean: (0..32).map(|_| -3.0 + rng.next()).collect(),
+                    log_mel_std: (0..32).map(|_| 0.5 * rng.next()).collect(),
+                    rms_dbfs: if excited { -22.0 } else { -35.0 } + rng.next(),
+                    peak_dbfs: -6.0,
+                    speech_ratio: None,
+                }),
+                ..RoomFeatures::default()
+            }
+        })
+        .collect()
+}
+
+/// Scores a room's ticks one by one through the step, as the operator does.
+fn scores_by_step(model: &mut HighlightModel, records: &[RoomFeatures]) -> Vec<f32> {
+    let mut sum = vec![0.0f64; ROW_WIDTH];
+    let mut history: Vec<Arc<StepState>> = Vec::new();
+    let mut out = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        let x = onair::features::row::tick_row(r);
+        for (s, v) in sum.iter_mut().zip(&x) {
+            *s += f64::from(*v);
+        }
+        let streamer = sum.iter().map(|s| (s / (i + 1) as f64) as f32).collect();
+        let step = model
+            .step(&[StepInput {
+                x,
+                streamer,
+                history: history.clone(),
+            }])
+            .expect("step");
+        out.push(step[0].score);
+        history.push(step[0].state.clone());
+    }
+    out
+}
+
+#[test]
+fn scores_never_depend_on_later_ticks_and_do_depend_on_earlier_ones() {
+    init();
+    let mut model = HighlightModel::load(&latest_version(), 1).expect("highlight model");
+    let window = model.spec().window;
+    let base = features("room-a", 60, 1);
+    let a = scores_by_step(&mut model, &base);
+    assert!(a.iter().all(|s| (0.0..=1.0).contains(s)), "{a:?}");
+    let t = 30;
+    // Every tick after t replaced by another room's.
+    let mut later = base.clone();
+    later[t + 1..].clone_from_slice(&features("room-a", 60, 2)[t + 1..]);
+    let b = scores_by_step(&mut model, &later);
+    assert_eq!(a[..=t], b[..=t], "a score changed with later ticks");
+    assert!(a[t + 1..] != b[t + 1..], "later ticks changed nothing after t");
+    // An earlier tick changes the scores of the ticks that look back on it.
+    let mut earlier = base.clone();
+    earlier[t - 5] = features("room-a", 60, 3)[t - 5].clone();
+    let c = scores_by_step(&mut model, &earlier);
+    assert_eq!(a[..t - 5], c[..t - 5]);
+    let moved = (t - 4..(t - 5 + window).min(60))
+        .filter(|&i| (a[i] - c[i]).abs() > 1e-6)
+        .count();
+    assert!(moved > 0, "no score looked back at tick {}", t - 5);
+    println!("window {window}; ticks after t=5 whose score moved: {moved}");
+}
+
+#[test]
+fn a_batch_of_rooms_scores_each_as_alone() {
+    init();
+    let mut model = HighlightModel::load(&latest_version(), 1).expect("highlight model");
+    let rooms: Vec<Vec<RoomFeatures>> = (0..6)
+        .map(|r| features(&format!("room-{r}"), 12 + r * 3, 10 + r as u64))
+        .collect();
+    let alone: Vec<Vec<f32>> = rooms
+        .iter()
+        .map(|r| scores_by_step(&mut model, r))
+        .collect();
+    // Together: each step is one batch of every room that still has a tick.
+    let mut sums = vec![vec![0.0f64; ROW_WIDTH]; rooms.len()];
+    let mut hist: Vec<Vec<Arc<StepState>>> = vec![Vec::new(); rooms.len()];
+    let mut together: Vec<Vec<f32>> = vec![Vec::new(); rooms.len()];
+    let longest = rooms.iter().map(Vec::len).max().unwrap_or(0);
+    for i in 0..longest {
+        let live: Vec<usize> = (0..rooms.len()).filter(|&r| i < rooms[r].len()).collect();
+        let inputs: Vec<StepInput> = live
+            .iter()
+            .map(|&r| {
+                let x = onair::features::row::tick_row(&rooms[r][i]);
+                for (s, v) in sums[r].iter_mut().zip(&x) {
+                    *s += f64::from(*v);
+                }
+                StepInput {
+                    x,
+                    streamer: sums[r].iter().map(|s| (s / (i + 1) as f64) as f32).collect(),
+                    history: hist[r].clone(),
+                }
+            })
+            .collect();
+        let out = model.step(&inputs).expect("batch");
+        for (&r, o) in live.iter().zip(out) {
+            together[r].push(o.score);
+            hist[r].push(o.state);
+        }
+    }
+    let worst = alone
+        .iter()
+        .flatten()
+        .zip(together.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    println!("largest batched-vs-alone score difference: {worst:e}");
+    assert!(worst < 1e-5, "{worst}");
+}
+
+/// Runs the operator over `records` (one room) and returns its scores.
+fn scores_by_operator(svc: &Arc<HighlightService>, records: &[RoomFeatures]) -> Vec<(i64, f32)> {
+    let mut op = Highlight::new(svc.clone());
+    let mut outputs: Vec<Output> = Vec::new();
+    {
+        let mut ctx = Context::new(&mut outputs, 0, 1000);
+        op.on_start(&mut ctx);
+        for r in records {
+            op.on_note(
+                &Note::Features {
+                    record: Arc::new(r.clone()),
+                    holds: Holds::default(),
+                },
+                &mut ctx,
+            );
+            op.poll(&mut ctx);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while op.pending() > 0 {
+        assert!(Instant::now() < deadline, "the model never answered");
+        std::thread::sleep(Duration::from_millis(5));
+        let mut ctx = Context::new(&mut outputs, 0, 1000);
+        op.poll(&mut ctx);
+    }
+    outputs
+        .iter()
+        .filter(|o| o.topic == OutputTopic::HighlightScores)
+        .map(|o| {
+            let s = HighlightScore::decode(&o.payload[..]).expect("score record");
+            (s.tick_start_ms, s.score)
+        })
+        .collect()
+}
+
+#[test]
+fn the_operator_scores_causally() {
+    init();
+    let cfg = HighlightConfig {
+        enabled: true,
+        model: model_dir().display().to_string(),
+        reload_interval_ms: 0,
+        ..HighlightConfig::default()
+    };
+    let svc = Arc::new(HighlightService::start(Arc::new(cfg)).expect("highlight service"));
+    let base = features("room-b", 50, 4);
+    let a = scores_by_operator(&svc, &base);
+    assert_eq!(a.len(), 50);
+    let t = 25;
+    let mut later = base.clone();
+    later[t + 1..].clone_from_slice(&features("room-b", 50, 5)[t + 1..]);
+    let b = scores_by_operator(&svc, &later);
+    assert_eq!(a[..=t], b[..=t]);
+    assert!(a[t + 1..] != b[t + 1..]);
+    // The operator's scores are the step's.
+    let mut model = HighlightModel::load(&latest_version(), 1).expect("highlight model");
+    let direct = scores_by_step(&mut model, &base);
+    for ((_, op), st) in a.iter().zip(&direct) {
+        assert!((op - st).abs() < 1e-6, "{op} vs {st}");
+    }
+}
