@@ -78,7 +78,10 @@ fn main() {
     let mut model = HighlightModel::load(&version, 1).expect("highlight model");
     let n = model.spec().window;
     let rounds = env_usize("ONAIR_BENCH_ROUNDS", 3);
-    println!("highlight model {} (window n = {n}), 1 thread", version.display());
+    println!(
+        "highlight model {} (window n = {n}), 1 thread",
+        version.display()
+    );
 
     // Full histories for 64 rooms, built by the model itself.
     let rooms = 64;
@@ -133,8 +136,7 @@ fn main() {
                                 history: h[r].clone(),
                             })
                             .collect();
-                        for (r, o) in model.step(&inputs).expect("step").into_iter().enumerate()
-                        {
+                        for (r, o) in model.step(&inputs).expect("step").into_iter().enumerate() {
                             h[r].push(o.state);
                         }
                     }

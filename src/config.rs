@@ -555,6 +555,9 @@ pub struct HighlightConfig {
     /// The model directory: numbered versions (`1/model.onnx` and
     /// `1/highlight.json`); the highest that loads serves.
     pub model: String,
+    /// What runs the model: "onnx" (`N/model.onnx`) or "torch" (`N/model.pt`;
+    /// needs a build with the `torch` feature).
+    pub backend: String,
     /// How often the directory is checked for a new version (ms); 0: never.
     pub reload_interval_ms: u64,
     /// Per-tick model states each room keeps (at least the window of any
@@ -573,6 +576,7 @@ impl Default for HighlightConfig {
         HighlightConfig {
             enabled: false,
             model: "models/highlight".into(),
+            backend: "onnx".into(),
             reload_interval_ms: 5000,
             history_ticks: 32,
             comments_per_tick: 16,
@@ -985,6 +989,11 @@ impl PipelineConfig {
                 "operators.highlight.model",
                 !h.model.trim().is_empty(),
                 "must name a directory",
+            );
+            bad(
+                "operators.highlight.backend",
+                h.backend == "onnx" || (h.backend == "torch" && cfg!(feature = "torch")),
+                "must be \"onnx\", or \"torch\" in a build with the `torch` feature",
             );
             bad(
                 "operators.highlight.history_ticks",

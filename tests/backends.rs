@@ -95,3 +95,57 @@ fn onnx_runtime_and_libtorch_agree_on_every_encoder() {
     );
     assert!(d <= 1e-5);
 }
+
+#[test]
+fn onnx_runtime_and_libtorch_agree_on_the_highlight_model() {
+    use onair::models::highlight::{HighlightModel, StepInput};
+    use onair::models::torch::TorchHighlight;
+    use std::sync::Arc;
+    onair::models::onnx::init_onnx_runtime(None).expect("ONNX Runtime");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/highlight");
+    let mut versions: Vec<u64> = std::fs::read_dir(&dir)
+        .expect("models/highlight")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    let version = dir.join(versions.last().expect("a version").to_string());
+    let mut ort = HighlightModel::load(&version, 1).expect("onnx highlight");
+    let mut tch = TorchHighlight::load(&version, 1).expect("torch highlight");
+    assert_eq!(ort.spec(), tch.spec());
+    let width = onair::features::row::ROW_WIDTH;
+    // Three rooms stepped together for 40 ticks, each backend keeping its own
+    // histories: scores and states must agree all along.
+    let mut seed = 7u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let (mut ho, mut ht) = (vec![Vec::new(); 3], vec![Vec::new(); 3]);
+    let (mut score_diff, mut state_diff) = (0.0f32, 0.0f32);
+    for _ in 0..40 {
+        let rows: Vec<Vec<f32>> = (0..3)
+            .map(|_| (0..width).map(|_| next()).collect())
+            .collect();
+        let inputs = |h: &Vec<Vec<Arc<_>>>| -> Vec<StepInput> {
+            (0..3)
+                .map(|r| StepInput {
+                    x: rows[r].clone(),
+                    streamer: rows[r].clone(),
+                    history: h[r].clone(),
+                })
+                .collect()
+        };
+        let a = ort.step(&inputs(&ho)).expect("onnx step");
+        let b = tch.step(&inputs(&ht)).expect("torch step");
+        for (r, (a, b)) in a.into_iter().zip(b).enumerate() {
+            score_diff = score_diff.max((a.score - b.score).abs());
+            state_diff = state_diff.max(max_abs(&a.state.e, &b.state.e));
+            ho[r].push(a.state);
+            ht[r].push(b.state);
+        }
+    }
+    println!("highlight: scores within {score_diff:e}, states within {state_diff:e}");
+    assert!(score_diff < 1e-5 && state_diff < 1e-4);
+}

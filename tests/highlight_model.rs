@@ -124,7 +124,10 @@ fn scores_never_depend_on_later_ticks_and_do_depend_on_earlier_ones() {
     later[t + 1..].clone_from_slice(&features("room-a", 60, 2)[t + 1..]);
     let b = scores_by_step(&mut model, &later);
     assert_eq!(a[..=t], b[..=t], "a score changed with later ticks");
-    assert!(a[t + 1..] != b[t + 1..], "later ticks changed nothing after t");
+    assert!(
+        a[t + 1..] != b[t + 1..],
+        "later ticks changed nothing after t"
+    );
     // An earlier tick changes the scores of the ticks that look back on it.
     let mut earlier = base.clone();
     earlier[t - 5] = features("room-a", 60, 3)[t - 5].clone();
@@ -164,7 +167,10 @@ fn a_batch_of_rooms_scores_each_as_alone() {
                 }
                 StepInput {
                     x,
-                    streamer: sums[r].iter().map(|s| (s / (i + 1) as f64) as f32).collect(),
+                    streamer: sums[r]
+                        .iter()
+                        .map(|s| (s / (i + 1) as f64) as f32)
+                        .collect(),
                     history: hist[r].clone(),
                 }
             })

@@ -170,18 +170,79 @@ impl HighlightModel {
 
     /// Scores a batch of rooms' newest ticks.
     pub fn step(&mut self, inputs: &[StepInput]) -> Result<Vec<StepOutput>, ModelError> {
-        let b = inputs.len();
-        let Spec { window, dims, .. } = self.spec;
-        let h = window - 1;
-        if b == 0 {
+        if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut x = Vec::with_capacity(b * dims.x);
-        let mut streamer = Vec::with_capacity(b * dims.x);
-        let mut z = vec![0.0f32; b * h * dims.z];
-        let mut e = vec![0.0f32; b * h * dims.e];
-        let mut p = vec![0.0f32; b * h * dims.p];
-        let mut valid = vec![0.0f32; b * h];
+        let k = Packed::new(&self.spec, inputs)?;
+        let Packed { b, h, dims, .. } = k;
+        let runtime = |e: ort::Error| ModelError::Runtime(format!("highlight model: {e}"));
+        let outputs = self
+            .session
+            .run(ort::inputs![
+                "x" => TensorRef::from_array_view(([b, dims.x], &k.x[..])).map_err(runtime)?,
+                "streamer" => TensorRef::from_array_view(([b, dims.x], &k.streamer[..])).map_err(runtime)?,
+                "z_hist" => TensorRef::from_array_view(([b, h, dims.z], &k.z[..])).map_err(runtime)?,
+                "e_hist" => TensorRef::from_array_view(([b, h, dims.e], &k.e[..])).map_err(runtime)?,
+                "p_hist" => TensorRef::from_array_view(([b, h, dims.p], &k.p[..])).map_err(runtime)?,
+                "valid" => TensorRef::from_array_view(([b, h], &k.valid[..])).map_err(runtime)?,
+            ])
+            .map_err(runtime)?;
+        let take = |name: &str| -> Result<Vec<f32>, ModelError> {
+            let (_, v) = outputs[name].try_extract_tensor::<f32>().map_err(runtime)?;
+            Ok(v.to_vec())
+        };
+        k.unpack(
+            &self.spec,
+            [
+                take("score")?,
+                take("logit")?,
+                take("z")?,
+                take("e")?,
+                take("p")?,
+            ],
+        )
+    }
+}
+
+/// One batch laid out as the step graph reads it (shared by the backends).
+pub(crate) struct Packed {
+    /// Rooms.
+    pub b: usize,
+    /// History slots (window - 1).
+    pub h: usize,
+    /// Widths.
+    pub dims: Dims,
+    /// [b, x] rows.
+    pub x: Vec<f32>,
+    /// [b, x] running means.
+    pub streamer: Vec<f32>,
+    /// [b, h, z] text states.
+    pub z: Vec<f32>,
+    /// [b, h, e] aligned frame states.
+    pub e: Vec<f32>,
+    /// [b, h, p] perceiver states.
+    pub p: Vec<f32>,
+    /// [b, h]: 1 where a slot holds a state.
+    pub valid: Vec<f32>,
+}
+
+impl Packed {
+    /// Packs `inputs` (not empty) for a model of `spec`.
+    pub fn new(spec: &Spec, inputs: &[StepInput]) -> Result<Self, ModelError> {
+        let b = inputs.len();
+        let dims = spec.dims;
+        let h = spec.window - 1;
+        let mut k = Packed {
+            b,
+            h,
+            dims,
+            x: Vec::with_capacity(b * dims.x),
+            streamer: Vec::with_capacity(b * dims.x),
+            z: vec![0.0; b * h * dims.z],
+            e: vec![0.0; b * h * dims.e],
+            p: vec![0.0; b * h * dims.p],
+            valid: vec![0.0; b * h],
+        };
         for (i, input) in inputs.iter().enumerate() {
             if input.x.len() != dims.x || input.streamer.len() != dims.x {
                 return Err(ModelError::Input(format!(
@@ -199,62 +260,75 @@ impl HighlightModel {
             {
                 return Err(ModelError::Input("non-finite feature value".into()));
             }
-            x.extend_from_slice(&input.x);
-            streamer.extend_from_slice(&input.streamer);
+            k.x.extend_from_slice(&input.x);
+            k.streamer.extend_from_slice(&input.streamer);
             // The last h states that fit, right-aligned: empty slots in front.
-            let usable: Vec<&StepState> = input
+            let usable = input
                 .history
                 .iter()
                 .rev()
                 .take_while(|s| s.z.len() == dims.z && s.e.len() == dims.e && s.p.len() == dims.p)
-                .take(h)
-                .map(|s| s.as_ref())
-                .collect();
-            for (back, s) in usable.iter().enumerate() {
+                .take(h);
+            for (back, s) in usable.enumerate() {
                 let slot = i * h + (h - 1 - back);
-                z[slot * dims.z..(slot + 1) * dims.z].copy_from_slice(&s.z);
-                e[slot * dims.e..(slot + 1) * dims.e].copy_from_slice(&s.e);
-                p[slot * dims.p..(slot + 1) * dims.p].copy_from_slice(&s.p);
-                valid[slot] = 1.0;
+                k.z[slot * dims.z..(slot + 1) * dims.z].copy_from_slice(&s.z);
+                k.e[slot * dims.e..(slot + 1) * dims.e].copy_from_slice(&s.e);
+                k.p[slot * dims.p..(slot + 1) * dims.p].copy_from_slice(&s.p);
+                k.valid[slot] = 1.0;
             }
         }
-        let runtime = |e: ort::Error| ModelError::Runtime(format!("highlight model: {e}"));
-        let outputs = self
-            .session
-            .run(ort::inputs![
-                "x" => TensorRef::from_array_view(([b, dims.x], &x[..])).map_err(runtime)?,
-                "streamer" => TensorRef::from_array_view(([b, dims.x], &streamer[..])).map_err(runtime)?,
-                "z_hist" => TensorRef::from_array_view(([b, h, dims.z], &z[..])).map_err(runtime)?,
-                "e_hist" => TensorRef::from_array_view(([b, h, dims.e], &e[..])).map_err(runtime)?,
-                "p_hist" => TensorRef::from_array_view(([b, h, dims.p], &p[..])).map_err(runtime)?,
-                "valid" => TensorRef::from_array_view(([b, h], &valid[..])).map_err(runtime)?,
-            ])
-            .map_err(runtime)?;
-        let take = |name: &str, width: usize| -> Result<Vec<f32>, ModelError> {
-            let (_, v) = outputs[name].try_extract_tensor::<f32>().map_err(runtime)?;
+        Ok(k)
+    }
+
+    /// The rooms' results from the graph's outputs (score, logit, z, e, p).
+    pub fn unpack(&self, spec: &Spec, out: [Vec<f32>; 5]) -> Result<Vec<StepOutput>, ModelError> {
+        let (b, dims) = (self.b, self.dims);
+        let [score, logit, z, e, p] = out;
+        for (name, v, width) in [
+            ("score", &score, 1),
+            ("logit", &logit, 1),
+            ("z", &z, dims.z),
+            ("e", &e, dims.e),
+            ("p", &p, dims.p),
+        ] {
             if v.len() != b * width {
                 return Err(ModelError::Runtime(format!(
                     "highlight model gave {} values of {name} for {b} rooms",
                     v.len()
                 )));
             }
-            Ok(v.to_vec())
-        };
-        let score = take("score", 1)?;
-        let logit = take("logit", 1)?;
-        let (oz, oe, op) = (take("z", dims.z)?, take("e", dims.e)?, take("p", dims.p)?);
+        }
         Ok((0..b)
             .map(|i| StepOutput {
                 score: score[i],
                 logit: logit[i],
                 state: Arc::new(StepState {
-                    z: oz[i * dims.z..(i + 1) * dims.z].to_vec(),
-                    e: oe[i * dims.e..(i + 1) * dims.e].to_vec(),
-                    p: op[i * dims.p..(i + 1) * dims.p].to_vec(),
+                    z: z[i * dims.z..(i + 1) * dims.z].to_vec(),
+                    e: e[i * dims.e..(i + 1) * dims.e].to_vec(),
+                    p: p[i * dims.p..(i + 1) * dims.p].to_vec(),
                 }),
-                threshold: self.spec.threshold,
+                threshold: spec.threshold,
             })
             .collect())
+    }
+}
+
+/// Checks a version's smoke output: a score in [0, 1] for an empty tick.
+pub(crate) fn smoke_check(out: &[StepOutput]) -> Result<(), ModelError> {
+    match out.first() {
+        Some(o) if (0.0..=1.0).contains(&o.score) && o.logit.is_finite() => Ok(()),
+        _ => Err(ModelError::Runtime(
+            "no score in [0, 1] for an empty tick".into(),
+        )),
+    }
+}
+
+/// The smoke input: one empty tick with no history.
+pub(crate) fn smoke_input(spec: &Spec) -> StepInput {
+    StepInput {
+        x: vec![0.0; spec.dims.x],
+        streamer: vec![0.0; spec.dims.x],
+        history: Vec::new(),
     }
 }
 
@@ -264,18 +338,8 @@ impl Servable for HighlightModel {
     }
 
     fn smoke(&mut self) -> Result<(), ModelError> {
-        let x = self.spec.dims.x;
-        let out = self.step(&[StepInput {
-            x: vec![0.0; x],
-            streamer: vec![0.0; x],
-            history: Vec::new(),
-        }])?;
-        match out.first() {
-            Some(o) if (0.0..=1.0).contains(&o.score) && o.logit.is_finite() => Ok(()),
-            _ => Err(ModelError::Runtime(
-                "no score in [0, 1] for an empty tick".into(),
-            )),
-        }
+        let input = smoke_input(&self.spec);
+        smoke_check(&self.step(&[input])?)
     }
 }
 

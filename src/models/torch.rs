@@ -1,8 +1,10 @@
 //! The libtorch backend (the `torch` feature): the same two encoders as
-//! [`super::image`] and [`super::text`], as TorchScript exports
-//! (`scripts/torch` writes `model.pt` next to each version's `model.onnx`)
-//! run by `tch` on the GPU when libtorch sees one, else on the CPU. Inputs
-//! and outputs are those of the ONNX backend, so either serves the batcher;
+//! [`super::image`] and [`super::text`], and the highlight model's step of
+//! [`super::highlight`], as TorchScript exports (`scripts/torch` writes the
+//! encoders' `model.pt` next to each version's `model.onnx`;
+//! models/highlight/export.py writes the highlight model's) run by `tch` on
+//! the GPU when libtorch sees one, else on the CPU. Inputs and outputs are
+//! those of the ONNX backend, so either serves the batcher;
 //! `tests/backends.rs` checks that they agree.
 //!
 //! Not for: training, or choosing a backend (the features configuration does).
@@ -217,5 +219,109 @@ impl BatchModel for TorchTextEncoder {
         let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
         let e = self.embed(&texts)?;
         Ok(e.chunks(TextEncoder::DIM).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// The highlight model's step on libtorch (`N/model.pt` next to
+/// `N/model.onnx`, with the same `N/highlight.json`).
+pub struct TorchHighlight {
+    module: CModule,
+    spec: super::highlight::Spec,
+}
+
+impl std::fmt::Debug for TorchHighlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TorchHighlight")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TorchHighlight {
+    /// Loads `model.pt` and `highlight.json` from a version directory.
+    pub fn load(dir: &Path, threads: usize) -> Result<Self, ModelError> {
+        let spec = super::highlight::Spec::load(&dir.join("highlight.json"))?;
+        Ok(TorchHighlight {
+            module: load_module(&dir.join("model.pt"), threads)?,
+            spec,
+        })
+    }
+
+    /// The version's spec.
+    pub fn spec(&self) -> &super::highlight::Spec {
+        &self.spec
+    }
+
+    /// As [`super::highlight::HighlightModel::step`].
+    pub fn step(
+        &mut self,
+        inputs: &[super::highlight::StepInput],
+    ) -> Result<Vec<super::highlight::StepOutput>, ModelError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = super::highlight::Packed::new(&self.spec, inputs)?;
+        let (b, h, d) = (k.b as i64, k.h as i64, k.dims);
+        let err = runtime("highlight model");
+        let _guard = tch::no_grad_guard();
+        let tensor = |v: &[f32], shape: &[i64]| {
+            Tensor::f_from_slice(v)
+                .and_then(|t| t.f_reshape(shape))
+                .and_then(|t| t.f_to_device(device()))
+                .map(IValue::Tensor)
+        };
+        let args = [
+            tensor(&k.x, &[b, d.x as i64]),
+            tensor(&k.streamer, &[b, d.x as i64]),
+            tensor(&k.z, &[b, h, d.z as i64]),
+            tensor(&k.e, &[b, h, d.e as i64]),
+            tensor(&k.p, &[b, h, d.p as i64]),
+            tensor(&k.valid, &[b, h]),
+        ]
+        .into_iter()
+        .collect::<Result<Vec<IValue>, _>>()
+        .map_err(&err)?;
+        let out = self.module.forward_is(&args).map_err(&err)?;
+        let IValue::Tuple(parts) = out else {
+            return Err(ModelError::Runtime(
+                "highlight model: not a tuple of outputs".into(),
+            ));
+        };
+        let mut vecs = Vec::with_capacity(5);
+        for part in parts.into_iter().take(5) {
+            match part {
+                IValue::Tensor(t) => vecs.push(to_vec(&t, "highlight model")?),
+                _ => {
+                    return Err(ModelError::Runtime(
+                        "highlight model: an output is not a tensor".into(),
+                    ))
+                }
+            }
+        }
+        let out: [Vec<f32>; 5] = vecs
+            .try_into()
+            .map_err(|_| ModelError::Runtime("highlight model: fewer than 5 outputs".into()))?;
+        k.unpack(&self.spec, out)
+    }
+}
+
+impl Servable for TorchHighlight {
+    fn load(dir: &Path, threads: usize) -> Result<Self, ModelError> {
+        TorchHighlight::load(dir, threads)
+    }
+
+    fn smoke(&mut self) -> Result<(), ModelError> {
+        let input = super::highlight::smoke_input(&self.spec);
+        super::highlight::smoke_check(&self.step(&[input])?)
+    }
+}
+
+/// One request is one room's newest tick.
+impl BatchModel for TorchHighlight {
+    type Input = super::highlight::StepInput;
+    type Output = super::highlight::StepOutput;
+
+    fn run_batch(&mut self, inputs: &[Self::Input]) -> Result<Vec<Self::Output>, ModelError> {
+        self.step(inputs)
     }
 }

@@ -10,7 +10,7 @@
 //! * The model states of the last `history_ticks` ticks (see
 //!   [`crate::models::highlight`]): a tick costs O(window), nothing is
 //!   recomputed. A gap in a room's ticks (a tick with no features record)
-//!   starts the look-back afresh.
+//!   starts the look-back afresh and ends an open highlight.
 //! * The running mean of the room's feature rows (the model's streamer
 //!   input), the comments of recent ticks and recent transcripts (for the
 //!   events' context).
@@ -38,7 +38,7 @@ use prost::Message;
 use crate::config::HighlightConfig;
 use crate::features::row::{tick_row, ROW_WIDTH};
 use crate::metrics::{Stage, HIGHLIGHT_EVENTS, HIGHLIGHT_SCORES, HIGHLIGHT_STATE_BYTES};
-use crate::models::batcher::{Batcher, Done, Refused, ReplyTo, Submit};
+use crate::models::batcher::{BatchModel, Batcher, Done, Refused, ReplyTo, Submit};
 use crate::models::highlight::{HighlightModel, StepInput, StepOutput, StepState, Threshold};
 use crate::models::serving::{ModelSlot, Watch};
 use crate::models::ModelError;
@@ -73,20 +73,43 @@ impl HighlightService {
     /// Loads the highest working version, starts its batcher and, when
     /// `reload_interval_ms` > 0, its watcher.
     pub fn start(cfg: Arc<HighlightConfig>) -> Result<Self, ModelError> {
-        let slot = ModelSlot::<HighlightModel>::open(
-            std::path::Path::new(&cfg.model),
-            cfg.batch.workers,
-            cfg.batch.threads,
-        )?;
-        let watch = (cfg.reload_interval_ms > 0)
-            .then(|| slot.watch(Duration::from_millis(cfg.reload_interval_ms)));
-        let model = Box::new(Batcher::start(slot, cfg.batch.batch_config()));
+        let (model, watch) = match cfg.backend.as_str() {
+            "onnx" => serve::<HighlightModel>(&cfg)?,
+            #[cfg(feature = "torch")]
+            "torch" => serve::<crate::models::torch::TorchHighlight>(&cfg)?,
+            other => {
+                return Err(ModelError::Missing {
+                    path: "operators.highlight.backend".into(),
+                    reason: format!("backend {other:?} is not built in"),
+                })
+            }
+        };
         Ok(HighlightService {
             cfg,
             model,
             _watch: watch,
         })
     }
+}
+
+type Served = (Box<dyn Submit<StepInput, StepOutput>>, Option<Watch>);
+
+/// Opens the model directory on backend `M`, starts its batcher and watcher.
+fn serve<M>(cfg: &HighlightConfig) -> Result<Served, ModelError>
+where
+    M: BatchModel<Input = StepInput, Output = StepOutput>,
+{
+    let slot = ModelSlot::<M>::open(
+        std::path::Path::new(&cfg.model),
+        cfg.batch.workers,
+        cfg.batch.threads,
+    )?;
+    let watch = (cfg.reload_interval_ms > 0)
+        .then(|| slot.watch(Duration::from_millis(cfg.reload_interval_ms)));
+    Ok((
+        Box::new(Batcher::start(slot, cfg.batch.batch_config())),
+        watch,
+    ))
 }
 
 /// A tick waiting to be scored.
@@ -265,7 +288,14 @@ impl Highlight {
             let Some(tick) = room.queue.pop_front() else {
                 continue;
             };
-            room.last_scored = Some(tick.tick);
+            let previous = room.last_scored.replace(tick.tick);
+            // A gap in the room's ticks ends its highlight.
+            if let Some(p) = previous.filter(|&p| tick.tick != p + self.tick_ms) {
+                self.close(&key, p + self.tick_ms, ctx);
+            }
+            let Some(room) = self.rooms.get_mut(&key) else {
+                continue;
+            };
             match done.result {
                 Ok(out) => {
                     room.history.push_back((out.state.clone(), tick.holds));

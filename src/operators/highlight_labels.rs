@@ -25,8 +25,10 @@
 //! Labels lag their ticks by about `enter_window_ms + long_view_ms`; the
 //! operator holds the input positions and the emitted-through time of
 //! unwritten ticks, so a restart recomputes them instead of losing them.
-//! A broadcast that ends leaves its last ticks unlabelled (their views were
-//! cut short, which is not the viewers' verdict); they are not written.
+//! When a finite run ends (the demo), its last ticks are left unlabelled and
+//! are not written. On Kafka a quiet room's event time still advances with
+//! its partition's watermark, so the last ticks of a broadcast are labelled
+//! with views that the broadcast's end cut short.
 //!
 //! Not for: training (models/highlight/) or scoring (the highlight operator).
 
