@@ -69,12 +69,7 @@ fn main() {
     }
     onair::models::onnx::init_onnx_runtime(None).expect("ONNX Runtime (run scripts/models)");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/highlight");
-    let mut versions: Vec<u64> = std::fs::read_dir(&dir)
-        .expect("models/highlight")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    versions.sort_unstable();
-    let version = dir.join(versions.last().expect("a version").to_string());
+    let version = onair::models::serving::latest_version(&dir).expect("a highlight version");
     let mut model = HighlightModel::load(&version, 1).expect("highlight model");
     let n = model.spec().window;
     let rounds = env_usize("ONAIR_BENCH_ROUNDS", 3);

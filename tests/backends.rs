@@ -103,12 +103,7 @@ fn onnx_runtime_and_libtorch_agree_on_the_highlight_model() {
     use std::sync::Arc;
     onair::models::onnx::init_onnx_runtime(None).expect("ONNX Runtime");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/highlight");
-    let mut versions: Vec<u64> = std::fs::read_dir(&dir)
-        .expect("models/highlight")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    versions.sort_unstable();
-    let version = dir.join(versions.last().expect("a version").to_string());
+    let version = onair::models::serving::latest_version(&dir).expect("a highlight version");
     let mut ort = HighlightModel::load(&version, 1).expect("onnx highlight");
     let mut tch = TorchHighlight::load(&version, 1).expect("torch highlight");
     assert_eq!(ort.spec(), tch.spec());

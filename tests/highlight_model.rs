@@ -28,13 +28,7 @@ fn model_dir() -> PathBuf {
 
 /// The highest numbered version directory.
 fn latest_version() -> PathBuf {
-    let dir = model_dir();
-    let mut versions: Vec<u64> = std::fs::read_dir(&dir)
-        .expect("models/highlight")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    versions.sort_unstable();
-    dir.join(versions.last().expect("a version").to_string())
+    onair::models::serving::latest_version(&model_dir()).expect("a highlight version")
 }
 
 fn init() {

@@ -244,15 +244,8 @@ enabled = true
     let hit = matches(&pred, &truth);
     let precision = hit as f64 / pred.len().max(1) as f64;
     let recall = hit as f64 / truth.len().max(1) as f64;
-    let version = {
-        let dir = models.join("highlight");
-        let mut v: Vec<u64> = std::fs::read_dir(&dir)
-            .expect("models/highlight")
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        v.sort_unstable();
-        dir.join(v.last().expect("a version").to_string())
-    };
+    let version = onair::models::serving::latest_version(&models.join("highlight"))
+        .expect("a highlight version");
     let (card_p, card_r) = card_figures(&version);
     let (tol_p, tol_r) = (
         tolerance(card_p, pred.len()),

@@ -283,6 +283,13 @@ fn load_version<M: Servable>(
     result
 }
 
+/// The highest numbered version directory under `dir` (whether or not it
+/// loads), e.g. for tools and tests that read one version's files.
+pub fn latest_version(dir: &Path) -> Option<PathBuf> {
+    let v = *versions(dir).ok()?.last()?;
+    Some(dir.join(v.to_string()))
+}
+
 /// The numbered version directories under `dir`, ascending.
 fn versions(dir: &Path) -> std::io::Result<Vec<u64>> {
     let mut out = Vec::new();

@@ -854,8 +854,8 @@ mod tests {
                 let (a, b) = ((start / 1000) as usize, (end / 1000) as usize);
                 prop_assert!(scores[a] >= th.enter);
                 // The `hold` ticks from the end are below exit.
-                for i in b..b + hold as usize {
-                    prop_assert!(scores[i] < th.exit);
+                for &s in &scores[b..b + hold as usize] {
+                    prop_assert!(s < th.exit);
                 }
                 // Inside, no run of `hold` ticks below exit.
                 let mut run_below = 0;
