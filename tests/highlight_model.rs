@@ -246,3 +246,45 @@ fn the_operator_scores_causally() {
         assert!((op - st).abs() < 1e-6, "{op} vs {st}");
     }
 }
+
+#[test]
+fn a_room_ahead_of_the_model_congests_the_partition_until_it_catches_up() {
+    init();
+    let cfg = HighlightConfig {
+        enabled: true,
+        model: model_dir().display().to_string(),
+        reload_interval_ms: 0,
+        ..HighlightConfig::default()
+    };
+    let svc = Arc::new(HighlightService::start(Arc::new(cfg)).expect("highlight service"));
+    let mut op = Highlight::new(svc);
+    let mut outputs: Vec<Output> = Vec::new();
+    let mut ctx = Context::new(&mut outputs, 0, 1000);
+    op.on_start(&mut ctx);
+    // Ten ticks arrive before the model has answered one.
+    for r in features("room-c", 10, 6) {
+        op.on_note(
+            &Note::Features {
+                record: Arc::new(r),
+                holds: Holds::default(),
+            },
+            &mut ctx,
+        );
+    }
+    assert!(op.congested(), "ten ticks waiting and not congested");
+    assert_eq!(op.pending(), 10);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while op.pending() > 0 {
+        assert!(Instant::now() < deadline, "the model never answered");
+        std::thread::sleep(Duration::from_millis(5));
+        op.poll(&mut ctx);
+    }
+    assert!(!op.congested());
+    assert_eq!(
+        outputs
+            .iter()
+            .filter(|o| o.topic == OutputTopic::HighlightScores)
+            .count(),
+        10
+    );
+}

@@ -6,7 +6,10 @@
 //! # Per room
 //! * A queue of ticks whose features came (from the features operator's
 //!   notes) and are not scored yet; one tick per room is with the model at a
-//!   time, because each tick's step reads what the previous one left.
+//!   time, because each tick's step reads what the previous one left. When a
+//!   room has more than a few waiting (the model is slower than the ticks) or
+//!   the model's queue is full, the operator reports itself congested and the
+//!   partition stops taking input until it catches up.
 //! * The model states of the last `history_ticks` ticks (see
 //!   [`crate::models::highlight`]): a tick costs O(window), nothing is
 //!   recomputed. A gap in a room's ticks (a tick with no features record)
@@ -51,6 +54,11 @@ const COMMENTS_AFTER_PEAK_MS: i64 = 5_000;
 const TRANSCRIPT_AROUND_PEAK_MS: i64 = 5_000;
 /// Transcripts each room keeps.
 const TRANSCRIPTS_KEPT: usize = 16;
+/// Ticks a room may have waiting for the model before the operator reports
+/// itself congested (the model is slower than the rooms' ticks): the
+/// partition stops taking input until the rooms catch up, so nothing queues
+/// without bound.
+const MAX_QUEUED_PER_ROOM: usize = 4;
 
 /// The highlight model as the operators of every partition share it.
 pub struct HighlightService {
@@ -181,6 +189,8 @@ pub struct Highlight {
     rx: mpsc::Receiver<Done<StepOutput>>,
     /// Rooms whose next tick the model refused (queue full), in order.
     held: VecDeque<Arc<str>>,
+    /// Rooms with more than [`MAX_QUEUED_PER_ROOM`] ticks waiting.
+    backlogged: usize,
     tick_ms: i64,
     stage: Stage,
     scored: Option<Counter>,
@@ -201,6 +211,7 @@ impl Highlight {
             reply: ReplyTo { tx, wake: None },
             rx,
             held: VecDeque::new(),
+            backlogged: 0,
             tick_ms: 1000,
             stage: Stage::new("highlight"),
             scored: None,
@@ -288,6 +299,9 @@ impl Highlight {
             let Some(tick) = room.queue.pop_front() else {
                 continue;
             };
+            if room.queue.len() == MAX_QUEUED_PER_ROOM {
+                self.backlogged -= 1;
+            }
             let previous = room.last_scored.replace(tick.tick);
             // A gap in the room's ticks ends its highlight.
             if let Some(p) = previous.filter(|&p| tick.tick != p + self.tick_ms) {
@@ -669,6 +683,9 @@ impl Operator for Highlight {
                     x,
                     holds: *holds,
                 });
+                if room.queue.len() == MAX_QUEUED_PER_ROOM + 1 {
+                    self.backlogged += 1;
+                }
                 if self.held.is_empty() {
                     if !self.submit(&key) {
                         self.held.push_back(key);
@@ -719,7 +736,7 @@ impl Operator for Highlight {
     }
 
     fn congested(&self) -> bool {
-        !self.held.is_empty()
+        !self.held.is_empty() || self.backlogged > 0
     }
 
     fn holds(&self, holds: &mut Holds) {
@@ -744,6 +761,7 @@ impl Operator for Highlight {
         self.rooms.clear();
         self.requests.clear();
         self.held.clear();
+        self.backlogged = 0;
     }
 }
 
