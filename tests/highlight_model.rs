@@ -185,6 +185,17 @@ fn a_batch_of_rooms_scores_each_as_alone() {
     assert!(worst < 1e-5, "{worst}");
 }
 
+/// The highlight service on the shipped model, as the engine starts it.
+fn service() -> Arc<HighlightService> {
+    let cfg = HighlightConfig {
+        enabled: true,
+        model: model_dir().display().to_string(),
+        reload_interval_ms: 0,
+        ..HighlightConfig::default()
+    };
+    Arc::new(HighlightService::start(Arc::new(cfg)).expect("highlight service"))
+}
+
 /// Runs the operator over `records` (one room) and returns its scores.
 fn scores_by_operator(svc: &Arc<HighlightService>, records: &[RoomFeatures]) -> Vec<(i64, f32)> {
     let mut op = Highlight::new(svc.clone());
@@ -223,13 +234,7 @@ fn scores_by_operator(svc: &Arc<HighlightService>, records: &[RoomFeatures]) -> 
 #[test]
 fn the_operator_scores_causally() {
     init();
-    let cfg = HighlightConfig {
-        enabled: true,
-        model: model_dir().display().to_string(),
-        reload_interval_ms: 0,
-        ..HighlightConfig::default()
-    };
-    let svc = Arc::new(HighlightService::start(Arc::new(cfg)).expect("highlight service"));
+    let svc = service();
     let base = features("room-b", 50, 4);
     let a = scores_by_operator(&svc, &base);
     assert_eq!(a.len(), 50);
@@ -250,13 +255,7 @@ fn the_operator_scores_causally() {
 #[test]
 fn a_room_ahead_of_the_model_congests_the_partition_until_it_catches_up() {
     init();
-    let cfg = HighlightConfig {
-        enabled: true,
-        model: model_dir().display().to_string(),
-        reload_interval_ms: 0,
-        ..HighlightConfig::default()
-    };
-    let svc = Arc::new(HighlightService::start(Arc::new(cfg)).expect("highlight service"));
+    let svc = service();
     let mut op = Highlight::new(svc);
     let mut outputs: Vec<Output> = Vec::new();
     let mut ctx = Context::new(&mut outputs, 0, 1000);

@@ -326,13 +326,19 @@ impl Highlight {
                     room.history.clear();
                 }
             }
-            if self.held.is_empty() {
-                if !self.submit(&key) {
-                    self.held.push_back(key);
-                }
-            } else {
+            self.send_next(key);
+        }
+    }
+
+    /// Sends the room's next tick, or queues the room behind those the model
+    /// refused (rooms go to the model in the order they were refused).
+    fn send_next(&mut self, key: Arc<str>) {
+        if self.held.is_empty() {
+            if !self.submit(&key) {
                 self.held.push_back(key);
             }
+        } else if !self.held.contains(&key) {
+            self.held.push_back(key);
         }
     }
 
@@ -395,10 +401,11 @@ impl Highlight {
         match observe(&mut room.open, tick.tick, out.score, tick_ms, opener) {
             Change::None => {}
             Change::Announce => {
-                if let Some(open) = room.open.as_mut() {
-                    open.announced = true;
-                }
-                if let Some(open) = self.rooms.get(key).and_then(|r| r.open.clone()) {
+                let open = room.open.as_mut().map(|o| {
+                    o.announced = true;
+                    o.clone()
+                });
+                if let Some(open) = open {
                     let record = self.event(key, &open, 0);
                     self.opened.increment(1);
                     ctx.emit(event_output(record, &open, None));
@@ -686,13 +693,7 @@ impl Operator for Highlight {
                 if room.queue.len() == MAX_QUEUED_PER_ROOM + 1 {
                     self.backlogged += 1;
                 }
-                if self.held.is_empty() {
-                    if !self.submit(&key) {
-                        self.held.push_back(key);
-                    }
-                } else if !self.held.contains(&key) {
-                    self.held.push_back(key);
-                }
+                self.send_next(key);
             }
             Note::Transcript {
                 room_id,
