@@ -97,6 +97,9 @@ struct DemoArgs {
     /// Override `simulator.seed`.
     #[arg(long)]
     seed: Option<u64>,
+    /// Override `simulator.day`.
+    #[arg(long)]
+    day: Option<u32>,
     /// Override `simulator.speed`.
     #[arg(long)]
     speed: Option<f64>,
@@ -132,6 +135,9 @@ struct SimulateArgs {
     /// Seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Day of the seed's world (see `simulator.day`).
+    #[arg(long)]
+    day: Option<u32>,
     /// Simulated duration, e.g. `60s`.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -313,6 +319,9 @@ async fn demo(a: DemoArgs) -> CliResult {
     if let Some(s) = a.seed {
         config.simulator.seed = s;
     }
+    if let Some(d) = a.day {
+        config.simulator.day = d;
+    }
     if let Some(s) = a.speed {
         config.simulator.speed = s;
     }
@@ -459,6 +468,9 @@ async fn simulate(a: SimulateArgs) -> CliResult {
     }
     if let Some(x) = a.seed {
         s.seed = x;
+    }
+    if let Some(d) = a.day {
+        s.day = d;
     }
     if let Some(c) = a.comments_per_sec {
         s.comments_per_sec = c;

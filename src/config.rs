@@ -165,6 +165,9 @@ impl Default for TopicsConfig {
 pub struct SimulatorConfig {
     /// Seed; the same seed gives the same rooms, events and media.
     pub seed: u64,
+    /// Day of the seed's world: the same rooms, streamers and viewers (with
+    /// their affinities and gifting levels), a different broadcast each day.
+    pub day: u32,
     /// Number of live rooms.
     pub rooms: u32,
     /// Mean comments per second per room at average excitement.
@@ -198,6 +201,7 @@ impl Default for SimulatorConfig {
     fn default() -> Self {
         SimulatorConfig {
             seed: 1,
+            day: 0,
             rooms: 8,
             comments_per_sec: 2.0,
             viewers: 40,

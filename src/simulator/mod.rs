@@ -16,7 +16,7 @@ pub mod publish;
 pub mod truth;
 pub mod world;
 
-pub use truth::GroundTruth;
+pub use truth::{GroundTruth, StreamerTruth, ViewerTruth};
 pub use world::{RoomInfo, SimConfig, SimError, SimEvent, Simulator};
 
 use crate::config::SimulatorConfig;
@@ -30,6 +30,7 @@ pub fn sim_config(
 ) -> SimConfig {
     SimConfig {
         seed: cfg.seed,
+        day: cfg.day,
         rooms: cfg.rooms,
         start_ms,
         duration_ms,

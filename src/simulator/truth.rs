@@ -72,6 +72,31 @@ pub struct UtteranceTruth {
     pub pinyin: Option<String>,
 }
 
+/// What the simulator made of one viewer in one room: the traits that decide how
+/// likely the viewer is to come, stay and gift (see the world's module docs).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ViewerTruth {
+    /// The room.
+    pub room_id: String,
+    /// The user.
+    pub user_id: String,
+    /// Affinity to the room's streamer, in `[0, 1]`.
+    pub affinity: f64,
+    /// The user's gifting level, in `[0, 1]` (most users near 0).
+    pub gift_level: f64,
+    /// The genre the user prefers.
+    pub genre: u32,
+}
+
+/// A streamer and its genre.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct StreamerTruth {
+    /// The streamer.
+    pub streamer_id: String,
+    /// Its genre.
+    pub genre: u32,
+}
+
 /// Why a truth file could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum TruthError {
@@ -139,6 +164,8 @@ pub struct GroundTruth {
     ticks: BTreeMap<(String, i64), RoomStats>,
     highlights: Vec<HighlightTruth>,
     utterances: Vec<UtteranceTruth>,
+    streamers: Vec<StreamerTruth>,
+    viewers: Vec<ViewerTruth>,
     rooms: Vec<RoomAcc>,
 }
 
@@ -147,6 +174,15 @@ impl PartialEq for GroundTruth {
         self.ticks == other.ticks
             && self.highlights() == other.highlights()
             && self.utterances() == other.utterances()
+            && self.streamers == other.streamers
+            && self.viewers.len() == other.viewers.len()
+            && self.viewers.iter().zip(&other.viewers).all(|(a, b)| {
+                // JSON numbers read back within an ulp or so, not bit for bit.
+                let close = |x: f64, y: f64| (x - y).abs() <= 1e-12;
+                (&a.room_id, &a.user_id, a.genre) == (&b.room_id, &b.user_id, b.genre)
+                    && close(a.affinity, b.affinity)
+                    && close(a.gift_level, b.gift_level)
+            })
     }
 }
 
@@ -166,6 +202,8 @@ impl GroundTruth {
             ticks: BTreeMap::new(),
             highlights: Vec::new(),
             utterances: Vec::new(),
+            streamers: Vec::new(),
+            viewers: Vec::new(),
             rooms: Vec::new(),
         }
     }
@@ -190,6 +228,29 @@ impl GroundTruth {
                 end_ms,
             });
         }
+    }
+
+    /// Records a streamer's genre.
+    pub fn add_streamer(&mut self, streamer_id: &str, genre: u32) {
+        self.streamers.push(StreamerTruth {
+            streamer_id: streamer_id.to_owned(),
+            genre,
+        });
+    }
+
+    /// Records a viewer's traits in a room.
+    pub fn add_viewer(&mut self, viewer: ViewerTruth) {
+        self.viewers.push(viewer);
+    }
+
+    /// Every streamer with its genre, in room order.
+    pub fn streamers(&self) -> &[StreamerTruth] {
+        &self.streamers
+    }
+
+    /// Every room's viewer population with their traits, in room order.
+    pub fn viewers(&self) -> &[ViewerTruth] {
+        &self.viewers
     }
 
     /// Tick length.
@@ -356,8 +417,11 @@ impl GroundTruth {
     /// (`{"type":"highlight","room_id":..,"start_ms":..,"end_ms":..}`), then every
     /// utterance (`{"type":"utterance","room_id":..,"start_ms":..,"end_ms":..,
     /// "lang":"en"|"zh","text":..,"pinyin":..|null}`), both sorted by room and start,
-    /// then every completed tick (`{"type":"tick", ...RoomStats fields...}`), in key
-    /// order. Strings are written as JSON escapes them (UTF-8, not `\u` escapes).
+    /// then every streamer (`{"type":"streamer","streamer_id":..,"genre":..}`) and every
+    /// room's viewers (`{"type":"viewer","room_id":..,"user_id":..,"affinity":..,
+    /// "gift_level":..,"genre":..}`) in room order, then every completed tick
+    /// (`{"type":"tick", ...RoomStats fields...}`), in key order. Strings are written as
+    /// JSON escapes them (UTF-8, not `\u` escapes).
     pub fn write_jsonl(&self, mut w: impl Write) -> std::io::Result<()> {
         for h in self.highlights() {
             writeln!(
@@ -379,6 +443,16 @@ impl GroundTruth {
                 serde_json::to_string(&u.text)?,
                 serde_json::to_string(&u.pinyin)?
             )?;
+        }
+        for s in &self.streamers {
+            let obj = serde_json::to_string(s)?;
+            let fields = obj.strip_prefix('{').unwrap_or(&obj);
+            writeln!(w, "{{\"type\":\"streamer\",{fields}")?;
+        }
+        for v in &self.viewers {
+            let obj = serde_json::to_string(v)?;
+            let fields = obj.strip_prefix('{').unwrap_or(&obj);
+            writeln!(w, "{{\"type\":\"viewer\",{fields}")?;
         }
         for s in self.ticks.values() {
             let obj = serde_json::to_string(s)?;
@@ -482,6 +556,12 @@ impl GroundTruth {
                         .ticks
                         .insert((stats.room_id.clone(), stats.tick_start_ms), stats);
                 }
+                Some("streamer") => truth
+                    .streamers
+                    .push(serde_json::from_value(v.clone()).map_err(|e| err(e.to_string()))?),
+                Some("viewer") => truth
+                    .viewers
+                    .push(serde_json::from_value(v.clone()).map_err(|e| err(e.to_string()))?),
                 other => return Err(err(format!("unknown record type {other:?}"))),
             }
         }

@@ -42,7 +42,11 @@
 //!   to its end.
 //! * **Viewers.** Each room has a population of `viewers` users (about a fifth of them
 //!   shared with other rooms), each with an affinity to the streamer and a gifting
-//!   level (a user trait: most never gift, a few whales do). An absent viewer gets
+//!   level (a user trait: most never gift, a few whales do). Streamers belong to one
+//!   of [`GENRES`] genres and users prefer one: affinity to a streamer of the
+//!   preferred genre is raised, to others lowered, so users who gift to one streamer
+//!   tend to gift to its genre's other streamers (the structure a gifting graph can
+//!   find). An absent viewer gets
 //!   feed impressions of the room (more often when it is exciting, and right after the
 //!   broadcast starts for fans); an impression turns into an ENTER a few seconds later
 //!   with a probability that grows with affinity and excitement. At ENTER the watch
@@ -71,7 +75,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::media::{self, Lang, MediaError, Scene, VideoSpec};
-use super::truth::{GroundTruth, UtteranceTruth};
+use super::truth::{GroundTruth, UtteranceTruth, ViewerTruth};
 use crate::schema::{
     ActionKind, AudioChunk, AudioFormat, Comment, VideoFormat, VideoSegment, ViewerAction,
 };
@@ -117,6 +121,12 @@ const GIFTS: [(u64, &str); 7] = [
 pub struct SimConfig {
     /// Seed of every random choice.
     pub seed: u64,
+    /// Which day of the seed's world to simulate. The world (rooms, streamers, their
+    /// genres, viewer populations, affinities and gifting levels) depends on the seed
+    /// only; the day decides the broadcast itself (highlights, excitement, who comes
+    /// and what they do), so consecutive days give the history a model learns from.
+    /// Day 0 is the seed's original broadcast.
+    pub day: u32,
     /// Number of live rooms.
     pub rooms: u32,
     /// Event time of the first instant, ms since the epoch.
@@ -151,6 +161,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             seed: 1,
+            day: 0,
             rooms: 8,
             start_ms: 1_767_225_600_000,
             duration_ms: 60_000,
@@ -997,6 +1008,19 @@ fn validate(cfg: &SimConfig) -> Result<i64, SimError> {
     Ok(end)
 }
 
+/// Number of streamer genres (see the module docs).
+pub const GENRES: u32 = 5;
+
+/// The genre of room `r`'s streamer.
+fn streamer_genre(seed: u64, r: usize) -> u32 {
+    ((hash01(seed, 21, r as i64) * f64::from(GENRES)) as u32).min(GENRES - 1)
+}
+
+/// The genre user `user` prefers.
+fn user_genre(seed: u64, user: u32) -> u32 {
+    ((hash01(seed, 22, i64::from(user)) * f64::from(GENRES)) as u32).min(GENRES - 1)
+}
+
 /// Places 1–3 disjoint highlights of 5–15 s in `[0, duration)`, relative to the start.
 fn place_highlights(rng: &mut Rng, duration_ms: i64) -> Vec<(i64, i64)> {
     const MIN_GAP: i64 = 6_000;
@@ -1056,6 +1080,12 @@ impl Simulator {
         let own_total = n_rooms * own_n;
         let mut pool: Vec<u32> = (0..pool_n as u32).collect();
         let mut pool_rng = Rng::stream(seed, u64::MAX, 7);
+        // The broadcast of `cfg.day`: day 0 draws from the seed itself.
+        let day_seed = if cfg.day == 0 {
+            seed
+        } else {
+            mix64(seed ^ mix64(0xDA1_u64 << 32 | u64::from(cfg.day)))
+        };
         let user_traits = |user: u32| -> (f64, bool) {
             let u = hash01(seed, 11, i64::from(user));
             let whale = hash01(seed, 12, i64::from(user)) < 0.04;
@@ -1074,7 +1104,13 @@ impl Simulator {
             let mut layout = Rng::stream(seed, r as u64, 1);
             let room_id = format!("room-{r:04}");
             let streamer_id = format!("streamer-{r:04}");
-            let rel = place_highlights(&mut layout, cfg.duration_ms);
+            let day0 = place_highlights(&mut layout, cfg.duration_ms);
+            let rel = if cfg.day == 0 {
+                day0
+            } else {
+                place_highlights(&mut Rng::stream(day_seed, r as u64, 5), cfg.duration_ms)
+            };
+            let genre = streamer_genre(seed, r);
             let highlights: Vec<(i64, i64)> = rel
                 .iter()
                 .map(|&(s, e)| (cfg.start_ms + s, cfg.start_ms + e))
@@ -1082,7 +1118,7 @@ impl Simulator {
             let chat_lag_ms = layout.range(2_000, 5_001);
             let curve = Curve {
                 start_ms: cfg.start_ms,
-                seed: mix64(seed ^ mix64(r as u64 ^ 0x5EED)),
+                seed: mix64(day_seed ^ mix64(r as u64 ^ 0x5EED)),
                 highlights: rel.iter().map(|&(s, e)| (s as f64, e as f64)).collect(),
             };
             let zh_streamer = layout.chance(0.6);
@@ -1099,10 +1135,15 @@ impl Simulator {
             for user in users {
                 let (gift_level, zh) = user_traits(user);
                 let u = layout.f64();
-                let affinity = if layout.chance(0.08) {
+                let base = if layout.chance(0.08) {
                     0.7 + 0.3 * u
                 } else {
                     0.6 * u * u
+                };
+                let affinity = if user_genre(seed, user) == genre {
+                    (0.15 + 1.5 * base).min(1.0)
+                } else {
+                    0.6 * base
                 };
                 vrs.push(Viewer {
                     user,
@@ -1122,6 +1163,16 @@ impl Simulator {
                 chat_lag_ms,
             };
             truth.add_room(&info.room_id, &info.streamer_id, &info.highlights);
+            truth.add_streamer(&info.streamer_id, genre);
+            for v in &vrs {
+                truth.add_viewer(ViewerTruth {
+                    room_id: info.room_id.clone(),
+                    user_id: v.user_id.clone(),
+                    affinity: v.affinity,
+                    gift_level: v.gift_level,
+                    genre: user_genre(seed, v.user),
+                });
+            }
             let next_talk_ms = cfg.start_ms + layout.range(0, 3_000);
             rooms.push(Room {
                 curve,
@@ -1129,10 +1180,10 @@ impl Simulator {
                 voice_rate,
                 viewers: vrs,
                 present: Vec::new(),
-                rng_viewers: Rng::stream(seed, r as u64, 2),
-                rng_chat: Rng::stream(seed, r as u64, 3),
+                rng_viewers: Rng::stream(day_seed, r as u64, 2),
+                rng_chat: Rng::stream(day_seed, r as u64, 3),
                 audio: AudioState {
-                    rng: Rng::stream(seed, r as u64, 4),
+                    rng: Rng::stream(day_seed, r as u64, 4),
                     lowpass: 0.0,
                     amp: 220.0,
                     target: 220.0,
@@ -2032,6 +2083,60 @@ mod tests {
         assert!(no_audio == e.iter().collect::<Vec<_>>());
     }
 
+    #[test]
+    fn days_share_the_world_not_the_broadcast() {
+        let day0 = quiet(5, 4, 60);
+        let day1 = SimConfig {
+            day: 1,
+            start_ms: day0.start_ms + 86_400_000,
+            ..day0.clone()
+        };
+        let (s0, a) = run_all(day0, 1000);
+        let (s1, b) = run_all(day1, 1000);
+        let (t0, t1) = (s0.truth(), s1.truth());
+        assert_eq!(t0.streamers(), t1.streamers());
+        assert!(!t0.viewers().is_empty());
+        assert!(
+            t0.viewers() == t1.viewers(),
+            "the populations differ between days"
+        );
+        assert_ne!(t0.highlights(), t1.highlights());
+        let users = |evs: &[SimEvent]| -> Vec<String> {
+            evs.iter()
+                .filter_map(|e| match e {
+                    SimEvent::Action(a) => Some(a.user_id.clone()),
+                    _ => None,
+                })
+                .take(200)
+                .collect()
+        };
+        assert_ne!(users(&a), users(&b), "day 1 replayed day 0");
+    }
+
+    #[test]
+    fn affinity_follows_genre() {
+        let (sim, _) = run_all(quiet(3, 12, 1), 1000);
+        let truth = sim.truth();
+        let genre: HashMap<String, u32> = truth
+            .streamers()
+            .iter()
+            .map(|s| (s.streamer_id.replace("streamer", "room"), s.genre))
+            .collect();
+        let (mut same, mut other) = ((0.0, 0), (0.0, 0));
+        for v in truth.viewers() {
+            let acc = if genre[&v.room_id] == v.genre {
+                &mut same
+            } else {
+                &mut other
+            };
+            acc.0 += v.affinity;
+            acc.1 += 1;
+        }
+        let (ms, mo) = (same.0 / same.1 as f64, other.0 / other.1 as f64);
+        assert!(same.1 > 10 && other.1 > 10);
+        assert!(ms > 2.0 * mo, "same genre {ms:.3} vs other {mo:.3}");
+    }
+
     /// FNV-1a over the protobuf encoding of every event.
     fn digest(events: &[SimEvent]) -> u64 {
         use prost::Message;
@@ -2061,7 +2166,7 @@ mod tests {
         let (_, events) = run_all(cfg, 1000);
         assert_eq!(digest(&events), GOLDEN, "digest {:#x}", digest(&events));
     }
-    const GOLDEN: u64 = 0x269a_96a2_e4d0_7d6f;
+    const GOLDEN: u64 = 0x5300_b00d_0912_e2e0;
 
     #[test]
     fn events_are_ordered_and_in_range() {
