@@ -14,6 +14,7 @@ pub mod config;
 pub mod decode;
 pub mod error;
 pub mod features;
+pub mod graph;
 pub mod kafka;
 pub mod metrics;
 pub mod models;
