@@ -58,6 +58,48 @@ enum Command {
     },
     /// Print a topic's records as JSON lines.
     Tail(TailArgs),
+    /// Build the next version of the gifting-graph tables from gift events: Swing
+    /// similarity, GraphCL node embeddings (needs the `torch` feature) and the
+    /// neighbour lists MMBee's interest expansion reads.
+    Graph(GraphArgs),
+}
+
+#[derive(Args, Debug)]
+struct GraphArgs {
+    /// Root of the numbered table versions (the latest is the starting graph).
+    #[arg(long, default_value = "graph")]
+    out: PathBuf,
+    /// Gift events as JSON lines (`user_id`, `streamer_id`, `t_ms`, `value`); repeatable.
+    #[arg(long)]
+    gifts: Vec<PathBuf>,
+    /// Read GIFT actions from this pipeline's actions topic.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Override `kafka.brokers` of `--pipeline`.
+    #[arg(long, env = "ONAIR_BROKERS")]
+    brokers: Option<String>,
+    /// Simulate this many days of `--pipeline`'s simulator world (the default
+    /// pipeline's without one) and use their gifts.
+    #[arg(long)]
+    simulate_days: Option<u32>,
+    /// Length of each simulated day's broadcast, e.g. `10m`.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Override `simulator.seed`.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override `simulator.rooms`.
+    #[arg(long)]
+    rooms: Option<u32>,
+    /// Ignore earlier versions: build from these inputs alone.
+    #[arg(long)]
+    full: bool,
+    /// Embedding width.
+    #[arg(long, default_value_t = 32)]
+    dim: usize,
+    /// GraphCL optimiser steps.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
 }
 
 #[derive(Args, Debug)]
@@ -100,6 +142,10 @@ struct DemoArgs {
     /// Override `simulator.day`.
     #[arg(long)]
     day: Option<u32>,
+    /// Event time of the broadcast's start, ms since the epoch (default: now,
+    /// rounded down to the minute). Days of one world are a day apart in real data.
+    #[arg(long)]
+    start_ms: Option<i64>,
     /// Override `simulator.speed`.
     #[arg(long)]
     speed: Option<f64>,
@@ -219,6 +265,10 @@ pub fn main() -> ExitCode {
             Command::Simulate(a) => simulate(a).await,
             Command::Validate { files } => validate(&files),
             Command::Tail(a) => tail(a).await,
+            Command::Graph(a) => tokio::task::spawn_blocking(move || graph(a))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r),
         }
     });
     match result {
@@ -330,7 +380,7 @@ async fn demo(a: DemoArgs) -> CliResult {
     }
     crate::metrics::install(a.metrics_addr)
         .map_err(|e| format!("metrics endpoint on {}: {e}", a.metrics_addr))?;
-    let start = default_start_ms();
+    let start = a.start_ms.unwrap_or_else(default_start_ms);
     let sim_cfg = sim_config(
         &config.simulator,
         start,
@@ -672,5 +722,73 @@ fn tail_blocking(a: &TailArgs, record_type: &str) -> CliResult {
             None => {}
         }
     }
+    Ok(())
+}
+
+fn graph(a: GraphArgs) -> CliResult {
+    use crate::graph::job::{self, GraphJob};
+    let mut config = match &a.pipeline {
+        Some(p) => load(p)?,
+        None => PipelineConfig::default(),
+    };
+    if let Some(b) = &a.brokers {
+        config.kafka.brokers = b.clone();
+    }
+    if let Some(s) = a.seed {
+        config.simulator.seed = s;
+    }
+    if let Some(r) = a.rooms {
+        config.simulator.rooms = r;
+    }
+    let mut j = GraphJob::new(a.out.clone());
+    j.incremental = !a.full;
+    #[cfg(feature = "torch")]
+    {
+        j.graphcl.dim = a.dim;
+        j.graphcl.steps = a.steps;
+    }
+    #[cfg(not(feature = "torch"))]
+    let _ = (a.dim, a.steps);
+    let (mut g, previous) = j.start().map_err(|e| e.to_string())?;
+    let after = g.through_ms();
+    let mut inputs = serde_json::Map::new();
+    inputs.insert(
+        "previous".into(),
+        previous.map(|p| p.display().to_string()).into(),
+    );
+    inputs.insert("after_ms".into(), after.into());
+    for f in &a.gifts {
+        let (merged, skipped) =
+            job::read_gifts_jsonl(&mut g, f, after).map_err(|e| e.to_string())?;
+        inputs.insert(
+            f.display().to_string(),
+            serde_json::json!({"merged": merged, "skipped": skipped}),
+        );
+    }
+    if let Some(days) = a.simulate_days {
+        let base = crate::simulator::sim_config(
+            &config.simulator,
+            crate::simulator::default_start_ms(),
+            a.duration.as_millis() as i64,
+            config.runtime.tick_ms,
+        );
+        let merged = job::simulate_gifts(&mut g, &base, days, after).map_err(|e| e.to_string())?;
+        inputs.insert(
+            "simulator".into(),
+            serde_json::json!({"seed": base.seed, "rooms": base.rooms, "days": days,
+                "duration_ms": base.duration_ms, "merged": merged}),
+        );
+    } else if a.pipeline.is_some() {
+        let topic = config.kafka.topics.actions.clone();
+        let read = job::read_gifts_kafka(&mut g, &config.kafka, &topic, after, &config.limits)
+            .map_err(|e| e.to_string())?;
+        inputs.insert(topic, serde_json::to_value(&read).unwrap_or_default());
+    }
+    if g.edges() == 0 {
+        return Err("no gift events in the inputs (and no earlier version to start from)".into());
+    }
+    let (dir, meta) = j.finish(&g, inputs.into()).map_err(|e| e.to_string())?;
+    info!(dir = %dir.display(), users = g.users(), streamers = g.streamers(), edges = g.edges(), "graph tables written");
+    println!("{meta}");
     Ok(())
 }

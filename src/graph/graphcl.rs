@@ -56,6 +56,9 @@ pub struct GraphClParams {
     pub holdout: f64,
     /// Random seed.
     pub seed: i64,
+    /// libtorch intra-op threads (0: libtorch's default, one per core). Set 1 on a
+    /// machine busy with other work: spinning thread pools slow each other badly.
+    pub threads: usize,
 }
 
 impl Default for GraphClParams {
@@ -72,6 +75,7 @@ impl Default for GraphClParams {
             l2: 1e-4,
             holdout: 0.05,
             seed: 1,
+            threads: 0,
         }
     }
 }
@@ -131,8 +135,10 @@ struct Adjacency {
 }
 
 impl Adjacency {
-    fn new(src: Tensor, dst: Tensor, w: Tensor, n: i64, device: Device) -> Self {
-        let deg = Tensor::zeros([n], (Kind::Float, device)).index_add(0, &dst, &w);
+    fn new(src: Tensor, dst: Tensor, w: Tensor, n: i64) -> Self {
+        // bincount, not a 1-D index_add: libtorch's CPU index_add walks a 1-D
+        // index one element at a time.
+        let deg = dst.bincount(Some(&w), n).to_kind(Kind::Float);
         let inv = (deg + 1e-9).rsqrt();
         let norm = &w * inv.index_select(0, &src) * inv.index_select(0, &dst);
         Adjacency { src, dst, norm }
@@ -150,7 +156,6 @@ impl Adjacency {
             self.dst.masked_select(&mask),
             w.masked_select(&mask),
             n,
-            device,
         )
     }
 
@@ -198,6 +203,9 @@ fn train_inner(
 ) -> (Vec<f32>, GraphClReport) {
     let t0 = Instant::now();
     tch::manual_seed(p.seed);
+    if p.threads > 0 {
+        tch::set_num_threads(p.threads as i32);
+    }
     let device = Device::cuda_if_available();
     let (nu, ns) = (graph.users() as i64, graph.streamers() as i64);
     let n = nu + ns;
@@ -249,7 +257,6 @@ fn train_inner(
         dst.shallow_clone(),
         w.shallow_clone(),
         n,
-        device,
     );
 
     let vs = nn::VarStore::new(device);
@@ -288,24 +295,28 @@ fn train_inner(
             + base.index_select(0, &neg).square().sum(Kind::Float))
             / b as f64;
 
-        let v1 = full
-            .dropped(&w, 1.0 - p.edge_drop, n, device)
-            .propagate(&base, p.layers);
-        let v2 = full
-            .dropped(&w, 1.0 - p.edge_drop, n, device)
-            .propagate(&base, p.layers);
-        let nodes = Tensor::randint(n, [b.min(n)], (Kind::Int64, device));
-        let z1 = normalize(&v1.index_select(0, &nodes));
-        let z2 = normalize(&v2.index_select(0, &nodes));
-        let logits = z1.matmul(&z2.tr()) / p.temperature;
-        let targets = Tensor::arange(nodes.size()[0], (Kind::Int64, device));
-        let cl = logits.cross_entropy_for_logits(&targets);
-
-        let loss = &bpr + p.cl_weight * &cl + p.l2 * reg;
+        let mut loss = &bpr + p.l2 * reg;
+        // cl_weight 0 is plain LightGCN with BPR (the benchmark's reference).
+        if p.cl_weight > 0.0 {
+            let view = || {
+                full.dropped(&w, 1.0 - p.edge_drop, n, device)
+                    .propagate(&base, p.layers)
+            };
+            let (v1, v2) = (view(), view());
+            let nodes = Tensor::randint(n, [b.min(n)], (Kind::Int64, device));
+            let z1 = normalize(&v1.index_select(0, &nodes));
+            let z2 = normalize(&v2.index_select(0, &nodes));
+            let logits = z1.matmul(&z2.tr()) / p.temperature;
+            let targets = Tensor::arange(nodes.size()[0], (Kind::Int64, device));
+            let cl = logits.cross_entropy_for_logits(&targets);
+            if step + tail >= p.steps {
+                cl_sum += cl.double_value(&[]);
+            }
+            loss += p.cl_weight * cl;
+        }
         opt.backward_step(&loss);
         if step + tail >= p.steps {
             bpr_sum += bpr.double_value(&[]);
-            cl_sum += cl.double_value(&[]);
         }
     }
 

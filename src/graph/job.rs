@@ -218,6 +218,164 @@ pub fn read_gifts_jsonl(
     Ok((merged, skipped))
 }
 
+/// What reading the actions topic found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KafkaRead {
+    /// Records read.
+    pub records: u64,
+    /// Gifts merged.
+    pub merged: u64,
+    /// Gifts at or before the previous build.
+    pub skipped: u64,
+    /// Gifts without a streamer id (cannot be placed on the graph).
+    pub no_streamer: u64,
+    /// Records that did not decode (they are the dead-letter topic's business when
+    /// the engine reads them; here they are counted and skipped).
+    pub undecodable: u64,
+}
+
+/// Merges the GIFT actions of `topic` (every partition, from the start to the end
+/// it had when the read began) with event time after `after_ms` into `graph`.
+pub fn read_gifts_kafka(
+    graph: &mut GiftGraph,
+    kafka: &crate::config::KafkaConfig,
+    topic: &str,
+    after_ms: i64,
+    limits: &crate::schema::Limits,
+) -> Result<KafkaRead, crate::kafka::KafkaFailure> {
+    use crate::kafka::KafkaFailure;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    use std::time::Duration;
+
+    let timeout = Duration::from_secs(10);
+    let mut c = crate::kafka::client_config(kafka);
+    c.set("group.id", format!("onair-graph-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = c.create().map_err(|source| KafkaFailure::Client {
+        what: "graph consumer",
+        source,
+    })?;
+    let op = |what: &'static str| move |source| KafkaFailure::Operation { what, source };
+    let meta = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(op("metadata"))?;
+    let partitions: Vec<i32> = meta
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends = std::collections::HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        let (lo, hi) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(op("watermarks"))?;
+        if hi > lo {
+            ends.insert(p, hi);
+            tpl.add_partition_offset(topic, p, Offset::Offset(lo))
+                .map_err(op("assign"))?;
+        }
+    }
+    let mut read = KafkaRead::default();
+    if ends.is_empty() {
+        return Ok(read);
+    }
+    consumer.assign(&tpl).map_err(op("assign"))?;
+    let mut idle = std::time::Instant::now();
+    while !ends.is_empty() {
+        let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
+            if idle.elapsed() > Duration::from_secs(30) {
+                return Err(KafkaFailure::Operation {
+                    what: "reading the actions topic (no record for 30 s before its end)",
+                    source: rdkafka::error::KafkaError::NoMessageReceived,
+                });
+            }
+            continue;
+        };
+        idle = std::time::Instant::now();
+        let msg = msg.map_err(op("consume"))?;
+        let (p, offset) = (msg.partition(), msg.offset());
+        if ends.get(&p).is_some_and(|&end| offset + 1 >= end) {
+            ends.remove(&p);
+        }
+        read.records += 1;
+        let content_type = msg.headers().and_then(|h| {
+            use rdkafka::message::Headers;
+            h.iter()
+                .find(|x| x.key == crate::schema::CONTENT_TYPE_HEADER)
+                .and_then(|x| x.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+        });
+        let event = crate::schema::decode_input(
+            crate::schema::InputKind::Actions,
+            msg.key(),
+            msg.payload(),
+            content_type,
+            limits,
+        );
+        let a = match event {
+            Ok(crate::schema::Event::Action(a)) => a,
+            _ => {
+                read.undecodable += 1;
+                continue;
+            }
+        };
+        if a.kind != crate::schema::ActionKind::Gift as i32 {
+            continue;
+        }
+        if a.streamer_id.is_empty() || a.user_id.is_empty() {
+            read.no_streamer += 1;
+        } else if a.event_time_ms <= after_ms {
+            read.skipped += 1;
+        } else {
+            graph.add_gift(&a.user_id, &a.streamer_id, a.gift_value, a.event_time_ms);
+            read.merged += 1;
+        }
+    }
+    Ok(read)
+}
+
+/// Merges the gifts of `days` simulated days of one world (`base` with days
+/// `base.day ..`, each starting a day after the previous, no media) with event
+/// time after `after_ms` into `graph`; returns the gifts merged.
+pub fn simulate_gifts(
+    graph: &mut GiftGraph,
+    base: &crate::simulator::SimConfig,
+    days: u32,
+    after_ms: i64,
+) -> Result<u64, crate::simulator::SimError> {
+    use crate::simulator::{SimConfig, SimEvent, Simulator};
+    let mut merged = 0;
+    for d in 0..days {
+        let cfg = SimConfig {
+            day: base.day + d,
+            start_ms: base.start_ms + i64::from(d) * 86_400_000,
+            video: None,
+            audio: false,
+            speech: false,
+            ..base.clone()
+        };
+        let mut sim = Simulator::new(cfg)?;
+        let mut t = sim.config().start_ms;
+        while !sim.finished() {
+            t += 10_000;
+            for ev in sim.advance(t)? {
+                if let SimEvent::Action(a) = ev {
+                    if a.kind == crate::schema::ActionKind::Gift as i32
+                        && a.event_time_ms > after_ms
+                    {
+                        graph.add_gift(&a.user_id, &a.streamer_id, a.gift_value, a.event_time_ms);
+                        merged += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok(merged)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
