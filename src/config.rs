@@ -174,6 +174,9 @@ pub struct SimulatorConfig {
     pub comments_per_sec: f64,
     /// Viewer population per room.
     pub viewers: u32,
+    /// Share of each room's viewers drawn from a pool shared by all rooms (a
+    /// pooled user is in about 4 rooms): what links streamers in the gifting graph.
+    pub shared_viewers: f64,
     /// Whether rooms send H.264 MPEG-TS video segments.
     pub video: bool,
     /// Video width (px).
@@ -205,6 +208,7 @@ impl Default for SimulatorConfig {
             rooms: 8,
             comments_per_sec: 2.0,
             viewers: 40,
+            shared_viewers: 0.2,
             video: true,
             video_width: 256,
             video_height: 144,
@@ -342,6 +346,8 @@ pub struct OperatorsConfig {
     pub highlight_labels: HighlightLabelsConfig,
     /// Highlight scores and events per room, from the highlight model.
     pub highlight: HighlightConfig,
+    /// MMBee's room side: content segments, the rooms' audiences, gift labels.
+    pub mmbee: MmbeeConfig,
 }
 
 impl Default for OperatorsConfig {
@@ -352,6 +358,7 @@ impl Default for OperatorsConfig {
             features: FeaturesConfig::default(),
             highlight_labels: HighlightLabelsConfig::default(),
             highlight: HighlightConfig::default(),
+            mmbee: MmbeeConfig::default(),
         }
     }
 }
@@ -541,6 +548,49 @@ impl Default for HighlightLabelsConfig {
             long_view_ms: 30_000,
             enter_window_ms: 10_000,
             max_open_per_room: 100_000,
+        }
+    }
+}
+
+/// `[operators.mmbee]`: the room side of MMBee gift prediction. Cuts each
+/// room's stream into content segments of `segment_ms` (aligned to the epoch)
+/// and assembles each one's content from the features operator's embeddings:
+/// 3 frames spread over the segment, up to 8 comments spread over its comments,
+/// up to 2 transcripts (layout `mmbee-content-v1`). A segment is complete
+/// `finalize_delay_ms` after its end (late frames and speech count until
+/// then). With `samples`, it also writes the model's training data to
+/// `training-samples`: each segment's content (`mmbee-content`), each gift
+/// (`mmbee-gifts`), and a labelled (viewer, room) pair (`mmbee`) at every
+/// moment the engine would score one — a viewer enters, the room's content
+/// segment completes (every viewer present), the viewer sends a gift —
+/// labelled 1 when the viewer gifts in the room within `horizon_ms` after.
+/// Needs `operators.features.enabled`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MmbeeConfig {
+    /// Whether the operator runs.
+    pub enabled: bool,
+    /// Content segment length (ms).
+    pub segment_ms: i64,
+    /// How long after a segment's end its content may still arrive (ms).
+    pub finalize_delay_ms: i64,
+    /// Whether to write the training samples.
+    pub samples: bool,
+    /// A pair is positive when the viewer gifts within this long (ms).
+    pub horizon_ms: i64,
+    /// Viewers tracked per room; more are counted as dropped (`room_full`).
+    pub max_viewers_per_room: usize,
+}
+
+impl Default for MmbeeConfig {
+    fn default() -> Self {
+        MmbeeConfig {
+            enabled: false,
+            segment_ms: 10_000,
+            finalize_delay_ms: 3_000,
+            samples: true,
+            horizon_ms: 30_000,
+            max_viewers_per_room: 100_000,
         }
     }
 }
@@ -823,6 +873,11 @@ impl PipelineConfig {
                 "must not be negative",
             );
             bad(
+                "simulator.shared_viewers",
+                (0.0..=1.0).contains(&s.shared_viewers),
+                "must be between 0 and 1",
+            );
+            bad(
                 "simulator.segment_ms",
                 s.segment_ms >= 100,
                 "must be at least 100",
@@ -1036,6 +1091,34 @@ impl PipelineConfig {
             bad(
                 "operators.highlight_labels.max_open_per_room",
                 (1..=10_000_000).contains(&hl.max_open_per_room),
+                "must be 1..=10000000",
+            );
+        }
+        let mb = &self.operators.mmbee;
+        if mb.enabled {
+            bad(
+                "operators.mmbee.enabled",
+                f.enabled,
+                "needs operators.features.enabled (content is built from its embeddings)",
+            );
+            bad(
+                "operators.mmbee.segment_ms",
+                (1000..=600_000).contains(&mb.segment_ms),
+                "must be 1000..=600000",
+            );
+            bad(
+                "operators.mmbee.finalize_delay_ms",
+                (0..=120_000).contains(&mb.finalize_delay_ms),
+                "must be 0..=120000",
+            );
+            bad(
+                "operators.mmbee.horizon_ms",
+                (1000..=3_600_000).contains(&mb.horizon_ms),
+                "must be 1000..=3600000",
+            );
+            bad(
+                "operators.mmbee.max_viewers_per_room",
+                (1..=10_000_000).contains(&mb.max_viewers_per_room),
                 "must be 1..=10000000",
             );
         }

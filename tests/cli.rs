@@ -17,14 +17,25 @@ fn onair(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn shipped_pipelines_are_valid() {
-    let out = onair(&["validate", "pipelines/kafka.toml", "pipelines/demo.toml"]);
+    // Every pipeline file in the folder, so a new one cannot ship unchecked.
+    let mut files: Vec<String> = std::fs::read_dir("pipelines")
+        .expect("pipelines/")
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.ends_with(".toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    let mut args = vec!["validate"];
+    args.extend(files.iter().map(String::as_str));
+    let out = onair(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.matches(": ok").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches(": ok").count(), files.len(), "{stdout}");
 }
 
 #[test]

@@ -37,6 +37,7 @@ pub fn sim_config(
         tick_ms,
         comments_per_sec: cfg.comments_per_sec,
         viewers: cfg.viewers,
+        shared_viewers: cfg.shared_viewers,
         video: cfg.video.then_some(media::VideoSpec {
             width: cfg.video_width,
             height: cfg.video_height,

@@ -40,8 +40,8 @@
 //!   speech samples, language, and text: Chinese characters and the pinyin spoken for
 //!   Mandarin) is ground truth; it enters the truth once the events are handed out up
 //!   to its end.
-//! * **Viewers.** Each room has a population of `viewers` users (about a fifth of them
-//!   shared with other rooms), each with an affinity to the streamer and a gifting
+//! * **Viewers.** Each room has a population of `viewers` users (`shared_viewers` of
+//!   them from a pool shared with other rooms), each with an affinity to the streamer and a gifting
 //!   level (a user trait: most never gift, a few whales do). Streamers belong to one
 //!   of [`GENRES`] genres and users prefer one: affinity to a streamer of the
 //!   preferred genre is raised, to others lowered, so users who gift to one streamer
@@ -139,6 +139,9 @@ pub struct SimConfig {
     pub comments_per_sec: f64,
     /// Viewer population per room.
     pub viewers: u32,
+    /// Share of each room's population drawn from a pool shared by all rooms (each
+    /// pooled user belongs to about 4 rooms); the rest are the room's own users.
+    pub shared_viewers: f64,
     /// Video size and frame rate; `None` for no video records at all.
     pub video: Option<VideoSpec>,
     /// Video segment length.
@@ -168,6 +171,7 @@ impl Default for SimConfig {
             tick_ms: 1000,
             comments_per_sec: 2.0,
             viewers: 40,
+            shared_viewers: 0.2,
             video: Some(VideoSpec {
                 width: 256,
                 height: 144,
@@ -973,6 +977,12 @@ fn validate(cfg: &SimConfig) -> Result<i64, SimError> {
             cfg.tick_ms
         ));
     }
+    if !(0.0..=1.0).contains(&cfg.shared_viewers) {
+        return bad(format!(
+            "shared_viewers must be in 0..=1, got {}",
+            cfg.shared_viewers
+        ));
+    }
     if cfg.segment_ms <= 0 || cfg.segment_ms > i64::from(u32::MAX) {
         return bad(format!(
             "segment_ms must be in 1..=u32::MAX, got {}",
@@ -1072,11 +1082,15 @@ impl Simulator {
         let seed = cfg.seed;
         let n_rooms = cfg.rooms as usize;
         let viewers = cfg.viewers as usize;
-        // User population: each room has its own users plus a slice of a shared pool,
-        // so about a fifth of a room's viewers also appear in other rooms.
-        let shared_n = if n_rooms > 1 { viewers / 5 } else { 0 };
+        // User population: each room has its own users plus a slice of a shared pool
+        // (`shared_viewers` of the room's viewers); a pooled user is in about 4 rooms.
+        let shared_n = if n_rooms > 1 {
+            ((viewers as f64 * cfg.shared_viewers) as usize).min(viewers)
+        } else {
+            0
+        };
         let own_n = viewers - shared_n;
-        let pool_n = shared_n.max(n_rooms * shared_n / 2);
+        let pool_n = shared_n.max(n_rooms * shared_n / 4);
         let own_total = n_rooms * own_n;
         let mut pool: Vec<u32> = (0..pool_n as u32).collect();
         let mut pool_rng = Rng::stream(seed, u64::MAX, 7);
