@@ -33,7 +33,7 @@ use crate::models::image::ImageEncoder;
 use crate::models::serving::{ModelSlot, Watch};
 use crate::models::text::TextEncoder;
 use crate::models::ModelError;
-use crate::runtime::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
+use crate::runtime::{Context, Embedded, Holds, Note, Operator, Output, OutputTopic, Position};
 use crate::schema::{deterministic_id, AudioFeatures, Event, RoomFeatures, SCHEMA_VERSION};
 
 /// A room with no input for this long (event time) and nothing pending is
@@ -203,6 +203,10 @@ pub struct Features {
     tick_ms: i64,
     written: Option<Counter>,
     failed: Counter,
+    /// Whether to send `Note::Embedded` (see [`Features::with_embedding_notes`]).
+    embedding_notes: bool,
+    /// Embedding notes waiting for a hook with a context.
+    embedded: Vec<Note>,
 }
 
 impl Features {
@@ -230,6 +234,33 @@ impl Features {
             tick_ms: 1000,
             written: None,
             failed: metrics::counter!(crate::metrics::STAGE_ERRORS, "stage" => "features", "kind" => "model"),
+            embedding_notes: false,
+            embedded: Vec::new(),
+        }
+    }
+
+    /// Also tells later operators each segment frame, comment and transcript
+    /// embedding as it comes back ([`Note::Embedded`]), for operators that fuse
+    /// a room's content from its parts.
+    pub fn with_embedding_notes(mut self, on: bool) -> Self {
+        self.embedding_notes = on;
+        self
+    }
+
+    fn note_embedding(
+        &mut self,
+        room: &Arc<str>,
+        item: Embedded,
+        e: &[f32],
+        model: &Option<Arc<str>>,
+    ) {
+        if self.embedding_notes {
+            self.embedded.push(Note::Embedded {
+                room_id: room.clone(),
+                item,
+                embedding: e.into(),
+                model: model.clone().unwrap_or_else(|| Arc::from("")),
+            });
         }
     }
 
@@ -349,6 +380,38 @@ impl Features {
     /// Applies a finished request (`embedding` None: it failed).
     fn apply(&mut self, req: Req, embedding: Option<Vec<f32>>, model: Option<Arc<str>>) {
         let tick_ms = self.tick_ms;
+        if let Some(e) = &embedding {
+            match &req {
+                Req::Frame {
+                    room,
+                    time_ms,
+                    segment: Some(_),
+                    ..
+                } => self.note_embedding(
+                    room,
+                    Embedded::SegmentFrame { time_ms: *time_ms },
+                    e,
+                    &model,
+                ),
+                Req::Comment { room, time_ms, .. } => {
+                    self.note_embedding(room, Embedded::Comment { time_ms: *time_ms }, e, &model)
+                }
+                Req::Transcript {
+                    room,
+                    start_ms,
+                    end_ms,
+                } => self.note_embedding(
+                    room,
+                    Embedded::Transcript {
+                        start_ms: *start_ms,
+                        end_ms: *end_ms,
+                    },
+                    e,
+                    &model,
+                ),
+                Req::Frame { segment: None, .. } => {}
+            }
+        }
         match req {
             Req::Frame {
                 room,
@@ -412,6 +475,9 @@ impl Features {
     /// Writes every room's closed ticks whose requests are all back, in
     /// order per room.
     fn emit_ready(&mut self, ctx: &mut Context<'_>) {
+        for n in self.embedded.drain(..) {
+            ctx.note(n);
+        }
         let tick_ms = self.tick_ms;
         let text_label = self.enc.text.label();
         for (room_id, room) in &mut self.rooms {
@@ -675,7 +741,7 @@ impl Operator for Features {
                     }
                 }
             }
-            Note::Features { .. } => {}
+            Note::Features { .. } | Note::Embedded { .. } | Note::Content { .. } => {}
         }
     }
 

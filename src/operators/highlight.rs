@@ -709,7 +709,7 @@ impl Operator for Highlight {
                     room.transcripts.pop_front();
                 }
             }
-            Note::Voice { .. } => {}
+            Note::Voice { .. } | Note::Embedded { .. } | Note::Content { .. } => {}
         }
     }
 

@@ -266,6 +266,7 @@ fn sample(
         long_views: t.long_views,
         long_view_ms,
         feature_layout: LAYOUT.into(),
+        values: Default::default(),
     }
 }
 

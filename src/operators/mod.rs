@@ -6,8 +6,10 @@
 //! [`Services`]).
 
 pub mod features;
+pub mod gift_labels;
 pub mod highlight;
 pub mod highlight_labels;
+pub mod mmbee_content;
 pub mod room_activity;
 pub mod speech;
 
@@ -45,7 +47,10 @@ pub fn build(
     }
     // After speech: it reads the speech operator's notes.
     if let Some(enc) = &services.features {
-        ops.push(Box::new(features::Features::new(enc.clone())));
+        let mmbee = &config.operators.mmbee;
+        ops.push(Box::new(
+            features::Features::new(enc.clone()).with_embedding_notes(mmbee.enabled),
+        ));
         // After features: these read their notes.
         if let Some(svc) = &services.highlight {
             ops.push(Box::new(highlight::Highlight::new(svc.clone())));
@@ -56,6 +61,12 @@ pub fn build(
                 Arc::new(hl.clone()),
                 config.runtime.tick_ms,
             )));
+        }
+        if mmbee.enabled {
+            let cfg = Arc::new(mmbee.clone());
+            ops.push(Box::new(mmbee_content::MmbeeContent::new(cfg.clone())));
+            // After the content operator: it reads its notes.
+            ops.push(Box::new(gift_labels::GiftLabels::new(cfg)));
         }
     }
     Ok(ops)

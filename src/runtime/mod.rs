@@ -14,7 +14,7 @@ mod partition;
 
 pub use engine::{Engine, EngineError, RunSummary, SimulatedRun};
 pub use feed::{Polled, RecordRef, StreamReader};
-pub use operator::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
+pub use operator::{Context, Embedded, Holds, Note, Operator, Output, OutputTopic, Position};
 pub use partition::{
     Checkpoint, Control, Input, InputRecord, PartitionHandle, PartitionShared, PartitionSpec,
     PartitionTask,

@@ -136,6 +136,34 @@ pub enum Note {
         /// Input positions it depends on.
         holds: Holds,
     },
+    /// An embedding the features operator got back for one of a room's
+    /// inputs, as it arrives (sent only when a later operator asked for them:
+    /// see `Features::with_embedding_notes`). Those of a tick come before the
+    /// tick's `Features` note; a transcript's may come after it.
+    Embedded {
+        /// The room.
+        room_id: Arc<str>,
+        /// What was embedded.
+        item: Embedded,
+        /// The embedding.
+        embedding: Arc<[f32]>,
+        /// `name@version` of the model that made it.
+        model: Arc<str>,
+    },
+    /// A room's content segment is complete (see the MMBee content operator):
+    /// from this moment on the room's content representation is this segment's.
+    Content {
+        /// The room.
+        room_id: Arc<str>,
+        /// The room's streamer (empty when not known).
+        streamer_id: Arc<str>,
+        /// The segment.
+        start_ms: i64,
+        /// End of the segment (exclusive).
+        end_ms: i64,
+        /// Event time at which it completed (the room's newest tick end).
+        at_ms: i64,
+    },
     /// Voice activity over a closed tick of a room's audio.
     Voice {
         /// The room.
@@ -146,6 +174,28 @@ pub enum Note {
         voiced_ms: i64,
         /// Milliseconds judged in all.
         judged_ms: i64,
+    },
+}
+
+/// What a [`Note::Embedded`] embedding is of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Embedded {
+    /// A frame sampled for the room's video segment (3 per segment), at its time.
+    SegmentFrame {
+        /// Frame time (event time, ms).
+        time_ms: i64,
+    },
+    /// A comment, at its time.
+    Comment {
+        /// Comment time.
+        time_ms: i64,
+    },
+    /// Recognised speech over an event-time span.
+    Transcript {
+        /// Start of the speech.
+        start_ms: i64,
+        /// End of the speech.
+        end_ms: i64,
     },
 }
 

@@ -102,7 +102,7 @@ impl TaskFiles {
         self.rows.write_all(&bytes)?;
         self.rows.flush()?;
         let mut models = s.model_version.splitn(2, ',');
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "id": s.id,
             "task": s.task,
             "room_id": s.room_id,
@@ -113,12 +113,26 @@ impl TaskFiles {
             "impressions": s.impressions,
             "long_views": s.long_views,
             "lvtr": s.label,
+            "label": s.label,
             "long_view_ms": s.long_view_ms,
             "feature_layout": s.feature_layout,
             "row": self.next_row,
             "image_model": models.next().unwrap_or_default(),
             "text_model": models.next().unwrap_or_default(),
         });
+        if let Some(obj) = line.as_object_mut() {
+            let mut values: Vec<(&String, &f64)> = s.values.iter().collect();
+            values.sort_by(|a, b| a.0.cmp(b.0));
+            for (k, &v) in values {
+                // Whole numbers as JSON integers (times, counts, ids).
+                let json = if v.fract() == 0.0 && v.abs() < 9.0e15 {
+                    serde_json::Value::from(v as i64)
+                } else {
+                    serde_json::Value::from(v)
+                };
+                obj.entry(k.clone()).or_insert(json);
+            }
+        }
         writeln!(self.lines, "{line}")?;
         self.lines.flush()?;
         self.next_row += 1;
