@@ -1,14 +1,18 @@
 """The engine's MMBee data root, as numpy arrays the model reads.
 
-    DATA_ROOT/day-<d>/mmbee/   content.jsonl, content.f32, layout.json, pairs.jsonl,
-                               gifts.jsonl, truth.jsonl (simulator truth: evaluation only)
-    DATA_ROOT/graph/<version>/ graph.json, nodes.tsv, embeddings.f32, neighbors.jsonl
+    DATA_ROOT/day-<d>/mmbee-content/  layout.json, samples.f32, samples.jsonl: content rows
+    DATA_ROOT/day-<d>/mmbee/          layout.json, samples.f32, samples.jsonl: (viewer, room) pairs
+    DATA_ROOT/day-<d>/mmbee-gifts/    layout.json, samples.f32, samples.jsonl: every gift
+    DATA_ROOT/day-<d>/truth.jsonl     the simulator's truth (evaluation only)
+    DATA_ROOT/graph/<version>/        graph.json, nodes.tsv, embeddings.f32, neighbors.jsonl
 
-(README.md, "Data", gives every field.) Splits are by day. A sample's live gifting
-history is every gift of any loaded day with t_ms strictly before the sample's t_ms
-(`History`); the graph comes from the history days only, and `check_graph` refuses one
-whose graph.json (`events_through_ms`) says it saw a gift at or after the first training
-sample.
+Each task directory is the engine's training-sample file sink (src/sinks/samples.rs): a
+line per sample pointing at its float32 row (`row`); a sample replayed after a restart is
+appended again with the same `id`, and the last line per id is kept (`latest_per_id`).
+README.md, "Data", gives every field. Splits are by day. A sample's live gifting history
+is every gift of any loaded day with t_ms strictly before the sample's t_ms (`History`);
+the days must follow each other on one clock (`check_clock`). The graph comes from the
+history days only, and `check_graph` refuses one whose graph.json says otherwise.
 
 `Features.build` turns pairs into fixed-size arrays (sequence slots, expanded slots,
 context features, content row indices). Graph embeddings stay in one table and are
@@ -28,6 +32,13 @@ FRAME, TEXT = 1280, 384
 FRAMES, COMMENTS, TRANSCRIPTS = 3, 8, 2
 WIDTH = FRAMES * FRAME + COMMENTS * TEXT + TRANSCRIPTS * TEXT  # 7680
 LAYOUT = "mmbee-content-v1"
+# The three task directories of a day: (directory, feature_layout, width).
+CONTENT_TASK = ("mmbee-content", LAYOUT, WIDTH)
+PAIR_TASK = ("mmbee", "mmbee-pair-v1", 6)
+GIFT_TASK = ("mmbee-gifts", "gift-v1", 1)
+# The pair row's columns (samples.f32 of day-<d>/mmbee/), in order.
+PAIR_COLUMNS = ["present_ms", "session_likes", "session_comments", "session_gifts", "session_gift_value", "followed"]
+TRIGGERS = {0: "enter", 1: "content", 2: "gift"}
 COLS = {"frames": (0, FRAMES * FRAME), "comments": (FRAMES * FRAME, FRAMES * FRAME + COMMENTS * TEXT),
         "transcripts": (FRAMES * FRAME + COMMENTS * TEXT, WIDTH)}
 HOUR_MS = 3_600_000
@@ -40,11 +51,15 @@ CONTEXT = {
     "log_session_comments": "log1p(session_comments)",
     "log_session_gifts": "log1p(session_gifts): gift actions in this room since entering",
     "log_session_gift_value": "log1p(session_gift_value)",
-    "followed": "1.0 if the user follows the streamer, else 0.0",
+    "followed": "1.0 if the user followed the streamer at or before t in this session (the engine knows no "
+                "older follows), else 0.0",
     "user_known": "1.0 if the user has a row in the graph (nodes.tsv), else 0.0",
     "streamer_known": "1.0 if the candidate streamer has a row in the graph, else 0.0",
     "log_user_gifts": "log1p(number of the user's gifts in the live history, all of it, before t_ms)",
     "log_content_comments": "log1p(comments) of the content row used (0 without one)",
+    "trigger_content": "1.0 if the prediction was made because the room's content segment changed (trigger 1)",
+    "trigger_gift": "1.0 if the prediction was made right after the viewer's own gift (trigger 2; that gift, "
+                    "at t, is in neither the session counters nor the live history, both strictly before t)",
 }
 DEFAULT_CONTEXT = ["log_present_s", "log_session_likes", "log_session_comments", "log_session_gifts",
                    "log_session_gift_value", "followed", "user_known", "streamer_known"]
@@ -97,40 +112,100 @@ def parse_days(spec):
 class Day:
     index: int
     path: str
-    content: np.ndarray  # [R, WIDTH] float32
-    content_meta: list  # content.jsonl lines, by row
-    content_at: dict  # (room_id, start_ms) -> row
-    pairs: list
-    gifts: list
-    truth: list
+    content: np.ndarray  # [R, WIDTH] float32, row i of content_meta
+    content_meta: list  # content lines (start_ms, end_ms added), one per kept content sample
+    content_at: dict  # (room_id, start_ms) -> index into content / content_meta
+    pairs: list  # pair lines with t_ms, content_start_ms (None: none) and PAIR_COLUMNS
+    gifts: list  # {user_id, room_id, streamer_id, t_ms, value}
+    truth: list  # truth.jsonl's streamer and viewer lines
 
 
-def mmbee_dir(path):
-    sub = os.path.join(path, "mmbee")
-    return sub if os.path.isdir(sub) else path
+def latest_per_id(lines):
+    """The last line per `id`, where its last copy stands (lines without an id are kept)."""
+    last = {}
+    for i, line in enumerate(lines):
+        if line.get("id") is not None:
+            last[line["id"]] = i
+    return [line for i, line in enumerate(lines) if line.get("id") is None or last[line["id"]] == i]
+
+
+def read_task(day_path, task, rows=True):
+    """(lines, rows) of one task directory of a day: the kept lines (latest_per_id) and,
+    with rows, their float32 rows [len(lines), width] in the same order (None without)."""
+    name, layout, width = task
+    d = os.path.join(day_path, name)
+    layout_path = os.path.join(d, "layout.json")
+    with open(layout_path) as f:
+        have = json.load(f)
+    if have.get("feature_layout") != layout or have.get("width") != width:
+        raise ValueError(f"{layout_path}: {have}, this model reads {layout!r} of width {width}")
+    lines = latest_per_id(read_jsonl(os.path.join(d, "samples.jsonl")))
+    if not rows:
+        return lines, None
+    path = os.path.join(d, "samples.f32")
+    size = os.path.getsize(path) // 4
+    if size % width:
+        raise ValueError(f"{path}: {size} floats is not a whole number of rows of {width}")
+    idx = np.array([int(line["row"]) for line in lines], np.int64)
+    if len(idx) and (idx.min() < 0 or idx.max() >= size // width):
+        raise ValueError(f"{path}: {size // width} rows, a line points at row {int(idx.max())}")
+    if not len(idx):
+        return lines, np.zeros((0, width), np.float32)
+    table = np.memmap(path, dtype="<f4", mode="r", shape=(size // width, width))
+    return lines, np.asarray(table[idx], dtype=np.float32)
+
+
+def load_gifts(day_path):
+    """[{user_id, room_id, streamer_id, t_ms, value}] of day-<d>/mmbee-gifts/."""
+    lines, _ = read_task(day_path, GIFT_TASK, rows=False)
+    return [{"user_id": g["user_id"], "room_id": g.get("room_id", ""), "streamer_id": g["streamer_id"],
+             "t_ms": int(g.get("t_ms", g.get("tick_start_ms"))), "value": int(g["value"])} for g in lines]
 
 
 def load_day(path, index=None, with_content=True):
-    d = mmbee_dir(path)
-    layout_path = os.path.join(d, "layout.json")
-    if os.path.exists(layout_path):
-        with open(layout_path) as f:
-            layout = json.load(f)
-        if layout.get("width") != WIDTH or layout.get("layout", LAYOUT) != LAYOUT:
-            raise ValueError(f"{layout_path}: {layout}, this model reads {LAYOUT} of width {WIDTH}")
-    meta = read_jsonl(os.path.join(d, "content.jsonl"))
-    meta.sort(key=lambda m: m["row"])
-    if with_content:
-        content = np.fromfile(os.path.join(d, "content.f32"), dtype="<f4").reshape(-1, WIDTH)
-        if len(content) < len(meta):
-            raise ValueError(f"{d}: {len(meta)} content lines, {len(content)} rows")
-    else:
+    meta, content = read_task(path, CONTENT_TASK, rows=with_content)
+    if content is None:
         content = np.zeros((0, WIDTH), np.float32)
-    truth_path = os.path.join(d, "truth.jsonl")
+    for m in meta:
+        m["start_ms"] = int(m["tick_start_ms"])
+        m["end_ms"] = m["start_ms"] + int(m["tick_ms"])
+    lines, rows = read_task(path, PAIR_TASK)
+    pairs = []
+    for line, row in zip(lines, rows):
+        p = dict(line)
+        p["t_ms"] = int(line["tick_start_ms"])
+        cs = int(line.get("content_start_ms", -1))
+        p["content_start_ms"] = cs if cs >= 0 else None
+        p["label"] = int(float(line["label"]) > 0.5)
+        for name, v in zip(PAIR_COLUMNS, row):
+            p[name] = float(v)
+        p["followed"] = p["followed"] > 0.5
+        pairs.append(p)
+    truth_path = os.path.join(path, "truth.jsonl")
+    truth = []
+    if os.path.exists(truth_path):
+        with open(truth_path) as f:  # highlight, utterance and tick lines are skipped unparsed
+            truth = [json.loads(line) for line in f
+                     if '"streamer"' in line or '"viewer"' in line]
+        truth = [t for t in truth if t.get("type") in ("streamer", "viewer")]
     return Day(index=index, path=path, content=content, content_meta=meta,
-               content_at={(m["room_id"], int(m["start_ms"])): m["row"] for m in meta},
-               pairs=read_jsonl(os.path.join(d, "pairs.jsonl")), gifts=read_jsonl(os.path.join(d, "gifts.jsonl")),
-               truth=read_jsonl(truth_path) if os.path.exists(truth_path) else [])
+               content_at={(m["room_id"], m["start_ms"]): i for i, m in enumerate(meta)},
+               pairs=pairs, gifts=load_gifts(path), truth=truth)
+
+
+def check_clock(gifts_by_day):
+    """Refuses days whose gift times overlap ({day: gifts}, in day order): the live history
+    (`History`, strictly before t_ms) and check_graph assume the days follow each other on
+    one clock, as the engine's demo days run one after the other do."""
+    prev = None
+    for d, gifts in sorted(gifts_by_day.items()):
+        if not gifts:
+            continue
+        lo, hi = min(g["t_ms"] for g in gifts), max(g["t_ms"] for g in gifts)
+        if prev is not None and lo <= prev[1]:
+            raise ValueError(f"day-{d}'s first gift ({lo}) is not after day-{prev[0]}'s last ({prev[1]}): the days "
+                             "overlap in time (were they simulated faster than real time?)")
+        prev = (d, hi)
 
 
 # ---- the graph
@@ -196,9 +271,19 @@ def load_graph(path):
                  streamers=streamers, gifted=gifted, expanded=expanded, similar=similar)
 
 
-def check_graph(graph, pairs):
+def check_graph(graph, pairs, history=None):
     """Refuses a graph that saw a gift at or after the earliest of these pairs, as far as
-    graph.json tells: `events_through_ms` (the engine's graph job: its last gift's time)."""
+    graph.json tells: `events_through_ms` (the engine's graph job: its last gift's time);
+    and, given the history day indices, one built from another day's files (the engine's
+    `inputs`: the paths given to `onair graph --gifts`, read for `day-<d>`; the fixture's
+    `built_from`)."""
+    if history is not None:
+        named = [k for k, v in (graph.meta.get("inputs") or {}).items() if isinstance(v, dict)]
+        named += list(graph.meta.get("built_from") or [])
+        for name in named:
+            m = re.search(r"day-(\d+)", str(name))
+            if m and int(m.group(1)) not in set(history):
+                raise ValueError(f"{graph.path}: built from {name}, not a history day {sorted(history)}")
     through = graph.meta.get("events_through_ms")
     if through is None or not pairs:
         return
@@ -344,6 +429,9 @@ class Features:
         }
         if "log_user_gifts" in self.context_names:
             values["log_user_gifts"] = math.log1p(history.count(p["user_id"], int(p["t_ms"])))
+        trigger = int(p.get("trigger", -1))
+        values["trigger_content"] = float(trigger == 1)
+        values["trigger_gift"] = float(trigger == 2)
         if "log_content_comments" in self.context_names:
             values["log_content_comments"] = math.log1p(content["comments"]) if content is not None else 0.0
         return [values[n] for n in self.context_names]

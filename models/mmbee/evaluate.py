@@ -3,7 +3,7 @@
     python evaluate.py --root DATA_ROOT --checkpoints CKPT... --out metrics.json [--test 4] [--history 0-1]
 
 Methods: every checkpoint (named by its training --name); `popularity`, which trains
-nothing: the streamer's gift rate per pair in the history days' pairs.jsonl (the rate over
+nothing: the streamer's gift rate per pair in the history days' pairs (the rate over
 all history pairs for a streamer without any), ties broken by the user's number of gifts
 in the history days; and, where the simulator's truth.jsonl is there, `truth-oracle`:
 affinity x gift_level of the (room, user), which knows the hidden world and no

@@ -172,7 +172,7 @@ def contract(model, vocab, context):
             "frames": "the content row's columns 0..3840 as [3, 1280] (MobileNetV2 pooled)",
             "comments": "columns 3840..6912 as [8, 384] (e5-small, L2-normalised)",
             "transcripts": "columns 6912..7680 as [2, 384]",
-            "frame_mask": "1.0 for the first `frames` slots (content.jsonl), else 0.0; likewise "
+            "frame_mask": "1.0 for the first `frames` slots (the content line's count), else 0.0; likewise "
                           "comment_mask (comment_tokens) and transcript_mask (transcript_tokens)",
             "streamer_index": "1 + the streamer's position in `vocab`; 0 when it is not there",
             "streamer_graph": "the streamer's graph embedding: " + graph_row,
@@ -254,7 +254,7 @@ def main():
         "content": {"layout": LAYOUT, "width": WIDTH, "columns": {k: list(v) for k, v in COLS.items()},
                     "slots": {"frames": [FRAMES, FRAME], "comments": [COMMENTS, TEXT],
                               "transcripts": [TRANSCRIPTS, TEXT]},
-                    "masks": "from content.jsonl's frames, comment_tokens, transcript_tokens: the first k slots"},
+                    "masks": "from the content line's frames, comment_tokens, transcript_tokens: the first k slots"},
         "graph": {"version": info["graph_version"], "dim": c["graph_dim"],
                   "path": os.path.relpath(info["graph"], info["root"]),
                   "method": info["graph_meta"].get("method"), "built_from": info["graph_meta"].get("built_from"),

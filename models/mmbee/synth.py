@@ -3,8 +3,8 @@
 Not the simulator: a small stand-in with the structure the model should find, written as
 the engine writes it (see README.md, "Data"):
 
-    DATA_ROOT/day-<d>/mmbee/{content.jsonl, content.f32, layout.json, pairs.jsonl,
-                             gifts.jsonl, truth.jsonl}
+    DATA_ROOT/day-<d>/{mmbee-content,mmbee,mmbee-gifts}/{layout.json, samples.f32, samples.jsonl}
+    DATA_ROOT/day-<d>/truth.jsonl
     DATA_ROOT/graph/<version>/{graph.json, nodes.tsv, embeddings.f32, neighbors.jsonl}
 
 The world (the same every day): streamers of 5 genres, one room each; users with a
@@ -19,9 +19,15 @@ per-second probability 0.02 (0.1 + affinity) (0.03 + 2 gift_level) (0.2 + 3 ex^2
 content rows show the excitement: frame embeddings shift along a fixed random direction,
 comments turn toward a "hype" direction (both plus noise), transcripts likewise.
 
-Pairs: every --every seconds (from --every/2 on), one line per user present in a room;
-label 1 when the user gifts in that room within (t, t + horizon]. The content row of a
-pair is the room's latest segment ending at or before t (none at the first prediction).
+Pairs, at the engine's prediction times: when a user enters a room (trigger 0), at every
+20 s segment boundary for each user present (trigger 1) and right after each of the
+user's gifts (trigger 2); label 1.0 when the user gifts in that room within
+(t, t + horizon]. The pair row's session counters and `followed` count what happened
+strictly before t in the session (a followed (user, streamer) follows ~90 s after
+entering). The content row of a pair is the room's latest segment ending at or before t
+(-1: none yet). A share --replay of every task's samples is appended a second time with
+the same id, as an engine restart replays them; truth.jsonl has tick and utterance lines
+the loader must skip.
 
 The graph version directory is built from the --history first days' gifts only:
 user-streamer weights (ln(1 + summed value), as the engine's graph job), Swing similarity between streamers, metapath
@@ -30,6 +36,7 @@ the log1p weight matrix. graph.json marks it "synthetic fixture": the engine's g
 (GraphCL) makes the real ones.
 
     python synth.py DATA_ROOT [--days 6 --history 2 --streamers 20 --users 600 --seed 0] [--momentum 0]
+        [--replay 0.01]
 """
 
 import argparse
@@ -156,22 +163,24 @@ def content_row(rng, w, s, ex, lo, seconds):
     return row, {"frames": frames, "comment_tokens": stored, "comments": total, "transcript_tokens": trans}
 
 
-def simulate_day(rng, w, day, seconds, every_s, horizon_s, momentum=0.0):
-    """(content rows, content lines, pairs, gifts, truth) of one day. momentum > 0 raises a
-    user's gift probability after a gift in the same session by a factor
-    1 + momentum exp(-seconds since / 60) (gifting streaks; the engine's simulator has none)."""
+def simulate_day(rng, w, day, seconds, horizon_s, momentum=0.0):
+    """(content rows, content lines, pair rows, pair lines, gifts, truth) of one day, the
+    lines as the engine's sample sink writes them (without `row`, which write_task sets).
+    momentum > 0 raises a user's gift probability after a gift in the same session by a
+    factor 1 + momentum exp(-seconds since / 60) (gifting streaks; the engine's simulator
+    has none)."""
     t_day = T0 + day * DAY_MS
     ex = [excitement(rng, w.s_level[s], seconds) for s in range(len(w.streamers))]
     rows, content = [], []
     for s in range(len(w.streamers)):
         for lo in range(0, seconds - SEGMENT_MS // 1000 + 1, SEGMENT_MS // 1000):
             r, counts = content_row(rng, w, s, ex[s], lo, seconds)
-            content.append({"row": len(rows), "room_id": w.rooms[s], "streamer_id": w.streamers[s],
-                            "start_ms": t_day + lo * 1000, "end_ms": t_day + lo * 1000 + SEGMENT_MS,
-                            **counts, "model_version": "synth/1"})
+            start = t_day + lo * 1000
+            content.append(sink_line(f"mmbee-content:{w.rooms[s]}:{start}", "mmbee-content", "mmbee-content-v1",
+                                     w.rooms[s], "", w.streamers[s], start, SEGMENT_MS, 0, counts,
+                                     ("synth-image/1", "synth-text/1")))
             rows.append(r)
-    gifts, pairs = [], []
-    times = np.arange(every_s / 2, seconds, every_s)
+    gifts, pairs, pair_rows = [], [], []
     for u, s, enter, leave in sessions(rng, w, seconds):
         aff, gl = w.affinity[u, s], w.gift_level[u]
         sec = np.arange(math.ceil(enter), math.floor(leave))
@@ -179,6 +188,7 @@ def simulate_day(rng, w, day, seconds, every_s, horizon_s, momentum=0.0):
         p_gift = 0.02 * (0.1 + aff) * (0.03 + 2.0 * gl) * (0.2 + 3.0 * e * e)
         p_like = 0.04 * (0.4 + aff) * (0.3 + 2.0 * e)
         p_comment = 0.01 * (0.3 + aff)
+        enter_ms, leave_ms = t_day + int(enter * 1000), t_day + int(leave * 1000)
         g_ms = []  # (t_ms, value)
         last = -1e9
         for t, pg in zip(sec, p_gift):
@@ -189,31 +199,37 @@ def simulate_day(rng, w, day, seconds, every_s, horizon_s, momentum=0.0):
                 combo = int(rng.integers(1, 6)) if tier <= 1 else 1
                 tt = t_day + int(t * 1000) + int(rng.integers(0, 1000))
                 for _ in range(combo):
-                    if tt >= t_day + int(leave * 1000):
+                    if tt >= leave_ms:
                         break
                     g_ms.append((tt, GIFTS[tier]))
                     tt += int(rng.integers(250, 450))
-        likes = np.cumsum(rng.random(len(sec)) < p_like)
+        likes = np.cumsum(rng.random(len(sec)) < p_like)  # a like / comment of second x is at x s
         comments = np.cumsum(rng.random(len(sec)) < p_comment)
+        follow_ms = enter_ms + int(rng.exponential(90_000)) if w.followed[u, s] else None
         for tt, v in g_ms:
             gifts.append({"user_id": w.users[u], "room_id": w.rooms[s], "streamer_id": w.streamers[s],
                           "t_ms": tt, "value": v})
         g_t = np.array([g for g, _ in g_ms], np.int64)
         g_v = np.array([v for _, v in g_ms], np.int64)
-        for t in times[(times >= enter) & (times < leave)]:
-            t_ms = t_day + int(t * 1000)
+        # Prediction times: the viewer entered (0), the room's segment changed (1), the viewer
+        # sent a gift (2); each at the event's time, after it.
+        times = [(enter_ms, 0)]
+        first = (enter_ms - t_day) // SEGMENT_MS + 1
+        times += [(t_day + k * SEGMENT_MS, 1) for k in range(first, (leave_ms - t_day - 1) // SEGMENT_MS + 1)]
+        times += [(int(t), 2) for t in sorted(set(g_t.tolist()))]
+        for t_ms, trigger in times:
             before = g_t < t_ms
             after = (g_t > t_ms) & (g_t <= t_ms + horizon_s * 1000)
-            k = int(np.searchsorted(sec, t, side="left"))  # seconds present strictly before t
-            seg = int(t * 1000) // SEGMENT_MS * SEGMENT_MS - SEGMENT_MS  # latest segment ending <= t
-            pairs.append({"user_id": w.users[u], "room_id": w.rooms[s], "streamer_id": w.streamers[s],
-                          "t_ms": t_ms, "content_start_ms": t_day + seg if seg >= 0 else None,
-                          "label": int(after.any()), "gift_value": int(g_v[after].sum()),
-                          "horizon_ms": horizon_s * 1000, "present_ms": t_ms - (t_day + int(enter * 1000)),
-                          "session_likes": int(likes[k - 1]) if k else 0,
-                          "session_comments": int(comments[k - 1]) if k else 0,
-                          "session_gifts": int(before.sum()), "session_gift_value": int(g_v[before].sum()),
-                          "followed": bool(w.followed[u, s])})
+            k = int(np.searchsorted(t_day + sec * 1000, t_ms, side="left"))  # actions strictly before t
+            seg = (t_ms - t_day) // SEGMENT_MS * SEGMENT_MS - SEGMENT_MS  # latest segment ending <= t
+            label = float(after.any())
+            pairs.append(sink_line(f"mmbee:{w.rooms[s]}:{w.users[u]}:{t_ms}:{trigger}", "mmbee", "mmbee-pair-v1",
+                                   w.rooms[s], w.users[u], w.streamers[s], t_ms, 0, label,
+                                   {"gift_value": int(g_v[after].sum()), "horizon_ms": horizon_s * 1000,
+                                    "content_start_ms": t_day + seg if seg >= 0 else -1, "trigger": trigger}))
+            pair_rows.append([t_ms - enter_ms, int(likes[k - 1]) if k else 0, int(comments[k - 1]) if k else 0,
+                              int(before.sum()), int(g_v[before].sum()),
+                              float(follow_ms is not None and follow_ms <= t_ms)])
     gifts.sort(key=lambda g: g["t_ms"])
     truth = [{"type": "streamer", "streamer_id": w.streamers[s], "genre": int(w.s_genre[s])}
              for s in range(len(w.streamers))]
@@ -222,7 +238,44 @@ def simulate_day(rng, w, day, seconds, every_s, horizon_s, momentum=0.0):
         truth.append({"type": "viewer", "room_id": w.rooms[s], "user_id": w.users[u],
                       "affinity": float(w.affinity[u, s]), "gift_level": float(w.gift_level[u]),
                       "genre": int(w.u_genre[u])})
-    return np.stack(rows), content, pairs, gifts, truth
+    for s in range(len(w.streamers)):  # other line types the loader must skip
+        truth += [{"type": "tick", "room_id": w.rooms[s], "t_ms": t_day + x * 1000, "excitement": float(ex[s][x])}
+                  for x in range(0, seconds, 60)]
+        truth.append({"type": "utterance", "room_id": w.rooms[s], "t_ms": t_day, "text": "the streamer says hi"})
+    return (np.stack(rows), content, np.array(pair_rows, np.float32).reshape(-1, 6), pairs,
+            [gift_line(n, g) for n, g in enumerate(gifts)], truth)
+
+
+def sink_line(sid, task, layout, room, user, streamer, t_ms, tick_ms, label, values, models=("", "")):
+    """A line as the engine's training-sample file sink writes it (src/sinks/samples.rs),
+    `row` set by write_task; `values` are added where the line has no such key."""
+    line = {"id": sid, "task": task, "room_id": room, "user_id": user, "streamer_id": streamer,
+            "tick_start_ms": t_ms, "tick_ms": tick_ms, "impressions": 0, "long_views": 0, "lvtr": label,
+            "label": label, "long_view_ms": 0, "feature_layout": layout, "row": None,
+            "image_model": models[0], "text_model": models[1]}
+    for k, v in sorted(values.items()):
+        line.setdefault(k, v)
+    return line
+
+
+def gift_line(n, g):
+    return sink_line(f"gift:{g['room_id']}:{g['user_id']}:{g['t_ms']}:{n}", "mmbee-gifts", "gift-v1", g["room_id"],
+                     g["user_id"], g["streamer_id"], g["t_ms"], 0, g["value"], {"t_ms": g["t_ms"], "value": g["value"]})
+
+
+def write_task(out, layout, lines, rows, rng, replay=0.0):
+    """Writes one task directory as the sink does: layout.json, samples.f32 (row i of
+    `rows` for lines[i]), samples.jsonl. A share `replay` of the samples is appended again
+    at the end (same id, a new row: what an engine restart replays)."""
+    os.makedirs(out)
+    with open(os.path.join(out, "layout.json"), "w") as f:
+        f.write(json.dumps({"feature_layout": layout, "width": rows.shape[1]}) + "\n")
+    again = np.flatnonzero(rng.random(len(lines)) < replay) if replay > 0 else np.zeros(0, np.int64)
+    order = np.concatenate([np.arange(len(lines)), again]).astype(np.int64)
+    rows[order].astype("<f4").tofile(os.path.join(out, "samples.f32"))
+    with open(os.path.join(out, "samples.jsonl"), "w") as f:
+        for r, i in enumerate(order):
+            f.write(json.dumps({**lines[i], "row": r}) + "\n")
 
 
 def write_jsonl(path, lines):
@@ -335,29 +388,28 @@ def build_graph(out, gifts, dim=32, version=1, days=(), seed=0):
     return meta
 
 
-def write_root(root, days=6, history=2, streamers=20, users=600, seconds=600, every=20, horizon=30,
-               seed=0, dim=32, momentum=0.0):
+def write_root(root, days=6, history=2, streamers=20, users=600, seconds=600, horizon=30,
+               seed=0, dim=32, momentum=0.0, replay=0.01):
     """Writes the whole data root; returns a summary."""
     w = World(seed, streamers, users)
     summary, history_gifts = {"days": []}, []
     for d in range(days):
         rng = np.random.default_rng([seed, d])
-        rows, content, pairs, gifts, truth = simulate_day(rng, w, d, seconds, every, horizon, momentum)
-        out = os.path.join(root, f"day-{d}", "mmbee")
+        rows, content, pair_rows, pairs, gifts, truth = simulate_day(rng, w, d, seconds, horizon, momentum)
+        out = os.path.join(root, f"day-{d}")
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.makedirs(out)
-        rows.astype("<f4").tofile(os.path.join(out, "content.f32"))
-        with open(os.path.join(out, "layout.json"), "w") as f:
-            json.dump({"layout": "mmbee-content-v1", "width": WIDTH}, f)
         order = rng.permutation(len(pairs))  # the engine promises no order
-        write_jsonl(os.path.join(out, "content.jsonl"), content)
-        write_jsonl(os.path.join(out, "pairs.jsonl"), [pairs[i] for i in order])
-        write_jsonl(os.path.join(out, "gifts.jsonl"), gifts)
+        write_task(os.path.join(out, "mmbee-content"), "mmbee-content-v1", content, rows, rng, replay)
+        write_task(os.path.join(out, "mmbee"), "mmbee-pair-v1", [pairs[i] for i in order], pair_rows[order], rng,
+                   replay)
+        write_task(os.path.join(out, "mmbee-gifts"), "gift-v1", gifts,
+                   np.array([[g["value"]] for g in gifts], np.float32).reshape(-1, 1), rng, replay)
         write_jsonl(os.path.join(out, "truth.jsonl"), truth)
         if d < history:
-            history_gifts += gifts
-        summary["days"].append({"day": d, "pairs": len(pairs), "positive": sum(p["label"] for p in pairs),
+            history_gifts += [{k: g[k] for k in ("user_id", "room_id", "streamer_id", "t_ms", "value")} for g in gifts]
+        summary["days"].append({"day": d, "pairs": len(pairs), "positive": int(sum(p["label"] for p in pairs)),
                                 "gifts": len(gifts), "content_rows": len(rows)})
     graph_root = os.path.join(root, "graph")
     if os.path.isdir(graph_root):
@@ -375,15 +427,16 @@ def main():
     ap.add_argument("--streamers", type=int, default=20)
     ap.add_argument("--users", type=int, default=600)
     ap.add_argument("--seconds", type=int, default=600, help="broadcast length each day")
-    ap.add_argument("--every", type=int, default=20, help="seconds between prediction times")
     ap.add_argument("--horizon", type=int, default=30, help="label horizon, seconds")
     ap.add_argument("--dim", type=int, default=32, help="graph embedding size G")
     ap.add_argument("--momentum", type=float, default=0.0,
                     help="gift probability x (1 + momentum exp(-s since the session's last gift / 60)); 0: none")
+    ap.add_argument("--replay", type=float, default=0.01,
+                    help="share of samples appended twice (same id, as after an engine restart)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    s = write_root(a.root, a.days, a.history, a.streamers, a.users, a.seconds, a.every, a.horizon, a.seed, a.dim,
-                   a.momentum)
+    s = write_root(a.root, a.days, a.history, a.streamers, a.users, a.seconds, a.horizon, a.seed, a.dim,
+                   a.momentum, a.replay)
     print(json.dumps(s["days"]))
 
 

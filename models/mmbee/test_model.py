@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import (Features, History, Vocab, check_graph, day_dirs, default_splits, load_day,  # noqa: E402
-                  load_graph, parse_days)
+from data import (PAIR_COLUMNS, Features, History, Vocab, check_clock, check_graph, day_dirs,  # noqa: E402
+                  default_splits, load_day, load_gifts, load_graph, parse_days)
 from evaluate import gauc, logloss, popularity, roc_auc, uauc  # noqa: E402
 from model import (MFQ_INPUTS, MFQ_OUTPUTS, RANKER_INPUTS, RANKER_OUTPUTS, MMBee, RankerExport,  # noqa: E402
                    set_threads)
@@ -111,7 +111,7 @@ class Histories(unittest.TestCase):
 
     def test_features_never_use_a_gift_at_or_after_t(self):
         with tempfile.TemporaryDirectory() as root:
-            synth.write_root(root, days=4, history=1, streamers=4, users=40, seconds=120, every=20, seed=3)
+            synth.write_root(root, days=4, history=1, streamers=4, users=40, seconds=120, seed=3)
             days = day_dirs(root)
             loaded = [load_day(p, d) for d, p in days.items()]
             gifts = [g for d in loaded for g in d.gifts]
@@ -171,7 +171,15 @@ class Graphs(unittest.TestCase):
             hist = {x["user_id"] for d in (0, 1) for x in load_day(days[d], d, with_content=False).gifts}
             self.assertEqual(set(g.users), hist)
             later = [p for d in (2, 3) for p in load_day(days[d], d, with_content=False).pairs]
+            check_graph(g, later, [0, 1])
+            with self.assertRaises(ValueError):  # graph.json built_from names day-1
+                check_graph(g, later, [0])
+            # the engine's graph job names its --gifts files in `inputs`
+            g.meta = {"inputs": {"previous": None, "after_ms": -1,
+                                 os.path.join(root, "day-2", "mmbee-gifts", "samples.jsonl"): {"merged": 3}}}
             check_graph(g, later)
+            with self.assertRaises(ValueError):
+                check_graph(g, later, [0, 1])
             self.assertEqual(default_splits(days), ([0], [1], [2], [3]))
             self.assertEqual(parse_days("0-2,5"), [0, 1, 2, 5])
 
@@ -307,13 +315,15 @@ class Export(unittest.TestCase):
 class Synthetic(unittest.TestCase):
     def test_pairs_follow_the_contract(self):
         with tempfile.TemporaryDirectory() as root:
-            synth.write_root(root, days=4, history=1, streamers=3, users=40, seconds=120, every=20, horizon=30, seed=4)
+            synth.write_root(root, days=4, history=1, streamers=3, users=40, seconds=120, horizon=30, seed=4,
+                             replay=0.05)
             day = load_day(os.path.join(root, "day-2"), 2)
             ends = {}
             for c in day.content_meta:
                 ends.setdefault(c["room_id"], []).append((c["start_ms"], c["end_ms"]))
-            self.assertEqual(day.content.shape[1], 7680)
-            nulls = 0
+            self.assertEqual(day.content.shape, (len(day.content_meta), 7680))
+            self.assertEqual(len({p["id"] for p in day.pairs}), len(day.pairs))  # replays dropped
+            nulls, triggers = 0, set()
             for p in day.pairs:
                 done = [s for s, e in ends[p["room_id"]] if e <= p["t_ms"]]
                 if p["content_start_ms"] is None:
@@ -325,14 +335,99 @@ class Synthetic(unittest.TestCase):
                         and p["t_ms"] < g["t_ms"] <= p["t_ms"] + p["horizon_ms"]]
                 self.assertEqual(p["label"], int(bool(hits)))
                 self.assertEqual(p["gift_value"], sum(g["value"] for g in hits))
+                # session counters: the session's gifts strictly before t
+                mine = [g for g in day.gifts if g["user_id"] == p["user_id"] and g["room_id"] == p["room_id"]
+                        and p["t_ms"] - p["present_ms"] <= g["t_ms"] < p["t_ms"]]
+                self.assertEqual(p["session_gifts"], len(mine))
+                self.assertEqual(p["session_gift_value"], sum(g["value"] for g in mine))
+                triggers.add(p["trigger"])
+                if p["trigger"] == 2:  # right after the viewer's own gift in this room
+                    self.assertTrue(any(g["t_ms"] == p["t_ms"] and g["user_id"] == p["user_id"]
+                                        and g["room_id"] == p["room_id"] for g in day.gifts))
+                if p["trigger"] == 1:
+                    self.assertEqual(p["content_start_ms"] + synth.SEGMENT_MS, p["t_ms"])
+                self.assertIsInstance(p["followed"], bool)
             self.assertGreater(nulls, 0)
+            self.assertEqual(triggers, {0, 1, 2})
             counts = [c["comment_tokens"] for c in day.content_meta]
             self.assertTrue(all(0 <= k <= 8 for k in counts))
             row = day.content_meta[0]
             k = row["comment_tokens"]
-            comments = day.content[row["row"], 3840:6912].reshape(8, 384)
+            comments = day.content[0, 3840:6912].reshape(8, 384)
             np.testing.assert_allclose(np.linalg.norm(comments[:k], axis=1), 1.0, rtol=1e-5)
             self.assertTrue((comments[k:] == 0).all())
+            self.assertEqual({t["type"] for t in day.truth}, {"streamer", "viewer"})
+
+
+def append_sample(task_dir, line, row):
+    """Appends one sample to a task directory, as the engine's sink does."""
+    with open(os.path.join(task_dir, "samples.f32"), "ab") as f:
+        n = f.tell() // (4 * len(row))
+        f.write(np.asarray(row, "<f4").tobytes())
+    with open(os.path.join(task_dir, "samples.jsonl"), "a") as f:
+        f.write(json.dumps({**line, "row": n}) + "\n")
+
+
+class Format(unittest.TestCase):
+    """The engine's sample-file format: replays, crashed writes, unknown keys, layouts."""
+
+    def test_replayed_samples_keep_the_last_line(self):
+        with tempfile.TemporaryDirectory() as root:
+            synth.write_root(root, days=4, history=1, streamers=3, users=30, seconds=100, seed=5, replay=0.0)
+            day_path = os.path.join(root, "day-2")
+            before = load_day(day_path, 2)
+            pair = next(p for p in before.pairs if p["content_start_ms"] is not None)
+            with open(os.path.join(day_path, "mmbee", "samples.jsonl")) as f:
+                line = next(json.loads(x) for x in f if json.loads(x)["id"] == pair["id"])
+            # the pair again, with other values and an unknown key; then a row without a line
+            append_sample(os.path.join(day_path, "mmbee"), {**line, "label": 1.0 - line["label"], "extra": [1]},
+                          [123456, 7, 8, 9, 10, 1])
+            with open(os.path.join(day_path, "mmbee", "samples.f32"), "ab") as f:
+                f.write(np.full(6, -1, "<f4").tobytes())
+            # the pair's content row again, with other contents
+            cdir = os.path.join(day_path, "mmbee-content")
+            with open(os.path.join(cdir, "samples.jsonl")) as f:
+                cline = next(json.loads(x) for x in f if json.loads(x)["room_id"] == pair["room_id"]
+                             and json.loads(x)["tick_start_ms"] == pair["content_start_ms"])
+            append_sample(cdir, {**cline, "comment_tokens": 1}, np.full(7680, 0.5))
+            gdir = os.path.join(day_path, "mmbee-gifts")
+            gifts_before = load_gifts(day_path)
+            with open(os.path.join(gdir, "samples.jsonl")) as f:
+                gline = json.loads(f.readline())
+            append_sample(gdir, gline, [gline["value"]])
+
+            after = load_day(day_path, 2)
+            self.assertEqual(len(after.pairs), len(before.pairs))
+            self.assertEqual(len(after.content_meta), len(before.content_meta))
+            self.assertEqual(len(after.gifts), len(gifts_before))
+            p = next(x for x in after.pairs if x["id"] == pair["id"])
+            self.assertEqual(p["label"], 1 - pair["label"])
+            self.assertEqual([p[k] for k in PAIR_COLUMNS], [123456, 7, 8, 9, 10, True])
+            f = Features([after], load_graph(root), Vocab([]), History(after.gifts), seq_len=4, exp_len=2)
+            i = [x["id"] for x in after.pairs].index(pair["id"])
+            row = f.a["content"][i]
+            self.assertTrue((f.content[row] == 0.5).all())
+            np.testing.assert_array_equal(f.comment_mask[row], [1, 0, 0, 0, 0, 0, 0, 0])
+
+    def test_layout_mismatch_and_dangling_rows_are_refused(self):
+        with tempfile.TemporaryDirectory() as root:
+            synth.write_root(root, days=4, history=1, streamers=2, users=20, seconds=60, seed=6)
+            day_path = os.path.join(root, "day-1")
+            pdir = os.path.join(day_path, "mmbee")
+            with open(os.path.join(pdir, "samples.jsonl"), "a") as f:
+                f.write(json.dumps({"id": "x", "row": 10**6, "tick_start_ms": 0, "label": 0.0}) + "\n")
+            with self.assertRaises(ValueError):
+                load_day(day_path, 1)
+            with open(os.path.join(day_path, "mmbee-content", "layout.json"), "w") as f:
+                json.dump({"feature_layout": "mmbee-content-v2", "width": 7680}, f)
+            with self.assertRaises(ValueError):
+                load_day(day_path, 1)
+
+    def test_days_must_follow_each_other(self):
+        g = lambda *ts: [{"t_ms": t} for t in ts]  # noqa: E731
+        check_clock({0: g(1, 5), 1: [], 2: g(6, 9)})
+        with self.assertRaises(ValueError):
+            check_clock({0: g(1, 5), 1: g(5, 9)})
 
 
 if __name__ == "__main__":

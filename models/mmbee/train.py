@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import (CONTEXT, DEFAULT_CONTEXT, Features, History, Vocab, check_graph, day_dirs,  # noqa: E402
-                  default_splits, feature_stats, load_day, load_graph, parse_days)
+from data import (CONTEXT, DEFAULT_CONTEXT, Features, History, Vocab, check_clock, check_graph,  # noqa: E402
+                  day_dirs, default_splits, feature_stats, load_day, load_gifts, load_graph, parse_days)
 from evaluate import gauc, roc_auc  # noqa: E402
 from model import MMBee, set_threads, to_tensors  # noqa: E402
 
@@ -46,9 +46,11 @@ def splits(args, root):
 
 
 def all_gifts(days):
-    """Every gift of every day directory (History keeps only those before each t_ms)."""
-    from data import mmbee_dir, read_jsonl
-    return [g for p in days.values() for g in read_jsonl(os.path.join(mmbee_dir(p), "gifts.jsonl"))]
+    """Every gift of every day directory (History keeps only those before each t_ms),
+    after checking that the days follow each other in time (data.check_clock)."""
+    by_day = {d: load_gifts(p) for d, p in days.items()}
+    check_clock(by_day)
+    return [g for gs in by_day.values() for g in gs]
 
 
 def predict(model, feats, batch=512):
@@ -76,7 +78,7 @@ def drop_ids(b, rng, p):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", required=True, help="DATA_ROOT with day-<d>/mmbee/ and graph/<version>/")
+    ap.add_argument("--root", required=True, help="DATA_ROOT with day-<d>/{mmbee-content,mmbee,mmbee-gifts}/ and graph/<version>/")
     ap.add_argument("--out", required=True)
     ap.add_argument("--graph", help="graph version directory (default: the root's highest)")
     ap.add_argument("--history", help="history days, e.g. 0-1 (default: data.default_splits)")
@@ -118,7 +120,7 @@ def main():
     graph = load_graph(args.graph or args.root)
     train_days = [load_day(days[d], d) for d in tr]
     val_days = [load_day(days[d], d) for d in va]
-    check_graph(graph, [p for d in train_days for p in d.pairs])
+    check_graph(graph, [p for d in train_days for p in d.pairs], h)
     history = History(all_gifts(days))
     vocab = Vocab(sorted({p["streamer_id"] for d in train_days for p in d.pairs}))
     train = Features(train_days, graph, vocab, history, args.seq_len, args.exp_len, context)
