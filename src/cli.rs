@@ -1,4 +1,4 @@
-//! The command line: `run`, `demo`, `simulate`, `validate` and `tail`.
+//! The command line: `run`, `demo`, `simulate`, `validate`, `tail` and `graph`.
 //! Runtime behaviour (addresses, durations, log level) is set here by flags;
 //! what the pipeline does is in its TOML file.
 //!
