@@ -100,6 +100,9 @@ struct GraphArgs {
     /// GraphCL optimiser steps.
     #[arg(long, default_value_t = 200)]
     steps: usize,
+    /// libtorch threads for the embeddings (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args, Debug)]
@@ -746,9 +749,10 @@ fn graph(a: GraphArgs) -> CliResult {
     {
         j.graphcl.dim = a.dim;
         j.graphcl.steps = a.steps;
+        j.graphcl.threads = a.threads;
     }
     #[cfg(not(feature = "torch"))]
-    let _ = (a.dim, a.steps);
+    let _ = (a.dim, a.steps, a.threads);
     let (mut g, previous) = j.start().map_err(|e| e.to_string())?;
     let after = g.through_ms();
     let mut inputs = serde_json::Map::new();

@@ -44,9 +44,9 @@
 //!   them from a pool shared with other rooms), each with an affinity to the streamer and a gifting
 //!   level (a user trait: most never gift, a few whales do). Streamers belong to one
 //!   of [`GENRES`] genres and users prefer one: affinity to a streamer of the
-//!   preferred genre is raised, to others lowered, so users who gift to one streamer
-//!   tend to gift to its genre's other streamers (the structure a gifting graph can
-//!   find). An absent viewer gets
+//!   preferred genre is raised, to others lowered, and pooled users are mostly
+//!   placed in rooms of their genre, so users who gift to one streamer tend to gift
+//!   to its genre's other streamers (the structure a gifting graph can find). An absent viewer gets
 //!   feed impressions of the room (more often when it is exciting, and right after the
 //!   broadcast starts for fans); an impression turns into an ENTER a few seconds later
 //!   with a probability that grows with affinity and excitement. At ENTER the watch
@@ -1138,10 +1138,19 @@ impl Simulator {
             let zh_streamer = layout.chance(0.6);
             let voice_rate = 0.9 + 0.22 * layout.f64();
 
-            // Pick this room's shared users (partial Fisher–Yates over the pool).
+            // Pick this room's shared users (partial Fisher–Yates over the pool),
+            // mostly among those who prefer the room's genre: a pooled user's
+            // rooms cluster in the genre it likes, as a platform's feed would.
             let mut users: Vec<u32> = (0..own_n).map(|j| (r * own_n + j) as u32).collect();
             for j in 0..shared_n {
-                let k = j + pool_rng.below((pool_n - j) as u64) as usize;
+                let mut k = j + pool_rng.below((pool_n - j) as u64) as usize;
+                for _ in 0..8 {
+                    let user = own_total as u32 + pool[k];
+                    if user_genre(seed, user) == genre || pool_rng.chance(0.2) {
+                        break;
+                    }
+                    k = j + pool_rng.below((pool_n - j) as u64) as usize;
+                }
                 pool.swap(j, k);
                 users.push(own_total as u32 + pool[j]);
             }
@@ -2180,7 +2189,7 @@ mod tests {
         let (_, events) = run_all(cfg, 1000);
         assert_eq!(digest(&events), GOLDEN, "digest {:#x}", digest(&events));
     }
-    const GOLDEN: u64 = 0x5300_b00d_0912_e2e0;
+    const GOLDEN: u64 = 0x147e_d4f3_b44c_5372;
 
     #[test]
     fn events_are_ordered_and_in_range() {
