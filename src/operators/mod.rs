@@ -10,6 +10,7 @@ pub mod gift_labels;
 pub mod highlight;
 pub mod highlight_labels;
 pub mod mmbee_content;
+pub mod mmbee_scoring;
 pub mod room_activity;
 pub mod speech;
 
