@@ -63,6 +63,19 @@ struct UserState {
     history: VecDeque<Gift>,
 }
 
+/// What one pair's features are built from.
+#[derive(Debug)]
+pub struct PairView<'a> {
+    /// The room's streamer.
+    pub streamer: Arc<str>,
+    /// The room's current content segment start and tokens.
+    pub content: Option<&'a (i64, Arc<[f32]>)>,
+    /// The viewer's session, `present_ms` as of the asked time.
+    pub session: SessionRow,
+    /// The viewer's gifts, oldest first.
+    pub history: &'a VecDeque<Gift>,
+}
+
 /// The scoring state of one stage partition.
 #[derive(Default)]
 pub struct ScoringState {
@@ -197,17 +210,7 @@ impl ScoringState {
 
     /// What a pair's features read at `t_ms`: the room's streamer and content,
     /// the viewer's session (with time present) and history.
-    pub fn pair_view(
-        &self,
-        user: &str,
-        room: &str,
-        t_ms: i64,
-    ) -> Option<(
-        Arc<str>,
-        Option<&(i64, Arc<[f32]>)>,
-        SessionRow,
-        &VecDeque<Gift>,
-    )> {
+    pub fn pair_view(&self, user: &str, room: &str, t_ms: i64) -> Option<PairView<'_>> {
         let us = self.users.get(user)?;
         let rs = self.rooms.get(room)?;
         if us.room.as_deref() != Some(room) {
@@ -215,12 +218,12 @@ impl ScoringState {
         }
         let mut session = us.session;
         session.present_ms = (t_ms - us.enter_ms).max(0) as f32;
-        Some((
-            rs.streamer.clone(),
-            rs.content.as_ref(),
+        Some(PairView {
+            streamer: rs.streamer.clone(),
+            content: rs.content.as_ref(),
             session,
-            &us.history,
-        ))
+            history: &us.history,
+        })
     }
 
     /// Viewers present in `room`.
@@ -304,7 +307,12 @@ mod tests {
             s.pair_view("a", "r1", 10_000).is_none(),
             "a left r1 by entering r2"
         );
-        let (streamer, content, session, history) = s.pair_view("a", "r2", 12_000).unwrap();
+        let PairView {
+            streamer,
+            content,
+            session,
+            history,
+        } = s.pair_view("a", "r2", 12_000).unwrap();
         assert_eq!(&*streamer, "s2");
         assert!(content.is_none());
         assert_eq!(session.present_ms, 3_000.0);
