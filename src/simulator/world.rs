@@ -1874,7 +1874,7 @@ fn interact(
     let w = ((hi - lo) as f64 / 1000.0).min(dt);
     let p_like = w * 0.04 * (0.4 + v.affinity) * (0.3 + 2.0 * ex);
     let p_gift =
-        w * 0.012 * (0.2 + v.affinity) * (0.05 + 2.0 * v.gift_level) * (0.2 + 3.0 * ex * ex);
+        w * 0.036 * (0.2 + v.affinity) * (0.05 + 2.0 * v.gift_level) * (0.2 + 3.0 * ex * ex);
     let p_share = w * 0.0015 * (0.3 + ex);
     let p_follow = if v.followed {
         0.0
