@@ -169,7 +169,9 @@ impl GraphJob {
 }
 
 /// Merges the gifts of a JSON-lines file with event time after `after_ms` into
-/// `graph`; returns (gifts merged, gifts skipped as already in the graph).
+/// `graph`; returns (gifts merged, gifts skipped as already in the graph or as
+/// replays). A line with an `id` seen before in the file is a replay (the
+/// engine's sample files get one after a restart) and is skipped.
 pub fn read_gifts_jsonl(
     graph: &mut GiftGraph,
     path: &Path,
@@ -181,6 +183,7 @@ pub fn read_gifts_jsonl(
     };
     let f = std::fs::File::open(path).map_err(io)?;
     let (mut merged, mut skipped) = (0, 0);
+    let mut ids = std::collections::HashSet::new();
     for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(io)?;
         if line.trim().is_empty() {
@@ -208,7 +211,11 @@ pub fn read_gifts_jsonl(
         if value < 0 {
             return Err(bad("negative value".into()));
         }
-        if t <= after_ms {
+        let replay = v
+            .get("id")
+            .and_then(|x| x.as_str())
+            .is_some_and(|id| !ids.insert(id.to_owned()));
+        if t <= after_ms || replay {
             skipped += 1;
             continue;
         }
@@ -388,11 +395,12 @@ mod tests {
         std::fs::write(
             &p,
             "{\"user_id\":\"u\",\"streamer_id\":\"s\",\"t_ms\":5,\"value\":10}\n\n\
-             {\"user_id\":\"u\",\"streamer_id\":\"s\",\"t_ms\":9,\"value\":1,\"room_id\":\"r\"}\n",
+             {\"user_id\":\"u\",\"streamer_id\":\"s\",\"t_ms\":9,\"value\":1,\"id\":\"a\"}\n\
+             {\"user_id\":\"u\",\"streamer_id\":\"s\",\"t_ms\":9,\"value\":1,\"id\":\"a\"}\n",
         )
         .unwrap();
         let mut g = GiftGraph::new();
-        assert_eq!(read_gifts_jsonl(&mut g, &p, 5).unwrap(), (1, 1));
+        assert_eq!(read_gifts_jsonl(&mut g, &p, 5).unwrap(), (1, 2));
         assert_eq!(g.gifts(), 1);
         std::fs::write(
             &p,
