@@ -47,9 +47,11 @@ HOUR_MS = 3_600_000
 # subset, in any order, can be chosen with train.py --context; DEFAULT_CONTEXT is C = 8.
 CONTEXT = {
     "log_present_s": "log1p(present_ms / 1000): seconds since the user entered the room",
-    "log_session_likes": "log1p(session_likes): the user's likes in this room since entering",
+    "log_session_likes": "log1p(session_likes): the user's likes in this room since entering, at or before t "
+                         "(the session counters include the action that triggered the prediction)",
     "log_session_comments": "log1p(session_comments)",
-    "log_session_gifts": "log1p(session_gifts): gift actions in this room since entering",
+    "log_session_gifts": "log1p(session_gifts): gift actions in this room since entering, at or before t "
+                         "(a trigger 2 pair counts its own gift)",
     "log_session_gift_value": "log1p(session_gift_value)",
     "followed": "1.0 if the user followed the streamer at or before t in this session (the engine knows no "
                 "older follows), else 0.0",
@@ -59,7 +61,8 @@ CONTEXT = {
     "log_content_comments": "log1p(comments) of the content row used (0 without one)",
     "trigger_content": "1.0 if the prediction was made because the room's content segment changed (trigger 1)",
     "trigger_gift": "1.0 if the prediction was made right after the viewer's own gift (trigger 2; that gift, "
-                    "at t, is in neither the session counters nor the live history, both strictly before t)",
+                    "at t, is in the session counters, at or before t, but not in the live history, strictly "
+                    "before t)",
 }
 DEFAULT_CONTEXT = ["log_present_s", "log_session_likes", "log_session_comments", "log_session_gifts",
                    "log_session_gift_value", "followed", "user_known", "streamer_known"]

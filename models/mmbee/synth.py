@@ -23,9 +23,11 @@ Pairs, at the engine's prediction times: when a user enters a room (trigger 0), 
 20 s segment boundary for each user present (trigger 1) and right after each of the
 user's gifts (trigger 2); label 1.0 when the user gifts in that room within
 (t, t + horizon]. The pair row's session counters and `followed` count what happened
-strictly before t in the session (a followed (user, streamer) follows ~90 s after
-entering). The content row of a pair is the room's latest segment ending at or before t
-(-1: none yet). A share --replay of every task's samples is appended a second time with
+in the session at or before t, the triggering action included, as the engine counts them
+(src/operators/gift_labels.rs): a trigger 2 pair counts its own gift, a trigger 0 pair is
+all zeros (a followed (user, streamer) follows ~90 s after entering). The live history
+(mmbee-gifts, read by data.History) stays strictly before t. The content row of a pair is
+the room's latest segment ending at or before t (-1: none yet). A share --replay of every task's samples is appended a second time with
 the same id, as an engine restart replays them; truth.jsonl has tick and utterance lines
 the loader must skip.
 
@@ -218,17 +220,20 @@ def simulate_day(rng, w, day, seconds, horizon_s, momentum=0.0):
         times += [(t_day + k * SEGMENT_MS, 1) for k in range(first, (leave_ms - t_day - 1) // SEGMENT_MS + 1)]
         times += [(int(t), 2) for t in sorted(set(g_t.tolist()))]
         for t_ms, trigger in times:
-            before = g_t < t_ms
+            upto = g_t <= t_ms  # the session's gifts at or before t: a trigger 2 pair counts its own
             after = (g_t > t_ms) & (g_t <= t_ms + horizon_s * 1000)
-            k = int(np.searchsorted(t_day + sec * 1000, t_ms, side="left"))  # actions strictly before t
+            k = int(np.searchsorted(t_day + sec * 1000, t_ms, side="right"))  # actions at or before t
             seg = (t_ms - t_day) // SEGMENT_MS * SEGMENT_MS - SEGMENT_MS  # latest segment ending <= t
             label = float(after.any())
             pairs.append(sink_line(f"mmbee:{w.rooms[s]}:{w.users[u]}:{t_ms}:{trigger}", "mmbee", "mmbee-pair-v1",
                                    w.rooms[s], w.users[u], w.streamers[s], t_ms, 0, label,
                                    {"gift_value": int(g_v[after].sum()), "horizon_ms": horizon_s * 1000,
                                     "content_start_ms": t_day + seg if seg >= 0 else -1, "trigger": trigger}))
+            if trigger == 0:  # the session just started: nothing counted yet
+                pair_rows.append([0, 0, 0, 0, 0, 0.0])
+                continue
             pair_rows.append([t_ms - enter_ms, int(likes[k - 1]) if k else 0, int(comments[k - 1]) if k else 0,
-                              int(before.sum()), int(g_v[before].sum()),
+                              int(upto.sum()), int(g_v[upto].sum()),
                               float(follow_ms is not None and follow_ms <= t_ms)])
     gifts.sort(key=lambda g: g["t_ms"])
     truth = [{"type": "streamer", "streamer_id": w.streamers[s], "genre": int(w.s_genre[s])}
