@@ -153,6 +153,36 @@ enum Req {
     },
 }
 
+impl Req {
+    /// The room and what was embedded, for the embedding notes (segment frames,
+    /// comments and transcripts; frames for the tick timeline only are not sent).
+    fn embedded(&self) -> Option<(&Arc<str>, Embedded)> {
+        match self {
+            Req::Frame {
+                room,
+                time_ms,
+                segment: Some(_),
+                ..
+            } => Some((room, Embedded::SegmentFrame { time_ms: *time_ms })),
+            Req::Frame { segment: None, .. } => None,
+            Req::Comment { room, time_ms, .. } => {
+                Some((room, Embedded::Comment { time_ms: *time_ms }))
+            }
+            Req::Transcript {
+                room,
+                start_ms,
+                end_ms,
+            } => Some((
+                room,
+                Embedded::Transcript {
+                    start_ms: *start_ms,
+                    end_ms: *end_ms,
+                },
+            )),
+        }
+    }
+}
+
 /// A request a full queue refused, kept in order until there is room.
 enum Held {
     Image(Arc<str>, u64, Vec<f32>),
@@ -380,37 +410,8 @@ impl Features {
     /// Applies a finished request (`embedding` None: it failed).
     fn apply(&mut self, req: Req, embedding: Option<Vec<f32>>, model: Option<Arc<str>>) {
         let tick_ms = self.tick_ms;
-        if let Some(e) = &embedding {
-            match &req {
-                Req::Frame {
-                    room,
-                    time_ms,
-                    segment: Some(_),
-                    ..
-                } => self.note_embedding(
-                    room,
-                    Embedded::SegmentFrame { time_ms: *time_ms },
-                    e,
-                    &model,
-                ),
-                Req::Comment { room, time_ms, .. } => {
-                    self.note_embedding(room, Embedded::Comment { time_ms: *time_ms }, e, &model)
-                }
-                Req::Transcript {
-                    room,
-                    start_ms,
-                    end_ms,
-                } => self.note_embedding(
-                    room,
-                    Embedded::Transcript {
-                        start_ms: *start_ms,
-                        end_ms: *end_ms,
-                    },
-                    e,
-                    &model,
-                ),
-                Req::Frame { segment: None, .. } => {}
-            }
+        if let (Some(e), Some((room, item))) = (&embedding, req.embedded()) {
+            self.note_embedding(room, item, e, &model);
         }
         match req {
             Req::Frame {
