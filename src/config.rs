@@ -132,6 +132,14 @@ pub struct TopicsConfig {
     pub highlight_scores: String,
     /// Output: highlight events (room-keyed).
     pub highlights: String,
+    /// Internal: live viewer actions re-keyed by user, written by the room
+    /// stage and read by the user stage (same partition count).
+    pub user_actions: String,
+    /// Output: each room's latest content representation (MMBee's MFQ
+    /// tokens; compacted, room-keyed).
+    pub room_embeddings: String,
+    /// Output: viewers' gift probabilities (room-keyed).
+    pub gift_predictions: String,
     /// Partitions of the room-keyed topics when onair creates them.
     pub partitions: i32,
     /// Whether `run` creates missing topics at start (admin API).
@@ -153,6 +161,9 @@ impl Default for TopicsConfig {
             training_samples: "training-samples".into(),
             highlight_scores: "highlight-scores".into(),
             highlights: "highlights".into(),
+            user_actions: "user-actions".into(),
+            room_embeddings: "room-embeddings".into(),
+            gift_predictions: "gift-predictions".into(),
             partitions: 4,
             create: true,
         }
@@ -508,6 +519,14 @@ pub struct BatchSettings {
     pub threads: usize,
 }
 
+impl PipelineConfig {
+    /// Whether the user stage runs (today: when MMBee scores viewers).
+    pub fn user_stage(&self) -> bool {
+        let mb = &self.operators.mmbee;
+        mb.enabled && !mb.model.is_empty()
+    }
+}
+
 impl BatchSettings {
     /// As the batcher takes it.
     pub fn batch_config(&self) -> crate::models::batcher::BatchConfig {
@@ -564,7 +583,12 @@ impl Default for HighlightLabelsConfig {
 /// moment the engine would score one — a viewer enters, the room's content
 /// segment completes (every viewer present), the viewer sends a gift —
 /// labelled 1 when the viewer gifts in the room within `horizon_ms` after.
-/// Needs `operators.features.enabled`.
+///
+/// With a `model`, it also serves MMBee: the room stage runs MFQ on each
+/// completed segment and writes the room's content tokens to `room-embeddings`,
+/// re-keys live actions by user to `user-actions`, and the user stage (its own
+/// consumer group, `<group_id>-users`) scores the viewers whose pairs changed
+/// and writes `gift-predictions`. Needs `operators.features.enabled`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MmbeeConfig {
@@ -580,11 +604,30 @@ pub struct MmbeeConfig {
     pub horizon_ms: i64,
     /// Viewers tracked per room; more are counted as dropped (`room_full`).
     pub max_viewers_per_room: usize,
+    /// The model directory: numbered versions (`1/mfq.onnx`, `1/ranker.onnx`,
+    /// `1/mmbee.json`); the highest that loads serves. Empty: no scoring (the
+    /// room side writes its samples only).
+    pub model: String,
+    /// The graph tables directory (`onair graph --out`): the version the
+    /// serving model names in its `mmbee.json` is loaded (missing: the model
+    /// runs without graph rows, and a warning says so).
+    pub graph: String,
+    /// Batching of MFQ and the ranker (one batcher serves both).
+    pub batch: BatchSettings,
 }
 
 impl Default for MmbeeConfig {
     fn default() -> Self {
         MmbeeConfig {
+            model: String::new(),
+            graph: "graph".into(),
+            batch: BatchSettings {
+                max_batch: 256,
+                max_delay_ms: 5,
+                capacity: 8192,
+                workers: 1,
+                threads: 1,
+            },
             enabled: false,
             segment_ms: 10_000,
             finalize_delay_ms: 3_000,
@@ -1121,6 +1164,7 @@ impl PipelineConfig {
                 (1..=10_000_000).contains(&mb.max_viewers_per_room),
                 "must be 1..=10000000",
             );
+            check_batch("operators.mmbee.batch", &mb.batch, &mut bad);
         }
         let m = &self.media;
         let v = &m.video;

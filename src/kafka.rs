@@ -181,6 +181,21 @@ pub fn pipeline_topics(cfg: &KafkaConfig) -> Vec<TopicSpec<'_>> {
             configs: vec![],
         },
         TopicSpec {
+            name: &t.user_actions,
+            partitions: p,
+            configs: vec![],
+        },
+        TopicSpec {
+            name: &t.room_embeddings,
+            partitions: p,
+            configs: vec![("cleanup.policy", "compact")],
+        },
+        TopicSpec {
+            name: &t.gift_predictions,
+            partitions: p,
+            configs: vec![],
+        },
+        TopicSpec {
             name: &t.dead_letters,
             partitions: p,
             configs: vec![("max.message.bytes", big)],

@@ -107,6 +107,13 @@ pub const HIGHLIGHT_EVENTS: &str = "onair_highlight_events_total";
 /// Bytes of per-room highlight state (model states, running means,
 /// comments kept for events), labelled `partition`.
 pub const HIGHLIGHT_STATE_BYTES: &str = "onair_highlight_state_bytes";
+/// Rooms in the user stage's copy of the `room-embeddings` table.
+pub const ROOM_TABLE_ROOMS: &str = "onair_room_table_rooms";
+/// Gift predictions written, labelled `trigger` (`enter`, `content`, `gift`).
+pub const GIFT_PREDICTIONS: &str = "onair_gift_predictions_total";
+/// Users whose MMBee state (history, presence) a user-stage partition keeps,
+/// labelled `partition`.
+pub const MMBEE_USERS: &str = "onair_mmbee_users";
 
 /// Handles of one stage's metric family, created once and cloned cheaply.
 #[derive(Clone)]

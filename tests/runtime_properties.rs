@@ -177,6 +177,7 @@ fn run_engine(arrivals: &[SimEvent], until_ms: i64, lateness_ms: i64) -> Console
     let task_sink = sink.clone();
     rt.block_on(async move {
         let handle = PartitionTask::spawn(PartitionSpec {
+            kinds: &InputKind::ROOM,
             partition: 0,
             runtime: config.runtime.clone(),
             limits: Limits::default(),

@@ -24,8 +24,8 @@ use ort::session::Session;
 use ort::value::TensorRef;
 use serde::Deserialize;
 
-use super::batcher::BatchModel;
-use super::serving::Servable;
+use super::batcher::{BatchModel, Batcher, Submit};
+use super::serving::{ModelSlot, Servable};
 use super::ModelError;
 use crate::graph::{GraphTables, NodeKind};
 use crate::operators::mmbee_content::{
@@ -573,6 +573,80 @@ impl Servable for MmbeeModel {
 
     fn smoke(&mut self) -> Result<(), ModelError> {
         self.smoke_run()
+    }
+}
+
+/// MMBee as the operators of both stages share it: the serving version's
+/// batcher (MFQ and the ranker), its spec, and the graph tables of the version
+/// it was trained with. One per process.
+///
+/// The version is fixed for the life of the process: a new one (which may name
+/// another graph version) is picked up by a restart, so a prediction's model
+/// and graph always match.
+pub struct MmbeeService {
+    /// The batcher of both graphs.
+    pub model: Box<dyn Submit<Request, Reply>>,
+    /// The serving version's spec.
+    pub spec: Spec,
+    /// The graph tables the version names (None: not found; rows are zeros).
+    pub graph: Option<Arc<GraphTables>>,
+}
+
+impl std::fmt::Debug for MmbeeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmbeeService")
+            .field("model", &self.model.label())
+            .field("graph", &self.graph_version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmbeeService {
+    /// Loads the highest working version under `cfg.model`, the graph
+    /// version it names under `cfg.graph`, and starts the batcher.
+    pub fn start(cfg: &crate::config::MmbeeConfig) -> Result<Self, ModelError> {
+        let slot = ModelSlot::<MmbeeModel>::open(
+            Path::new(&cfg.model),
+            cfg.batch.workers,
+            cfg.batch.threads,
+        )?;
+        let spec = slot.current().replica(0).spec().clone();
+        let dir = Path::new(&cfg.graph).join(spec.graph_version.to_string());
+        let graph = match GraphTables::read(&dir) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "the graph version the MMBee model names is not readable: it scores without graph rows");
+                None
+            }
+        };
+        Ok(MmbeeService {
+            model: Box::new(Batcher::start(slot, cfg.batch.batch_config())),
+            spec,
+            graph,
+        })
+    }
+
+    /// The graph version in use (0: none).
+    pub fn graph_version(&self) -> u64 {
+        self.graph.as_ref().map_or(0, |_| self.spec.graph_version)
+    }
+
+    /// MFQ's input for a room's completed content segment.
+    pub fn content_input(
+        &self,
+        content: &crate::operators::mmbee_content::ContentRow,
+        streamer_id: &str,
+    ) -> ContentInput {
+        let g = self.spec.dims.graph;
+        ContentInput {
+            row: content.row.clone().into(),
+            frames: content.frames,
+            comment_tokens: content.comment_tokens,
+            transcript_tokens: content.transcript_tokens,
+            streamer_index: self.spec.streamer_index(streamer_id),
+            streamer_graph: graph_row(self.graph.as_deref(), NodeKind::Streamer, streamer_id, g)
+                .unwrap_or_else(|| vec![0.0; g]),
+        }
     }
 }
 

@@ -491,6 +491,8 @@ mod tests {
                 start_ms: 0,
                 end_ms: 10_000,
                 at_ms: 13_000,
+                content: Arc::new(crate::operators::mmbee_content::content_row(&[], &[], &[])),
+                holds: Holds::default(),
             },
             &mut ctx,
         );

@@ -202,8 +202,9 @@ impl MmbeeContent {
                 }
                 let at_ms = room.now.max(end);
                 let content = content_row(&seg.frames, &seg.comments, &seg.transcripts);
+                let holds = seg.holds;
                 if self.cfg.samples {
-                    let sample = sample(room_id, &room.streamer_id, start, len, &seg, content);
+                    let sample = sample(room_id, &room.streamer_id, start, len, &seg, &content);
                     self.written.increment(1);
                     ctx.emit(Output {
                         topic: OutputTopic::TrainingSamples,
@@ -213,7 +214,7 @@ impl MmbeeContent {
                         headers: Vec::new(),
                         model_version: None,
                         tick_end_ms: Some(end),
-                        depends_on: seg.holds,
+                        depends_on: holds,
                     });
                 }
                 ctx.note(Note::Content {
@@ -222,6 +223,8 @@ impl MmbeeContent {
                     start_ms: start,
                     end_ms: end,
                     at_ms,
+                    content: Arc::new(content),
+                    holds,
                 });
             }
             if room.segments.is_empty() && room.now + STALE_MS + len + delay <= partition_now {
@@ -240,7 +243,7 @@ fn sample(
     start: i64,
     len: i64,
     seg: &Segment,
-    content: ContentRow,
+    content: &ContentRow,
 ) -> TrainingSample {
     let mut values = std::collections::HashMap::new();
     values.insert("frames".to_owned(), content.frames as f64);
@@ -262,7 +265,7 @@ fn sample(
         task: TASK.into(),
         room_id: room_id.into(),
         event_time_ms: start,
-        features: content.row,
+        features: content.row.clone(),
         model_version: format!("{},{}", model(&seg.image_model), model(&seg.text_model)),
         streamer_id: streamer_id.into(),
         tick_ms: len,

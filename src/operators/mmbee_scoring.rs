@@ -230,6 +230,25 @@ impl ScoringState {
     pub fn viewers(&self, room: &str) -> usize {
         self.rooms.get(room).map_or(0, |r| r.viewers.len())
     }
+
+    /// Start of the content segment the state holds for `room`.
+    pub fn content_start(&self, room: &str) -> Option<i64> {
+        self.rooms.get(room)?.content.as_ref().map(|(s, _)| *s)
+    }
+
+    /// Users with state (present somewhere or with a gifting history).
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Forgets users in no room without a gifting history, and rooms nobody
+    /// of this partition is in (their content comes back from the room table
+    /// on the next enter).
+    pub fn forget_idle(&mut self) {
+        self.users
+            .retain(|_, u| u.room.is_some() || !u.history.is_empty());
+        self.rooms.retain(|_, r| !r.viewers.is_empty());
+    }
 }
 
 #[cfg(test)]

@@ -7,10 +7,13 @@
 
 pub mod features;
 pub mod gift_labels;
+pub mod gift_scoring;
 pub mod highlight;
 pub mod highlight_labels;
 pub mod mmbee_content;
+pub mod mmbee_fusion;
 pub mod mmbee_scoring;
+pub mod repartition;
 pub mod room_activity;
 pub mod speech;
 
@@ -30,6 +33,10 @@ pub struct Services {
     pub features: Option<Arc<features::Encoders>>,
     /// The highlight model (None: highlight detection off).
     pub highlight: Option<Arc<highlight::HighlightService>>,
+    /// The MMBee model (None: no gift prediction, samples only).
+    pub mmbee: Option<Arc<crate::models::mmbee::MmbeeService>>,
+    /// The user stage's copy of the `room-embeddings` table.
+    pub room_table: Option<Arc<crate::sources::room_table::RoomTable>>,
 }
 
 /// Builds the operators a pipeline enables, in the order they run.
@@ -38,6 +45,9 @@ pub fn build(
     services: &Services,
 ) -> Result<Vec<Box<dyn Operator>>, ModelError> {
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
+    if config.user_stage() {
+        ops.push(Box::new(repartition::Repartition::new()));
+    }
     if config.operators.room_activity.enabled {
         ops.push(Box::new(room_activity::RoomActivity::new(
             config.runtime.tick_ms,
@@ -66,9 +76,24 @@ pub fn build(
         if mmbee.enabled {
             let cfg = Arc::new(mmbee.clone());
             ops.push(Box::new(mmbee_content::MmbeeContent::new(cfg.clone())));
-            // After the content operator: it reads its notes.
+            // After the content operator: these read its notes.
             ops.push(Box::new(gift_labels::GiftLabels::new(cfg)));
+            if let Some(svc) = &services.mmbee {
+                ops.push(Box::new(mmbee_fusion::MmbeeFusion::new(svc.clone())));
+            }
         }
     }
     Ok(ops)
+}
+
+/// Builds the user stage's operators (see [`crate::config::PipelineConfig::user_stage`]).
+pub fn build_users(services: &Services) -> Vec<Box<dyn Operator>> {
+    let mut ops: Vec<Box<dyn Operator>> = Vec::new();
+    if let (Some(svc), Some(table)) = (&services.mmbee, &services.room_table) {
+        ops.push(Box::new(gift_scoring::GiftScoring::new(
+            svc.clone(),
+            table.clone(),
+        )));
+    }
+    ops
 }

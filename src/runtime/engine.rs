@@ -18,10 +18,11 @@ use crate::models::asr::{AsrBudget, AsrPool};
 use crate::models::whisper::Whisper;
 use crate::models::ModelError;
 use crate::operators::{self, Services};
+use crate::schema::InputKind;
 use crate::simulator::{SimError, Simulator};
 use crate::sinks::kafka::KafkaSink;
 use crate::sinks::Sink;
-use crate::sources::kafka::{KafkaSource, TaskFactory};
+use crate::sources::kafka::{KafkaSource, StageTopics, TaskFactory};
 
 /// Why a run stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,7 @@ impl Engine {
         &self.config
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spec(
         config: &PipelineConfig,
         partition: i32,
@@ -123,6 +125,7 @@ impl Engine {
         });
         PartitionSpec {
             partition,
+            kinds: &InputKind::ROOM,
             runtime: config.runtime.clone(),
             limits: config.limits,
             dead_letters: config.dead_letters.clone(),
@@ -138,6 +141,33 @@ impl Engine {
         }
     }
 
+    /// A user-stage partition's task: the user-keyed streams, no media.
+    fn user_spec(
+        config: &PipelineConfig,
+        partition: i32,
+        sink: Arc<dyn Sink>,
+        reader: Box<dyn StreamReader>,
+        replayed_through: Option<i64>,
+        services: &Services,
+    ) -> PartitionSpec {
+        PartitionSpec {
+            partition,
+            kinds: &InputKind::USER,
+            runtime: config.runtime.clone(),
+            limits: config.limits,
+            dead_letters: config.dead_letters.clone(),
+            operators: operators::build_users(services),
+            sink,
+            reader: Some(reader),
+            wait_for_backlog: false,
+            replayed_through,
+            media: None,
+            checkpoint_every: Duration::from_millis(
+                u64::from(config.kafka.commit_interval_ms).max(50),
+            ),
+        }
+    }
+
     /// Runs as a consumer-group member until `stop` is set; then drains,
     /// commits and leaves the group.
     pub async fn run_kafka(&self, stop: Arc<AtomicBool>) -> Result<(), EngineError> {
@@ -147,8 +177,60 @@ impl Engine {
         }
         let sink = Arc::new(KafkaSink::new(&config.kafka)?);
         let media = media_stage(&config)?;
-        let services = services(&config)?;
+        let mut services = services(&config)?;
         let handle = tokio::runtime::Handle::current();
+        let mut pollers = Vec::new();
+        if config.user_stage() {
+            let table = crate::sources::room_table::RoomTable::new();
+            services.room_table = Some(table.clone());
+            let (kafka, topic, table_stop) = (
+                config.kafka.clone(),
+                config.kafka.topics.room_embeddings.clone(),
+                stop.clone(),
+            );
+            let follower = std::thread::Builder::new()
+                .name("room-table".into())
+                .spawn(move || {
+                    if let Err(e) = crate::sources::room_table::follow(&kafka, &topic, table, table_stop) {
+                        tracing::error!(error = %e, "the room table stopped: rooms' content is no longer updated");
+                    }
+                })
+                .map_err(|e| EngineError::Internal(format!("cannot start the room table: {e}")))?;
+            pollers.push(follower);
+            let (user_config, user_sink, user_services, user_handle) = (
+                config.clone(),
+                sink.clone(),
+                services.clone(),
+                handle.clone(),
+            );
+            let factory: Arc<TaskFactory> = Arc::new(move |partition, replayed_through, reader| {
+                let _guard = user_handle.enter();
+                PartitionTask::spawn(Self::user_spec(
+                    &user_config,
+                    partition,
+                    user_sink.clone(),
+                    reader,
+                    replayed_through,
+                    &user_services,
+                ))
+            });
+            let source = KafkaSource::new(
+                &config,
+                StageTopics::users(&config),
+                factory,
+                self.instance_id.as_deref(),
+            )?;
+            let user_stop = stop.clone();
+            pollers.push(
+                std::thread::Builder::new()
+                    .name("kafka-poll-users".into())
+                    .spawn(move || source.run(user_stop))
+                    .map_err(|e| {
+                        EngineError::Internal(format!("cannot start the poll thread: {e}"))
+                    })?,
+            );
+            info!(group = %StageTopics::users(&config).group_id, "user stage consuming");
+        }
         let task_sink: Arc<dyn Sink> = match &self.samples_dir {
             Some(dir) => Arc::new(crate::sinks::samples::SampleFiles::new(sink.clone(), dir)),
             None => sink.clone(),
@@ -166,16 +248,25 @@ impl Engine {
                 &services,
             ))
         });
-        let source = KafkaSource::new(&config, factory, self.instance_id.as_deref())?;
+        let source = KafkaSource::new(
+            &config,
+            StageTopics::rooms(&config),
+            factory,
+            self.instance_id.as_deref(),
+        )?;
         info!(brokers = %config.kafka.brokers, group = %config.kafka.group_id, "consuming");
-        let poller = std::thread::Builder::new()
-            .name("kafka-poll".into())
-            .spawn(move || source.run(stop))
-            .map_err(|e| EngineError::Internal(format!("cannot start the poll thread: {e}")))?;
-        tokio::task::spawn_blocking(move || poller.join())
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))?
-            .map_err(|_| EngineError::Internal("the poll thread panicked".into()))?;
+        pollers.push(
+            std::thread::Builder::new()
+                .name("kafka-poll".into())
+                .spawn(move || source.run(stop))
+                .map_err(|e| EngineError::Internal(format!("cannot start the poll thread: {e}")))?,
+        );
+        for poller in pollers {
+            tokio::task::spawn_blocking(move || poller.join())
+                .await
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+                .map_err(|_| EngineError::Internal("a poll thread panicked".into()))?;
+        }
         let flushed = tokio::task::spawn_blocking(move || sink.flush(Duration::from_secs(5))).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::warn!(
@@ -273,6 +364,11 @@ fn services(config: &PipelineConfig) -> Result<Services, EngineError> {
             let svc = crate::operators::highlight::HighlightService::start(Arc::new(hc.clone()))?;
             info!(model = %svc.model.label(), "highlight model serving");
             services.highlight = Some(Arc::new(svc));
+        }
+        if config.user_stage() {
+            let svc = crate::models::mmbee::MmbeeService::start(&config.operators.mmbee)?;
+            info!(model = %svc.model.label(), graph = svc.graph_version(), "MMBee serving");
+            services.mmbee = Some(Arc::new(svc));
         }
     }
     if !sp.enabled || !config.media.enabled {

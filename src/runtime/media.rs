@@ -73,7 +73,7 @@ pub(crate) struct MediaStage {
     /// decoded, not yet processed). Each stream has its own budget, so one
     /// stream can never use up what the merge needs from another: a stream
     /// out of budget always has records buffered.
-    held: [usize; InputKind::ROOM_COUNT],
+    held: [usize; InputKind::COUNT],
     inits: HashMap<String, Arc<Vec<u8>>, RandomState>,
     timelines: HashMap<String, Timeline, RandomState>,
     gauge: Gauge,
@@ -85,7 +85,7 @@ impl MediaStage {
             cfg,
             pool,
             done: Arc::new(Notify::new()),
-            held: [0; InputKind::ROOM_COUNT],
+            held: [0; InputKind::COUNT],
             inits: HashMap::default(),
             timelines: HashMap::default(),
             gauge: gauge!(m::MEDIA_IN_FLIGHT, "partition" => partition.to_string()),
@@ -243,7 +243,7 @@ impl MediaStage {
     pub(crate) fn clear(&mut self) {
         self.inits.clear();
         self.timelines.clear();
-        self.held = [0; InputKind::ROOM_COUNT];
+        self.held = [0; InputKind::COUNT];
         self.gauge.set(0.0);
     }
 }

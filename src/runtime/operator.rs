@@ -71,6 +71,12 @@ pub enum OutputTopic {
     HighlightScores,
     /// Highlight events.
     Highlights,
+    /// Live actions re-keyed by user (the user stage's input).
+    UserActions,
+    /// Rooms' content representations (compacted).
+    RoomEmbeddings,
+    /// Viewers' gift probabilities.
+    GiftPredictions,
 }
 
 impl OutputTopic {
@@ -84,6 +90,9 @@ impl OutputTopic {
             OutputTopic::TrainingSamples => "training_samples",
             OutputTopic::HighlightScores => "highlight_scores",
             OutputTopic::Highlights => "highlights",
+            OutputTopic::UserActions => "user_actions",
+            OutputTopic::RoomEmbeddings => "room_embeddings",
+            OutputTopic::GiftPredictions => "gift_predictions",
         }
     }
 }
@@ -163,6 +172,10 @@ pub enum Note {
         end_ms: i64,
         /// Event time at which it completed (the room's newest tick end).
         at_ms: i64,
+        /// The segment's content row (layout `mmbee-content-v1`).
+        content: Arc<crate::operators::mmbee_content::ContentRow>,
+        /// The input positions the segment was built from.
+        holds: Holds,
     },
     /// Voice activity over a closed tick of a room's audio.
     Voice {

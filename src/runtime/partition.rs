@@ -91,7 +91,7 @@ pub enum Input {
 pub struct PartitionShared {
     /// Per room stream: held back because its buffer is full (a pulling
     /// task stops reading it; a pushing source may pause it).
-    pub pause: [AtomicBool; InputKind::ROOM_COUNT],
+    pub pause: [AtomicBool; InputKind::COUNT],
     /// The latest checkpoint, for the source's periodic commit.
     pub checkpoint: Mutex<Option<Checkpoint>>,
     /// Set when the task has ended.
@@ -130,6 +130,8 @@ struct Batch {
 /// A partition task (see the module docs).
 pub struct PartitionTask {
     partition: i32,
+    /// The streams this stage reads.
+    kinds: &'static [InputKind],
     cfg: RuntimeConfig,
     limits: Limits,
     ops: Vec<Box<dyn Operator>>,
@@ -145,7 +147,7 @@ pub struct PartitionTask {
     control: mpsc::UnboundedReceiver<Control>,
     shared: Arc<PartitionShared>,
     /// Per stream: everything the broker held has been received.
-    caught_up: [bool; InputKind::ROOM_COUNT],
+    caught_up: [bool; InputKind::COUNT],
     /// Whether the source reports caught-up streams (see [`PartitionSpec`]).
     wait_for_backlog: bool,
     /// Records taken per stream since the last pull (for the decode timing).
@@ -156,14 +158,14 @@ pub struct PartitionTask {
     /// Notified when an operator's off-task work is back (see `Operator::poll`).
     op_wake: Arc<Notify>,
     /// Each stream's topic name, learned from its records (for dead letters).
-    stream_topics: [Option<Arc<str>>; InputKind::ROOM_COUNT],
+    stream_topics: [Option<Arc<str>>; InputKind::COUNT],
     /// Emitted-through time restored from the last commit: tick outputs at or
     /// before it were written before and are not written again.
     replayed_through: Option<i64>,
     checkpoint_every: Duration,
 
-    buffers: [VecDeque<Buffered>; InputKind::ROOM_COUNT],
-    received_next: [Option<i64>; InputKind::ROOM_COUNT],
+    buffers: [VecDeque<Buffered>; InputKind::COUNT],
+    received_next: [Option<i64>; InputKind::COUNT],
     stream_time: Option<i64>,
     next_tick: Option<i64>,
     wait_since: Option<Instant>,
@@ -197,6 +199,8 @@ pub struct PartitionTask {
 pub struct PartitionSpec {
     /// Partition number.
     pub partition: i32,
+    /// The streams this stage reads (`InputKind::ROOM` or `InputKind::USER`).
+    pub kinds: &'static [InputKind],
     /// Event-time settings.
     pub runtime: RuntimeConfig,
     /// Input limits.
@@ -259,7 +263,10 @@ impl PartitionTask {
             reader_ready,
             control,
             shared: shared.clone(),
-            caught_up: [!wait_for_backlog; InputKind::ROOM_COUNT],
+            caught_up: std::array::from_fn(|i| {
+                !wait_for_backlog || !spec.kinds.iter().any(|k| k.index() == i)
+            }),
+            kinds: spec.kinds,
             wait_for_backlog,
             pulled: 0,
             media,
@@ -269,7 +276,7 @@ impl PartitionTask {
             replayed_through: spec.replayed_through,
             checkpoint_every: spec.checkpoint_every,
             buffers: Default::default(),
-            received_next: [None; InputKind::ROOM_COUNT],
+            received_next: [None; InputKind::COUNT],
             stream_time: None,
             next_tick: None,
             wait_since: None,
@@ -422,7 +429,7 @@ impl PartitionTask {
             return;
         }
         self.held_for_ops = congested;
-        for kind in InputKind::ROOM {
+        for &kind in self.kinds {
             let k = kind.index();
             let full = self.buffers[k].len() >= self.cfg.queue_capacity / 2;
             self.shared.pause[k].store(congested || full, Ordering::Relaxed);
@@ -445,7 +452,7 @@ impl PartitionTask {
             // media stage is full (a pulling one holds only video and audio).
             && (self.pulls || self.media.as_ref().is_none_or(MediaStage::has_room))
             && (self.wait_since.is_some()
-                || self.buffered() < self.cfg.queue_capacity * InputKind::ROOM_COUNT)
+                || self.buffered() < self.cfg.queue_capacity * self.kinds.len())
     }
 
     /// Takes what the source has queued, without waiting.
@@ -453,7 +460,7 @@ impl PartitionTask {
         let started = Instant::now();
         self.pulled = 0;
         if let Some(mut reader) = self.reader.take() {
-            for kind in InputKind::ROOM {
+            for &kind in self.kinds {
                 if !self.may_pull() {
                     break;
                 }
@@ -664,7 +671,7 @@ impl PartitionTask {
             }
         }
         let waiting =
-            (0..InputKind::ROOM_COUNT).any(|i| self.buffers[i].is_empty() && !self.caught_up[i]);
+            (0..InputKind::COUNT).any(|i| self.buffers[i].is_empty() && !self.caught_up[i]);
         if waiting {
             let since = *self.wait_since.get_or_insert(now);
             if now.saturating_duration_since(since) < Duration::from_millis(self.cfg.max_wait_ms) {
@@ -672,7 +679,8 @@ impl PartitionTask {
             }
             if now.saturating_duration_since(self.last_wait_warning) > Duration::from_secs(10) {
                 self.last_wait_warning = now;
-                let waiting_for: Vec<&str> = InputKind::ROOM
+                let waiting_for: Vec<&str> = self
+                    .kinds
                     .iter()
                     .filter(|k| self.buffers[k.index()].is_empty() && !self.caught_up[k.index()])
                     .map(|k| k.name())
@@ -946,8 +954,8 @@ impl PartitionTask {
                 holds.hold(b.pos);
             }
         }
-        let mut next_offsets = [None; InputKind::ROOM_COUNT];
-        for kind in InputKind::ROOM {
+        let mut next_offsets = [None; InputKind::COUNT];
+        for &kind in self.kinds {
             let k = kind.index();
             next_offsets[k] =
                 self.received_next[k].map(|n| holds.get(kind).map_or(n, |h| h.min(n)));
@@ -974,7 +982,7 @@ impl PartitionTask {
     /// End of a finite input: everything buffered is processed and every tick
     /// up to `until_ms` closes.
     async fn finish(&mut self, until_ms: i64) {
-        self.caught_up = [true; InputKind::ROOM_COUNT];
+        self.caught_up = [true; InputKind::COUNT];
         self.wait_for_backlog = false;
         loop {
             while let Ok(ack) = self.ack_rx.try_recv() {

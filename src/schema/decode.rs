@@ -30,6 +30,9 @@ pub enum InputKind {
     Actions,
     /// Short-video actions (user-keyed; read by the user stage).
     ShortVideoActions,
+    /// Live viewer actions re-keyed by user (the repartition topic the room
+    /// stage writes and the user stage reads).
+    UserActions,
 }
 
 impl InputKind {
@@ -42,6 +45,10 @@ impl InputKind {
     ];
     /// Number of room-keyed kinds.
     pub const ROOM_COUNT: usize = 4;
+    /// The user-keyed kinds the user stage reads, in their index order.
+    pub const USER: [InputKind; 2] = [InputKind::ShortVideoActions, InputKind::UserActions];
+    /// Number of kinds (per-stream arrays are this long, whatever the stage).
+    pub const COUNT: usize = 6;
 
     /// Dense index among all kinds (room kinds first).
     pub fn index(self) -> usize {
@@ -56,6 +63,7 @@ impl InputKind {
             InputKind::Comments => "comments",
             InputKind::Actions => "actions",
             InputKind::ShortVideoActions => "short_video_actions",
+            InputKind::UserActions => "user_actions",
         }
     }
 }
@@ -255,12 +263,14 @@ pub fn decode_input(
         (InputKind::Video, Encoding::Protobuf) => Event::Video(proto(payload)?),
         (InputKind::Audio, Encoding::Protobuf) => Event::Audio(proto(payload)?),
         (InputKind::Comments, Encoding::Protobuf) => Event::Comment(proto(payload)?),
-        (InputKind::Actions, Encoding::Protobuf) => Event::Action(proto(payload)?),
+        (InputKind::Actions | InputKind::UserActions, Encoding::Protobuf) => {
+            Event::Action(proto(payload)?)
+        }
         (InputKind::ShortVideoActions, Encoding::Protobuf) => Event::ShortVideo(proto(payload)?),
         (InputKind::Comments, Encoding::Json) => {
             Event::Comment(json::comment(payload).map_err(malformed_json)?)
         }
-        (InputKind::Actions, Encoding::Json) => {
+        (InputKind::Actions | InputKind::UserActions, Encoding::Json) => {
             Event::Action(json::action(payload).map_err(malformed_json)?)
         }
         (InputKind::ShortVideoActions, Encoding::Json) => {
@@ -272,7 +282,19 @@ pub fn decode_input(
             ))
         }
     };
-    check(&event, key, limits)?;
+    // The repartition topic is keyed by user: its key is checked against
+    // the user, the room only for being there.
+    let by_user = kind == InputKind::UserActions;
+    check(&event, key.filter(|_| !by_user), limits)?;
+    if let (true, Event::Action(a), Some(key)) = (by_user, &event, key) {
+        if key != a.user_id.as_bytes() {
+            return Err(schema(format!(
+                "message key {:?} differs from user_id {:?}",
+                String::from_utf8_lossy(key),
+                a.user_id
+            )));
+        }
+    }
     Ok(event)
 }
 

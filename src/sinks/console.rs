@@ -26,6 +26,9 @@ struct View {
     features_duplicates: u64,
     training_samples: u64,
     highlight_scores: u64,
+    user_actions: u64,
+    room_embeddings: u64,
+    gift_predictions: u64,
     /// Highlight events, the last record per id.
     highlights: BTreeMap<String, HighlightEvent>,
 }
@@ -67,6 +70,12 @@ pub struct Totals {
     pub highlight_scores: u64,
     /// Distinct highlight events.
     pub highlights: usize,
+    /// Live actions re-keyed by user (every copy).
+    pub user_actions: u64,
+    /// Room content representations written (every copy).
+    pub room_embeddings: u64,
+    /// Gift predictions written (every copy).
+    pub gift_predictions: u64,
 }
 
 impl ConsoleSink {
@@ -128,6 +137,9 @@ impl ConsoleSink {
             training_samples: v.training_samples,
             highlight_scores: v.highlight_scores,
             highlights: v.highlights.len(),
+            user_actions: v.user_actions,
+            room_embeddings: v.room_embeddings,
+            gift_predictions: v.gift_predictions,
             ..Totals::default()
         };
         for ((room, _), s) in &v.stats {
@@ -242,6 +254,9 @@ impl Sink for ConsoleSink {
                         v.highlights.insert(h.id.clone(), h);
                     }
                 }
+                OutputTopic::UserActions => v.user_actions += 1,
+                OutputTopic::RoomEmbeddings => v.room_embeddings += 1,
+                OutputTopic::GiftPredictions => v.gift_predictions += 1,
                 OutputTopic::RoomFeatures => {
                     if let Ok(f) = RoomFeatures::decode(&out.payload[..]) {
                         let key = (f.room_id.clone(), f.tick_start_ms);

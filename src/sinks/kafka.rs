@@ -52,6 +52,9 @@ pub struct KafkaSink {
     training_samples: String,
     highlight_scores: String,
     highlights: String,
+    user_actions: String,
+    room_embeddings: String,
+    gift_predictions: String,
 }
 
 impl KafkaSink {
@@ -72,6 +75,9 @@ impl KafkaSink {
             training_samples: cfg.topics.training_samples.clone(),
             highlight_scores: cfg.topics.highlight_scores.clone(),
             highlights: cfg.topics.highlights.clone(),
+            user_actions: cfg.topics.user_actions.clone(),
+            room_embeddings: cfg.topics.room_embeddings.clone(),
+            gift_predictions: cfg.topics.gift_predictions.clone(),
         })
     }
 
@@ -98,6 +104,9 @@ impl KafkaSink {
             OutputTopic::TrainingSamples => &self.training_samples,
             OutputTopic::HighlightScores => &self.highlight_scores,
             OutputTopic::Highlights => &self.highlights,
+            OutputTopic::UserActions => &self.user_actions,
+            OutputTopic::RoomEmbeddings => &self.room_embeddings,
+            OutputTopic::GiftPredictions => &self.gift_predictions,
         }
     }
 

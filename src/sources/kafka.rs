@@ -55,23 +55,74 @@ use crate::schema::{InputKind, CONTENT_TYPE_HEADER};
 pub type TaskFactory =
     dyn Fn(i32, Option<i64>, Box<dyn StreamReader>) -> PartitionHandle + Send + Sync;
 
-/// Topic names of the room streams, by `InputKind::index`.
+/// The streams one stage reads: its kinds, their topics, and the topic the
+/// group subscribes to (the others follow it partition by partition).
 #[derive(Clone, Debug)]
-struct Topics {
-    names: [Arc<str>; InputKind::ROOM_COUNT],
-    group: usize,
+pub struct StageTopics {
+    /// The consumer group.
+    pub group_id: String,
+    /// Each stream and its topic.
+    pub streams: Vec<(InputKind, Arc<str>)>,
+    /// The stream whose topic the group subscribes to.
+    pub group_kind: InputKind,
 }
 
-impl Topics {
+impl StageTopics {
+    /// The room stage: video, audio, comments and actions, by comments.
+    pub fn rooms(config: &PipelineConfig) -> Self {
+        let t = &config.kafka.topics;
+        StageTopics {
+            group_id: config.kafka.group_id.clone(),
+            streams: vec![
+                (InputKind::Video, t.video.as_str().into()),
+                (InputKind::Audio, t.audio.as_str().into()),
+                (InputKind::Comments, t.comments.as_str().into()),
+                (InputKind::Actions, t.actions.as_str().into()),
+            ],
+            group_kind: InputKind::Comments,
+        }
+    }
+
+    /// The user stage: short-video actions and the repartitioned live
+    /// actions, by the latter, in its own group (`<group_id>-users`).
+    pub fn users(config: &PipelineConfig) -> Self {
+        let t = &config.kafka.topics;
+        StageTopics {
+            group_id: format!("{}-users", config.kafka.group_id),
+            streams: vec![
+                (
+                    InputKind::ShortVideoActions,
+                    t.short_video_actions.as_str().into(),
+                ),
+                (InputKind::UserActions, t.user_actions.as_str().into()),
+            ],
+            group_kind: InputKind::UserActions,
+        }
+    }
+
     fn kind_of(&self, topic: &str) -> Option<InputKind> {
-        InputKind::ROOM
-            .into_iter()
-            .find(|k| &*self.names[k.index()] == topic)
+        self.streams
+            .iter()
+            .find(|(_, name)| &**name == topic)
+            .map(|(k, _)| *k)
+    }
+
+    fn name_of(&self, kind: InputKind) -> Option<&Arc<str>> {
+        self.streams
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, n)| n)
+    }
+
+    fn group_topic(&self) -> Arc<str> {
+        self.name_of(self.group_kind)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     fn tpl_for(&self, partition: i32) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        for name in &self.names {
+        for (_, name) in &self.streams {
             tpl.add_partition(name, partition);
         }
         tpl
@@ -86,7 +137,7 @@ struct Tasks {
 
 /// The consumer's context: rebalance handling and statistics.
 pub struct SourceContext {
-    topics: Topics,
+    topics: StageTopics,
     factory: Arc<TaskFactory>,
     tasks: Mutex<Tasks>,
     drain_timeout: Duration,
@@ -129,7 +180,7 @@ impl ConsumerContext for SourceContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let group_topic = self.topics.names[self.topics.group].clone();
+        let group_topic = self.topics.group_topic();
         let partitions: Vec<i32> = tpl
             .elements_for_topic(&group_topic)
             .iter()
@@ -263,7 +314,7 @@ impl SourceContext {
                     commit(consumer, &self.topics, p, &cp, CommitMode::Sync);
                 }
             }
-            for name in &self.topics.names {
+            for (_, name) in &self.topics.streams {
                 unassign.add_partition(name, p);
             }
             info!(partition = p, lost, "partition revoked");
@@ -285,26 +336,33 @@ impl SourceContext {
 /// A partition's room streams, each in its own librdkafka queue, read by
 /// the partition task.
 pub struct KafkaReader {
-    queues: Vec<StreamQueue<SourceContext>>,
+    /// By `InputKind::index`; None for streams the stage does not read.
+    queues: Vec<Option<StreamQueue<SourceContext>>>,
     /// Streams to report caught up before their first read.
-    caught_up: [bool; InputKind::ROOM_COUNT],
-    topics: [Arc<str>; InputKind::ROOM_COUNT],
+    caught_up: [bool; InputKind::COUNT],
+    topics: [Option<Arc<str>>; InputKind::COUNT],
     ready: Arc<Notify>,
     stage: Stage,
 }
 
 impl KafkaReader {
-    fn split(consumer: &Arc<BaseConsumer<SourceContext>>, topics: &Topics, p: i32) -> Option<Self> {
+    fn split(
+        consumer: &Arc<BaseConsumer<SourceContext>>,
+        topics: &StageTopics,
+        p: i32,
+    ) -> Option<Self> {
         let ready = Arc::new(Notify::new());
-        let queues = topics
-            .names
-            .iter()
-            .map(|name| StreamQueue::split(consumer, name, p, ready.clone()))
-            .collect::<Option<Vec<_>>>()?;
+        let mut queues: Vec<Option<StreamQueue<SourceContext>>> =
+            (0..InputKind::COUNT).map(|_| None).collect();
+        let mut names: [Option<Arc<str>>; InputKind::COUNT] = Default::default();
+        for (kind, name) in &topics.streams {
+            queues[kind.index()] = Some(StreamQueue::split(consumer, name, p, ready.clone())?);
+            names[kind.index()] = Some(name.clone());
+        }
         Some(KafkaReader {
             queues,
-            caught_up: [false; InputKind::ROOM_COUNT],
-            topics: topics.names.clone(),
+            caught_up: [false; InputKind::COUNT],
+            topics: names,
             ready,
             stage: Stage::new("source"),
         })
@@ -326,7 +384,7 @@ impl StreamReader for KafkaReader {
                 f(Polled::CaughtUp(kind));
             }
         }
-        let (Some(queue), Some(topic)) = (
+        let (Some(Some(queue)), Some(Some(topic))) = (
             self.queues.get_mut(kind.index()),
             self.topics.get(kind.index()),
         ) else {
@@ -396,16 +454,16 @@ fn drain(handle: &PartitionHandle, timeout: Duration) -> Option<Checkpoint> {
 
 fn commit(
     consumer: &BaseConsumer<SourceContext>,
-    topics: &Topics,
+    topics: &StageTopics,
     p: i32,
     cp: &Checkpoint,
     mode: CommitMode,
 ) {
     let mut tpl = TopicPartitionList::new();
     let metadata = cp.metadata();
-    for kind in InputKind::ROOM {
+    for (kind, name) in &topics.streams {
         if let Some(off) = cp.next_offsets[kind.index()] {
-            let mut e = tpl.add_partition(&topics.names[kind.index()], p);
+            let mut e = tpl.add_partition(name, p);
             if e.set_offset(Offset::Offset(off)).is_ok() {
                 e.set_metadata(metadata.clone());
             }
@@ -430,35 +488,25 @@ fn commit(
 /// The consumer-group member.
 pub struct KafkaSource {
     consumer: Arc<BaseConsumer<SourceContext>>,
-    topics: Topics,
+    topics: StageTopics,
     commit_every: Duration,
     stage: Stage,
 }
 
 impl KafkaSource {
-    /// Creates the consumer and subscribes to the group topic.
+    /// Creates the consumer of one stage's streams (`topics`) and subscribes
+    /// to its group topic.
     ///
     /// `instance_id` turns on static membership (`group.instance.id`): a
     /// member restarted with the same id gets its partitions back at once,
     /// without a rebalance (the way to run onair as pods with stable names).
     pub fn new(
         config: &PipelineConfig,
+        topics: StageTopics,
         factory: Arc<TaskFactory>,
         instance_id: Option<&str>,
     ) -> Result<Self, KafkaFailure> {
         let k = &config.kafka;
-        let t = &k.topics;
-        let topics = Topics {
-            names: InputKind::ROOM.map(|kind| -> Arc<str> {
-                match kind {
-                    InputKind::Video => t.video.as_str().into(),
-                    InputKind::Audio => t.audio.as_str().into(),
-                    InputKind::Comments => t.comments.as_str().into(),
-                    _ => t.actions.as_str().into(),
-                }
-            }),
-            group: InputKind::Comments.index(),
-        };
         let context = SourceContext {
             topics: topics.clone(),
             factory,
@@ -471,7 +519,7 @@ impl KafkaSource {
             warned_metadata: AtomicBool::new(false),
         };
         let mut c = client_config(k);
-        c.set("group.id", &k.group_id)
+        c.set("group.id", &topics.group_id)
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -510,7 +558,7 @@ impl KafkaSource {
         );
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         consumer
-            .subscribe(&[&topics.names[topics.group]])
+            .subscribe(&[&topics.group_topic()])
             .map_err(|source| KafkaFailure::Operation {
                 what: "subscribe",
                 source,

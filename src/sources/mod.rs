@@ -1,11 +1,14 @@
 //! Sources: where input records come from and how they reach partition
-//! tasks. [`kafka`] is a consumer-group member over the co-partitioned room
-//! topics; [`simulator`] feeds the simulator's rooms in process (the embedded
+//! tasks. [`kafka`] is a consumer-group member over one stage's
+//! co-partitioned topics (the room topics, or the user stage's); [`room_table`]
+//! follows the compacted `room-embeddings` topic as a global table;
+//! [`simulator`] feeds the simulator's rooms in process (the embedded
 //! default, no broker).
 //!
 //! Not for: decoding or event-time logic (partition tasks do both).
 
 pub mod kafka;
+pub mod room_table;
 pub mod simulator;
 mod stream_queue;
 

@@ -43,7 +43,7 @@ pub async fn feed(
     let start_ms = sim.config().start_ms;
     let end_ms = sim.end_ms();
     let partitions = tasks.len() as u32;
-    let mut offsets = vec![[0i64; InputKind::ROOM_COUNT]; tasks.len()];
+    let mut offsets = vec![[0i64; InputKind::COUNT]; tasks.len()];
     let wall0 = Instant::now();
     let mut t = start_ms;
     while t < end_ms && !stop.load(Ordering::Relaxed) {

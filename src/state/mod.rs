@@ -10,13 +10,13 @@
 use crate::runtime::Position;
 use crate::schema::InputKind;
 
-/// The lowest input offset, per room-keyed stream, that state still needs.
+/// The lowest input offset, per input stream (index = `InputKind::index`), that state still needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Holds(pub [i64; InputKind::ROOM_COUNT]);
+pub struct Holds(pub [i64; InputKind::COUNT]);
 
 impl Default for Holds {
     fn default() -> Self {
-        Holds([i64::MAX; InputKind::ROOM_COUNT])
+        Holds([i64::MAX; InputKind::COUNT])
     }
 }
 
@@ -44,8 +44,8 @@ impl Holds {
 /// Where the partition stands: what may be committed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// Per room stream (index = `InputKind::index`), the offset to resume from.
-    pub next_offsets: [Option<i64>; InputKind::ROOM_COUNT],
+    /// Per stream (index = `InputKind::index`), the offset to resume from.
+    pub next_offsets: [Option<i64>; InputKind::COUNT],
     /// End of the last tick whose outputs are all acknowledged.
     pub emitted_through_ms: Option<i64>,
 }
@@ -100,7 +100,7 @@ mod tests {
     #[test]
     fn metadata_roundtrip() {
         let cp = Checkpoint {
-            next_offsets: [None; 4],
+            next_offsets: [None; InputKind::COUNT],
             emitted_through_ms: Some(1_767_225_601_000),
         };
         assert_eq!(
@@ -109,7 +109,7 @@ mod tests {
         );
         assert_eq!(Checkpoint::parse_metadata(""), None);
         let none = Checkpoint {
-            next_offsets: [None; 4],
+            next_offsets: [None; InputKind::COUNT],
             emitted_through_ms: None,
         };
         assert!(none.metadata().starts_with(Checkpoint::PREFIX));

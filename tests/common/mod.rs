@@ -77,6 +77,9 @@ room_features = "{prefix}-room-features"
 training_samples = "{prefix}-training-samples"
 highlight_scores = "{prefix}-highlight-scores"
 highlights = "{prefix}-highlights"
+user_actions = "{prefix}-user-actions"
+room_embeddings = "{prefix}-room-embeddings"
+gift_predictions = "{prefix}-gift-predictions"
 partitions = 4
 [runtime]
 idle_timeout_ms = 2000

@@ -1,0 +1,221 @@
+//! MMBee's content fusion in the room stage: every completed content segment
+//! of a room ([`Note::Content`]) goes through MFQ once (the streamer's query
+//! tokens over the segment's frames, comments and speech), batched across the
+//! instance's rooms, and the room's content tokens are written to the
+//! compacted `room-embeddings` topic, keyed by room. The user stage reads that
+//! topic as a global table: a new record re-scores the room's viewers.
+//!
+//! MFQ does not depend on the viewer, so this is the only place it runs.
+//!
+//! Not for: assembling segments ([`super::mmbee_content`]), viewers, or scoring
+//! pairs ([`super::gift_scoring`], in the user stage).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use prost::Message;
+
+use crate::metrics::Stage;
+use crate::models::batcher::{Done, Refused, ReplyTo};
+use crate::models::mmbee::{MmbeeService, Reply, Request};
+use crate::runtime::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
+use crate::schema::{deterministic_id, Event, RoomEmbedding, SCHEMA_VERSION};
+
+/// A segment waiting for its tokens.
+#[derive(Clone, Debug)]
+struct Pending {
+    room_id: Arc<str>,
+    streamer_id: Arc<str>,
+    start_ms: i64,
+    end_ms: i64,
+    at_ms: i64,
+    holds: Holds,
+}
+
+/// The fusion operator for one partition.
+pub struct MmbeeFusion {
+    svc: Arc<MmbeeService>,
+    pending: HashMap<u64, Pending>,
+    /// Requests the batcher refused (queue full), in order.
+    held: VecDeque<(u64, Request)>,
+    next_id: u64,
+    reply: ReplyTo<Reply>,
+    rx: mpsc::Receiver<Done<Reply>>,
+    stage: Stage,
+}
+
+impl MmbeeFusion {
+    /// The operator for one partition, sharing the instance's model.
+    pub fn new(svc: Arc<MmbeeService>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        MmbeeFusion {
+            svc,
+            pending: HashMap::new(),
+            held: VecDeque::new(),
+            next_id: 0,
+            reply: ReplyTo { tx, wake: None },
+            rx,
+            stage: Stage::new("mmbee_fusion"),
+        }
+    }
+
+    /// Hands a request to the batcher; false when it is full (kept, in order).
+    fn submit(&mut self, id: u64, req: Request) -> bool {
+        let Some(room) = self.pending.get(&id).map(|p| p.room_id.clone()) else {
+            return true;
+        };
+        match self.svc.model.submit(&room, id, req, &self.reply) {
+            Ok(()) => true,
+            Err(Refused::Full(req)) => {
+                self.held.push_back((id, req));
+                false
+            }
+            Err(Refused::Stopped(_)) => {
+                self.pending.remove(&id);
+                self.stage.error("model_stopped");
+                true
+            }
+        }
+    }
+
+    fn resubmit(&mut self) {
+        while let Some((id, req)) = self.held.pop_front() {
+            if !self.submit(id, req) {
+                // Put back at the front (submit pushed it to the back).
+                if let Some(last) = self.held.pop_back() {
+                    self.held.push_front(last);
+                }
+                return;
+            }
+        }
+    }
+
+    fn drain(&mut self, ctx: &mut Context<'_>) {
+        while let Ok(done) = self.rx.try_recv() {
+            let Some(p) = self.pending.remove(&done.id) else {
+                continue;
+            };
+            let tokens = match done.result {
+                Ok(Reply::Tokens(t)) => t,
+                Ok(Reply::Probability(_)) => {
+                    self.stage.error("wrong_reply");
+                    continue;
+                }
+                Err(e) => {
+                    self.stage.error("model");
+                    tracing::warn!(room = %p.room_id, error = %e, "MFQ failed; the room keeps its previous content");
+                    continue;
+                }
+            };
+            let d = self.svc.spec.dims.d;
+            let model = done.model.to_string();
+            let id = deterministic_id(&[
+                b"room-embedding",
+                p.room_id.as_bytes(),
+                &p.start_ms.to_le_bytes(),
+                model.as_bytes(),
+            ]);
+            let rec = RoomEmbedding {
+                schema_version: SCHEMA_VERSION,
+                id: id.clone(),
+                room_id: p.room_id.to_string(),
+                streamer_id: p.streamer_id.to_string(),
+                event_time_ms: p.at_ms,
+                rows: (tokens.len() / d.max(1)) as u32,
+                dim: d as u32,
+                embedding: tokens.to_vec(),
+                model_version: model.clone(),
+                segment_start_ms: p.start_ms,
+                segment_end_ms: p.end_ms,
+            };
+            self.stage.sent.increment(1);
+            ctx.emit(Output {
+                topic: OutputTopic::RoomEmbeddings,
+                key: p.room_id.as_bytes().to_vec(),
+                id,
+                payload: rec.encode_to_vec(),
+                headers: Vec::new(),
+                model_version: Some(model),
+                tick_end_ms: None,
+                depends_on: p.holds,
+            });
+        }
+    }
+}
+
+impl Operator for MmbeeFusion {
+    fn name(&self) -> &'static str {
+        "mmbee_fusion"
+    }
+
+    fn on_start(&mut self, ctx: &mut Context<'_>) {
+        self.reply.wake = ctx.wake();
+    }
+
+    fn on_record(&mut self, _event: &Event, _pos: Position, _late: bool, _ctx: &mut Context<'_>) {}
+
+    fn on_note(&mut self, note: &Note, _ctx: &mut Context<'_>) {
+        let Note::Content {
+            room_id,
+            streamer_id,
+            start_ms,
+            end_ms,
+            at_ms,
+            content,
+            holds,
+        } = note
+        else {
+            return;
+        };
+        self.stage.received.increment(1);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(
+            id,
+            Pending {
+                room_id: room_id.clone(),
+                streamer_id: streamer_id.clone(),
+                start_ms: *start_ms,
+                end_ms: *end_ms,
+                at_ms: *at_ms,
+                holds: *holds,
+            },
+        );
+        let req = Request::Content(self.svc.content_input(content, streamer_id));
+        if !self.held.is_empty() {
+            // Keep the order: behind what waits already.
+            self.held.push_back((id, req));
+        } else {
+            self.submit(id, req);
+        }
+    }
+
+    fn poll(&mut self, ctx: &mut Context<'_>) {
+        self.resubmit();
+        self.drain(ctx);
+    }
+
+    fn congested(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn holds(&self, holds: &mut Holds) {
+        for p in self.pending.values() {
+            holds.merge(&p.holds);
+        }
+    }
+
+    fn rooms(&self) -> usize {
+        0
+    }
+
+    fn on_revoke(&mut self) {
+        self.pending.clear();
+        self.held.clear();
+    }
+}

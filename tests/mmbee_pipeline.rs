@@ -1,0 +1,317 @@
+//! End to end through the broker: MMBee gift prediction on a day of the
+//! simulator's world that the committed model never saw (its card was
+//! measured on day 5; this is day 6 of the same seed: the same streamers and
+//! viewers, another broadcast). The room stage cuts content segments, runs MFQ
+//! and writes `room-embeddings` and `user-actions`; the user stage follows the
+//! room table, keeps viewers' histories and writes `gift-predictions`.
+//! Checked:
+//! - predictions are well formed: keyed by room, in [0, 1], with the model
+//!   version and the graph version the model names, a trigger, a content
+//!   segment of the room;
+//! - the viewers receive them: most (viewer, room) visits long enough to see a
+//!   content segment get a score;
+//! - incrementally: a gift-triggered score follows a gift of that viewer in
+//!   that room; a content-triggered one goes to a viewer present in the room;
+//! - ranking: over every score, the viewers who went on to gift in the room
+//!   within the horizon (read back from the actions topic) rank above the
+//!   others at the card's AUC, within two standard errors of the difference
+//!   between this run's estimate and the card's (Hanley-McNeil at each one's
+//!   counts).
+//!
+//! Needs the models from `scripts/models`, the committed `models/mmbee` (with
+//! its graph tables) and a broker (`scripts/test` starts one).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{read_until, Proc, Topics};
+use onair::schema::{ActionKind, GiftPrediction, RoomEmbedding, ViewerAction};
+use prost::Message;
+
+const ROOMS: usize = 16;
+const SECONDS: i64 = 150;
+const DAY: i64 = 6;
+const HORIZON_MS: i64 = 30_000;
+
+/// Area under the ROC curve of `scores` for `labels` (ties count a half).
+fn auc(pairs: &[(f32, bool)]) -> f64 {
+    let mut v: Vec<(f32, bool)> = pairs.to_vec();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut rank_sum, mut pos) = (0.0, 0usize);
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j < v.len() && v[j].0 == v[i].0 {
+            j += 1;
+        }
+        let mid = (i + j + 1) as f64 / 2.0;
+        for x in &v[i..j] {
+            if x.1 {
+                rank_sum += mid;
+                pos += 1;
+            }
+        }
+        i = j;
+    }
+    let neg = v.len() - pos;
+    if pos == 0 || neg == 0 {
+        return 0.5;
+    }
+    (rank_sum - (pos * (pos + 1)) as f64 / 2.0) / (pos * neg) as f64
+}
+
+/// Hanley and McNeil's variance of an AUC `a` measured on `p` positives and `n` negatives.
+fn auc_var(a: f64, p: f64, n: f64) -> f64 {
+    let q1 = a / (2.0 - a);
+    let q2 = 2.0 * a * a / (1.0 + a);
+    (a * (1.0 - a) + (p - 1.0) * (q1 - a * a) + (n - 1.0) * (q2 - a * a)) / (p * n).max(1.0)
+}
+
+#[test]
+fn viewers_get_gift_predictions_that_rank_as_the_card_promises() {
+    let dir = common::scratch("mmbee");
+    let topics = Topics {
+        prefix: common::unique("mmbee"),
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let models = root.join("models");
+    let version = onair::models::serving::latest_version(&models.join("mmbee"))
+        .expect("a committed MMBee version");
+    let spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(version.join("mmbee.json")).expect("mmbee.json"),
+    )
+    .expect("json");
+    let graph_version = spec["graph"]["version"].as_u64().expect("graph.version");
+    let card = &spec["card"];
+    let card_auc = card["methods"]["full"]["auc"].as_f64().expect("card auc");
+    let card_pairs = card["test_pairs"].as_f64().expect("card test_pairs");
+    let card_pos = (card_pairs * card["test_positive_rate"].as_f64().expect("rate")).round();
+    let pipeline = common::pipeline(
+        &dir,
+        &topics,
+        &format!(
+            r#"
+[simulator]
+seed = 5
+rooms = {ROOMS}
+comments_per_sec = 3.0
+viewers = 60
+shared_viewers = 0.8
+video_width = 256
+video_height = 144
+video_fps = 5
+segment_ms = 2000
+video_variants = 12
+[operators.features]
+enabled = true
+image_model = "{image}"
+text_model = "{text}"
+reload_interval_ms = 0
+[operators.mmbee]
+enabled = true
+samples = false
+model = "{mmbee}"
+graph = "{graph}"
+"#,
+            image = models.join("image").display(),
+            text = models.join("text").display(),
+            mmbee = models.join("mmbee").display(),
+            graph = models.join("mmbee/graph").display(),
+        ),
+    );
+    common::create_topics(&pipeline);
+    let mut engine = Proc::engine(&dir, &pipeline, "engine");
+    let start_ms = 1_767_225_600_000 + DAY * 86_400_000;
+    let truth_path = dir.join("truth.jsonl");
+    let mut sim = Proc::simulate(
+        &dir,
+        &pipeline,
+        &[
+            "--day",
+            &DAY.to_string(),
+            "--duration",
+            &format!("{SECONDS}s"),
+            "--speed",
+            "0",
+            "--no-speech",
+            "--start-ms",
+            &start_ms.to_string(),
+            "--truth",
+            truth_path.to_str().expect("path"),
+        ],
+    );
+    assert!(
+        sim.wait(Duration::from_secs(300)).success(),
+        "{}",
+        sim.log_tail()
+    );
+    // Wait for the predictions to settle (no new one for 10 s, and the
+    // rooms' last segments written).
+    let count = |t: &str| {
+        ["enter", "content", "gift"]
+            .iter()
+            .map(|k| {
+                common::metric(t, "onair_gift_predictions_total", &[("trigger", k)]).unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    let until = Instant::now() + Duration::from_secs(600);
+    let mut last = (-1.0, Instant::now());
+    let written = loop {
+        let text = engine.scrape().unwrap_or_default();
+        let n = count(&text);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if n > 0.0 && last.1.elapsed() > Duration::from_secs(10) {
+            break n;
+        }
+        assert!(
+            Instant::now() < until,
+            "predictions did not settle ({n})\n{}",
+            engine.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let preds = read_until(
+        &topics.name("gift-predictions"),
+        Duration::from_secs(60),
+        |r| r.len() as f64 >= written,
+    );
+    let embeddings = read_until(
+        &topics.name("room-embeddings"),
+        Duration::from_secs(15),
+        |_| false,
+    );
+    let actions = read_until(&topics.name("actions"), Duration::from_secs(15), |_| false);
+    engine.signal_term();
+    assert!(
+        engine.wait(Duration::from_secs(60)).success(),
+        "{}",
+        engine.log_tail()
+    );
+
+    // Room content: one record per room and segment, tokens of the model's shape.
+    let dims = &spec["dims"];
+    let width = (dims["queries"].as_u64().unwrap_or(0) * dims["d"].as_u64().unwrap_or(0)) as usize;
+    let mut segments: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in &embeddings {
+        let e = RoomEmbedding::decode(&r.payload[..]).expect("embedding decodes");
+        assert_eq!(r.key, e.room_id.as_bytes());
+        assert_eq!(e.embedding.len(), width);
+        assert_eq!(e.segment_start_ms % 10_000, 0);
+        segments
+            .entry(e.room_id.clone())
+            .or_default()
+            .push(e.segment_start_ms);
+    }
+    assert_eq!(segments.len(), ROOMS, "every room has content");
+
+    // Visits and gifts from the actions the simulator wrote.
+    let mut gifts: HashMap<(String, String), Vec<i64>> = HashMap::new();
+    let mut visits: Vec<(String, String, i64, i64)> = Vec::new();
+    let mut open: HashMap<(String, String), i64> = HashMap::new();
+    let mut decoded: Vec<ViewerAction> = actions
+        .iter()
+        .filter_map(|r| ViewerAction::decode(&r.payload[..]).ok())
+        .collect();
+    decoded.sort_by_key(|a| a.event_time_ms);
+    for a in &decoded {
+        let key = (a.user_id.clone(), a.room_id.clone());
+        match ActionKind::try_from(a.kind) {
+            Ok(ActionKind::Enter) => {
+                open.insert(key, a.event_time_ms);
+            }
+            Ok(ActionKind::Leave) => {
+                if let Some(t) = open.remove(&key) {
+                    visits.push((key.0, key.1, t, a.event_time_ms));
+                }
+            }
+            Ok(ActionKind::Gift) => gifts.entry(key).or_default().push(a.event_time_ms),
+            _ => {}
+        }
+    }
+    let end_ms = start_ms + SECONDS * 1000;
+    visits.extend(open.into_iter().map(|((u, r), t)| (u, r, t, end_ms)));
+
+    // Predictions: well formed, triggered as the rule says.
+    let mut scored: HashMap<(String, String), Vec<i64>> = HashMap::new();
+    let mut samples: Vec<(f32, bool)> = Vec::new();
+    let mut by_trigger: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &preds {
+        let p = GiftPrediction::decode(&r.payload[..]).expect("prediction decodes");
+        assert_eq!(r.key, p.room_id.as_bytes());
+        assert!((0.0..=1.0).contains(&p.probability), "{p:?}");
+        assert!(p.model_version.starts_with("mmbee@"), "{p:?}");
+        assert_eq!(p.graph_version, graph_version, "{p:?}");
+        assert!(
+            segments[&p.room_id].contains(&p.content_start_ms),
+            "a score read a segment its room never had: {p:?}"
+        );
+        *by_trigger.entry(p.trigger.clone()).or_default() += 1;
+        let key = (p.user_id.clone(), p.room_id.clone());
+        let present = visits.iter().any(|(u, r, a, b)| {
+            *u == p.user_id && *r == p.room_id && *a <= p.event_time_ms && p.event_time_ms <= *b
+        });
+        let user_gifts = gifts.get(&key).map(Vec::as_slice).unwrap_or_default();
+        match p.trigger.as_str() {
+            "gift" => assert!(
+                user_gifts.contains(&p.event_time_ms),
+                "a gift-triggered score without a gift of that viewer there: {p:?}"
+            ),
+            "content" | "enter" => assert!(present, "a score for a viewer not in the room: {p:?}"),
+            other => panic!("unknown trigger {other:?}"),
+        }
+        scored.entry(key).or_default().push(p.event_time_ms);
+        let label = user_gifts
+            .iter()
+            .any(|&g| g > p.event_time_ms && g <= p.event_time_ms + HORIZON_MS);
+        samples.push((p.probability, label));
+    }
+    // Visits that saw a completed segment (20 s in, one segment and its delay).
+    let long: Vec<_> = visits.iter().filter(|v| v.3 - v.2 >= 25_000).collect();
+    let reached = long
+        .iter()
+        .filter(|v| scored.contains_key(&(v.0.clone(), v.1.clone())))
+        .count();
+    let coverage = reached as f64 / long.len().max(1) as f64;
+    let positives = samples.iter().filter(|s| s.1).count();
+    let a = auc(&samples);
+    let tol = 2.0
+        * (auc_var(
+            card_auc,
+            positives as f64,
+            (samples.len() - positives) as f64,
+        ) + auc_var(card_auc, card_pos, card_pairs - card_pos))
+        .sqrt();
+    eprintln!(
+        "mmbee pipeline: {} predictions {:?}, {} of {} long visits scored ({coverage:.3}), {} positives, AUC {a:.3} (card {card_auc:.3}, tolerance {tol:.3})",
+        preds.len(),
+        by_trigger,
+        reached,
+        long.len(),
+        positives
+    );
+    assert!(
+        coverage >= 0.9,
+        "only {coverage:.3} of long visits were scored"
+    );
+    assert!(
+        by_trigger.get("gift").copied().unwrap_or(0) > 0,
+        "no gift re-scored a viewer"
+    );
+    assert!(
+        by_trigger.get("content").copied().unwrap_or(0) > 0,
+        "no content change re-scored a room"
+    );
+    assert!(
+        positives >= 10,
+        "too few gifts after a score to measure ({positives})"
+    );
+    assert!(
+        a >= card_auc - tol,
+        "AUC {a:.3} is below the card's {card_auc:.3} by more than {tol:.3}"
+    );
+}

@@ -1,0 +1,224 @@
+//! Incrementality of MMBee scoring, with the committed model (ONNX Runtime) and
+//! the user stage's scoring operator fed as a partition task feeds it:
+//! - a viewer who enters is scored (once its room has content);
+//! - a new content segment in one room re-scores that room's viewers and no one else;
+//! - a gift re-scores the gifting viewer's pair and no one else's;
+//! - likes and comments re-score nobody; a viewer who left is not scored;
+//! - content is joined in event time: a segment counts for a partition once its
+//!   ticks pass the moment it completed, so a viewer who left before is not scored on it.
+//!
+//! Needs ONNX Runtime (`scripts/models`) and the committed `models/mmbee`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use onair::config::MmbeeConfig;
+use onair::models::mmbee::MmbeeService;
+use onair::operators::gift_scoring::GiftScoring;
+use onair::runtime::{Context, Operator, Output, OutputTopic, Position};
+use onair::schema::{ActionKind, Event, GiftPrediction, InputKind, ViewerAction};
+use onair::sources::room_table::{RoomContent, RoomTable};
+use prost::Message;
+
+const T0: i64 = 1_767_225_600_000;
+
+fn service() -> Arc<MmbeeService> {
+    onair::models::onnx::init_onnx_runtime(None).expect("ONNX Runtime (run scripts/models)");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mmbee");
+    let cfg = MmbeeConfig {
+        enabled: true,
+        model: root.display().to_string(),
+        graph: root.join("graph").display().to_string(),
+        ..MmbeeConfig::default()
+    };
+    Arc::new(MmbeeService::start(&cfg).expect("the committed MMBee model loads"))
+}
+
+fn content(svc: &MmbeeService, streamer: &str, start_ms: i64, x: f32) -> RoomContent {
+    let d = svc.spec.dims;
+    RoomContent {
+        streamer_id: Arc::from(streamer),
+        start_ms,
+        at_ms: start_ms + 13_000,
+        tokens: vec![x; d.queries * d.d].into(),
+        model: Arc::from("mmbee@test"),
+    }
+}
+
+fn action(t: i64, room: &str, user: &str, kind: ActionKind, value: u64) -> Event {
+    Event::Action(ViewerAction {
+        schema_version: 1,
+        room_id: room.into(),
+        user_id: user.into(),
+        streamer_id: format!("streamer-of-{room}"),
+        event_time_ms: t,
+        kind: kind as i32,
+        gift_value: value,
+        ..ViewerAction::default()
+    })
+}
+
+struct Harness {
+    op: GiftScoring,
+    offset: i64,
+}
+
+impl Harness {
+    fn record(&mut self, e: Event) {
+        let mut out = Vec::new();
+        let mut ctx = Context::new(&mut out, 0, 1000);
+        self.offset += 1;
+        let pos = Position {
+            kind: InputKind::UserActions,
+            offset: self.offset,
+        };
+        self.op.on_record(&e, pos, false, &mut ctx);
+        drop(ctx);
+        assert!(out.is_empty(), "scores come back through poll");
+    }
+
+    /// Closes the ticks up to `end_ms` and returns what that scored.
+    fn tick(&mut self, end_ms: i64) -> BTreeSet<(String, String, String)> {
+        let mut out = Vec::new();
+        let mut ctx = Context::new(&mut out, 0, 1000);
+        self.op.poll(&mut ctx);
+        self.op.on_tick(end_ms - 1000, &mut ctx);
+        drop(ctx);
+        assert!(out.is_empty(), "scores come back through poll");
+        self.scored()
+    }
+
+    /// Polls until nothing is pending and returns the (user, room, trigger) scored.
+    fn scored(&mut self) -> BTreeSet<(String, String, String)> {
+        let mut got = BTreeSet::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut out: Vec<Output> = Vec::new();
+            let mut ctx = Context::new(&mut out, 0, 1000);
+            self.op.poll(&mut ctx);
+            drop(ctx);
+            for o in out {
+                assert_eq!(o.topic, OutputTopic::GiftPredictions);
+                let p = GiftPrediction::decode(&o.payload[..]).expect("prediction decodes");
+                assert_eq!(o.key, p.room_id.as_bytes());
+                assert!((0.0..=1.0).contains(&p.probability), "{p:?}");
+                assert!(p.model_version.starts_with("mmbee@"), "{p:?}");
+                assert!(
+                    got.insert((p.user_id, p.room_id, p.trigger)),
+                    "a pair scored twice for one change"
+                );
+            }
+            if self.op.pending() == 0 {
+                return got;
+            }
+            assert!(Instant::now() < until, "scores did not come back");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn set(items: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
+    items
+        .iter()
+        .map(|(u, r, t)| (u.to_string(), r.to_string(), t.to_string()))
+        .collect()
+}
+
+#[test]
+fn only_the_pairs_whose_inputs_changed_are_scored() {
+    let svc = service();
+    let table = RoomTable::new();
+    // r1's first segment [T0, T0 + 10 s) completed at T0 + 13 s.
+    table.put("r1", content(&svc, "streamer-of-r1", T0, 0.1));
+    let mut h = Harness {
+        op: GiftScoring::new(svc.clone(), table.clone()),
+        offset: 0,
+    };
+    // Entering: r1 has content, r2 not yet.
+    h.record(action(T0 + 14_000, "r1", "a", ActionKind::Enter, 0));
+    h.record(action(T0 + 14_100, "r1", "b", ActionKind::Enter, 0));
+    h.record(action(T0 + 14_200, "r2", "c", ActionKind::Enter, 0));
+    assert_eq!(
+        h.scored(),
+        set(&[("a", "r1", "enter"), ("b", "r1", "enter")]),
+        "c waits for r2's content"
+    );
+    // r2's first content: its viewer, and only it, once event time reaches it.
+    table.put("r2", content(&svc, "streamer-of-r2", T0, 0.2));
+    assert_eq!(h.tick(T0 + 15_000), set(&[("c", "r2", "content")]));
+    // A new segment in r1 (completed at 23 s): r1's viewers only, not before 23 s.
+    table.put("r1", content(&svc, "streamer-of-r1", T0 + 10_000, 0.3));
+    assert!(h.tick(T0 + 22_000).is_empty(), "scored before it completed");
+    assert_eq!(
+        h.tick(T0 + 24_000),
+        set(&[("a", "r1", "content"), ("b", "r1", "content")])
+    );
+    // An older segment arriving late changes nothing.
+    table.put("r1", content(&svc, "streamer-of-r1", T0, 0.4));
+    assert!(h.tick(T0 + 25_000).is_empty());
+    // Likes and comments update the session without a score.
+    h.record(action(T0 + 25_000, "r1", "a", ActionKind::Like, 0));
+    h.record(action(T0 + 25_100, "r2", "c", ActionKind::Comment, 0));
+    assert!(h.scored().is_empty());
+    // A gift: the gifting viewer's pair only.
+    h.record(action(T0 + 26_000, "r1", "b", ActionKind::Gift, 50));
+    assert_eq!(h.scored(), set(&[("b", "r1", "gift")]));
+    // b leaves; r1's next segment scores a alone.
+    h.record(action(T0 + 27_000, "r1", "b", ActionKind::Leave, 0));
+    table.put("r1", content(&svc, "streamer-of-r1", T0 + 20_000, 0.5));
+    assert_eq!(h.tick(T0 + 34_000), set(&[("a", "r1", "content")]));
+    // a moves to r2: scored there, and r1's next segment scores no one.
+    h.record(action(T0 + 35_000, "r2", "a", ActionKind::Enter, 0));
+    assert_eq!(h.scored(), set(&[("a", "r2", "enter")]));
+    table.put("r1", content(&svc, "streamer-of-r1", T0 + 30_000, 0.6));
+    assert!(h.tick(T0 + 44_000).is_empty());
+    assert_eq!(h.op.state().viewers("r2"), 2);
+    // r2's segment completing at 53 s: c left at 50 s, so only a is scored on it,
+    // although the table had it before c's leave was read.
+    table.put("r2", content(&svc, "streamer-of-r2", T0 + 40_000, 0.7));
+    h.record(action(T0 + 50_000, "r2", "c", ActionKind::Leave, 0));
+    assert_eq!(h.tick(T0 + 54_000), set(&[("a", "r2", "content")]));
+}
+
+#[test]
+fn a_gift_changes_the_gifting_viewers_score() {
+    let svc = service();
+    let table = RoomTable::new();
+    table.put("r1", content(&svc, "streamer-of-r1", T0, 0.1));
+    let mut h = Harness {
+        op: GiftScoring::new(svc, table),
+        offset: 0,
+    };
+    h.record(action(T0 + 14_000, "r1", "a", ActionKind::Enter, 0));
+    assert_eq!(h.scored().len(), 1);
+    // The same pair before and after gifts: the history and session are
+    // inputs, so the score moves.
+    let probe = |h: &mut Harness| -> f32 {
+        let mut out = Vec::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        while out.is_empty() {
+            let mut ctx = Context::new(&mut out, 0, 1000);
+            h.op.poll(&mut ctx);
+            drop(ctx);
+            assert!(Instant::now() < until);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        GiftPrediction::decode(&out[0].payload[..])
+            .expect("decodes")
+            .probability
+    };
+    h.record(action(T0 + 15_000, "r1", "a", ActionKind::Gift, 10));
+    let first = probe(&mut h);
+    for i in 0..5 {
+        h.record(action(T0 + 16_000 + i, "r1", "a", ActionKind::Gift, 500));
+        let _ = probe(&mut h);
+    }
+    h.record(action(T0 + 17_000, "r1", "a", ActionKind::Gift, 500));
+    let later = probe(&mut h);
+    assert_ne!(
+        first, later,
+        "six gifts later the viewer's score is the same"
+    );
+}
