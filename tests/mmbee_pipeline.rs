@@ -10,8 +10,9 @@
 //!   segment of the room;
 //! - the viewers receive them: most (viewer, room) visits long enough to see a
 //!   content segment get a score;
-//! - incrementally: a gift-triggered score follows a gift of that viewer in
-//!   that room; a content-triggered one goes to a viewer present in the room;
+//! - incrementally: a gift-triggered score is at a gift of that viewer (in any
+//!   room: the history changed) and to a viewer present in the room; a
+//!   content- or enter-triggered one goes to a viewer present in the room;
 //! - ranking: over every score, the viewers who went on to gift in the room
 //!   within the horizon (read back from the actions topic) rank above the
 //!   others at the card's AUC, within two standard errors of the difference
@@ -233,6 +234,10 @@ graph = "{graph}"
             _ => {}
         }
     }
+    let mut gift_times: HashMap<String, Vec<i64>> = HashMap::new();
+    for ((u, _), ts) in &gifts {
+        gift_times.entry(u.clone()).or_default().extend(ts);
+    }
     let end_ms = start_ms + SECONDS * 1000;
     visits.extend(open.into_iter().map(|((u, r), t)| (u, r, t, end_ms)));
 
@@ -257,9 +262,14 @@ graph = "{graph}"
         });
         let user_gifts = gifts.get(&key).map(Vec::as_slice).unwrap_or_default();
         match p.trigger.as_str() {
+            // The viewer's gift, in any room: it changed the history every
+            // pair of the viewer reads.
             "gift" => assert!(
-                user_gifts.contains(&p.event_time_ms),
-                "a gift-triggered score without a gift of that viewer there: {p:?}"
+                gift_times
+                    .get(&p.user_id)
+                    .is_some_and(|g| g.contains(&p.event_time_ms))
+                    && present,
+                "a gift-triggered score without a gift of that viewer then: {p:?}"
             ),
             "content" | "enter" => assert!(present, "a score for a viewer not in the room: {p:?}"),
             other => panic!("unknown trigger {other:?}"),

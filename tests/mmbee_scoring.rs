@@ -2,7 +2,7 @@
 //! the user stage's scoring operator fed as a partition task feeds it:
 //! - a viewer who enters is scored (once its room has content);
 //! - a new content segment in one room re-scores that room's viewers and no one else;
-//! - a gift re-scores the gifting viewer's pair and no one else's;
+//! - a gift re-scores the gifting viewer's pairs (every room the viewer is in) and no one else's;
 //! - likes and comments re-score nobody; a viewer who left is not scored;
 //! - content is joined in event time: a segment counts for a partition once its
 //!   ticks pass the moment it completed, so a viewer who left before is not scored on it.
@@ -81,18 +81,34 @@ impl Harness {
 
     /// Closes the ticks up to `end_ms` and returns what that scored.
     fn tick(&mut self, end_ms: i64) -> BTreeSet<(String, String, String)> {
+        self.close(end_ms);
+        self.scored()
+    }
+
+    fn close(&mut self, end_ms: i64) {
         let mut out = Vec::new();
         let mut ctx = Context::new(&mut out, 0, 1000);
         self.op.poll(&mut ctx);
         self.op.on_tick(end_ms - 1000, &mut ctx);
         drop(ctx);
         assert!(out.is_empty(), "scores come back through poll");
-        self.scored()
     }
 
     /// Polls until nothing is pending and returns the (user, room, trigger) scored.
     fn scored(&mut self) -> BTreeSet<(String, String, String)> {
         let mut got = BTreeSet::new();
+        for p in self.predictions() {
+            assert!(
+                got.insert((p.user_id, p.room_id, p.trigger)),
+                "a pair scored twice for one change"
+            );
+        }
+        got
+    }
+
+    /// Polls until nothing is pending and returns the predictions written.
+    fn predictions(&mut self) -> Vec<GiftPrediction> {
+        let mut got = Vec::new();
         let until = Instant::now() + Duration::from_secs(30);
         loop {
             let mut out: Vec<Output> = Vec::new();
@@ -105,10 +121,7 @@ impl Harness {
                 assert_eq!(o.key, p.room_id.as_bytes());
                 assert!((0.0..=1.0).contains(&p.probability), "{p:?}");
                 assert!(p.model_version.starts_with("mmbee@"), "{p:?}");
-                assert!(
-                    got.insert((p.user_id, p.room_id, p.trigger)),
-                    "a pair scored twice for one change"
-                );
+                got.push(p);
             }
             if self.op.pending() == 0 {
                 return got;
@@ -136,18 +149,19 @@ fn only_the_pairs_whose_inputs_changed_are_scored() {
         op: GiftScoring::new(svc.clone(), table.clone()),
         offset: 0,
     };
-    // Entering: r1 has content, r2 not yet.
+    // Entering: r1 has content, r2 not yet. Actions wait for the watermark.
     h.record(action(T0 + 14_000, "r1", "a", ActionKind::Enter, 0));
     h.record(action(T0 + 14_100, "r1", "b", ActionKind::Enter, 0));
     h.record(action(T0 + 14_200, "r2", "c", ActionKind::Enter, 0));
+    assert!(h.scored().is_empty(), "scored before the watermark passed");
     assert_eq!(
-        h.scored(),
+        h.tick(T0 + 15_000),
         set(&[("a", "r1", "enter"), ("b", "r1", "enter")]),
         "c waits for r2's content"
     );
-    // r2's first content: its viewer, and only it, once event time reaches it.
+    // r2's first content (completed at 13 s, read late): its viewer, and only it.
     table.put("r2", content(&svc, "streamer-of-r2", T0, 0.2));
-    assert_eq!(h.tick(T0 + 15_000), set(&[("c", "r2", "content")]));
+    assert_eq!(h.scored(), set(&[("c", "r2", "content")]));
     // A new segment in r1 (completed at 23 s): r1's viewers only, not before 23 s.
     table.put("r1", content(&svc, "streamer-of-r1", T0 + 10_000, 0.3));
     assert!(h.tick(T0 + 22_000).is_empty(), "scored before it completed");
@@ -161,17 +175,18 @@ fn only_the_pairs_whose_inputs_changed_are_scored() {
     // Likes and comments update the session without a score.
     h.record(action(T0 + 25_000, "r1", "a", ActionKind::Like, 0));
     h.record(action(T0 + 25_100, "r2", "c", ActionKind::Comment, 0));
-    assert!(h.scored().is_empty());
+    assert!(h.tick(T0 + 26_000).is_empty());
     // A gift: the gifting viewer's pair only.
     h.record(action(T0 + 26_000, "r1", "b", ActionKind::Gift, 50));
-    assert_eq!(h.scored(), set(&[("b", "r1", "gift")]));
+    assert_eq!(h.tick(T0 + 27_000), set(&[("b", "r1", "gift")]));
     // b leaves; r1's next segment scores a alone.
     h.record(action(T0 + 27_000, "r1", "b", ActionKind::Leave, 0));
     table.put("r1", content(&svc, "streamer-of-r1", T0 + 20_000, 0.5));
     assert_eq!(h.tick(T0 + 34_000), set(&[("a", "r1", "content")]));
     // a moves to r2: scored there, and r1's next segment scores no one.
+    h.record(action(T0 + 34_500, "r1", "a", ActionKind::Leave, 0));
     h.record(action(T0 + 35_000, "r2", "a", ActionKind::Enter, 0));
-    assert_eq!(h.scored(), set(&[("a", "r2", "enter")]));
+    assert_eq!(h.tick(T0 + 36_000), set(&[("a", "r2", "enter")]));
     table.put("r1", content(&svc, "streamer-of-r1", T0 + 30_000, 0.6));
     assert!(h.tick(T0 + 44_000).is_empty());
     assert_eq!(h.op.state().viewers("r2"), 2);
@@ -180,6 +195,20 @@ fn only_the_pairs_whose_inputs_changed_are_scored() {
     table.put("r2", content(&svc, "streamer-of-r2", T0 + 40_000, 0.7));
     h.record(action(T0 + 50_000, "r2", "c", ActionKind::Leave, 0));
     assert_eq!(h.tick(T0 + 54_000), set(&[("a", "r2", "content")]));
+    // Out of order across rooms (the repartition topic interleaves room
+    // partitions): a gift at 56.5 s read before an enter at 55 s still finds
+    // the viewer in both rooms; a viewer in two rooms at once (two players
+    // open) has both pairs re-scored by a gift in one, and no one else.
+    h.record(action(T0 + 56_500, "r1", "a", ActionKind::Gift, 20));
+    h.record(action(T0 + 55_000, "r1", "a", ActionKind::Enter, 0));
+    assert_eq!(
+        h.tick(T0 + 57_000),
+        set(&[
+            ("a", "r1", "enter"),
+            ("a", "r1", "gift"),
+            ("a", "r2", "gift")
+        ])
+    );
 }
 
 #[test]
@@ -192,33 +221,31 @@ fn a_gift_changes_the_gifting_viewers_score() {
         offset: 0,
     };
     h.record(action(T0 + 14_000, "r1", "a", ActionKind::Enter, 0));
-    assert_eq!(h.scored().len(), 1);
+    assert_eq!(h.tick(T0 + 15_000).len(), 1);
     // The same pair before and after gifts: the history and session are
     // inputs, so the score moves.
-    let probe = |h: &mut Harness| -> f32 {
-        let mut out = Vec::new();
-        let until = Instant::now() + Duration::from_secs(30);
-        while out.is_empty() {
-            let mut ctx = Context::new(&mut out, 0, 1000);
-            h.op.poll(&mut ctx);
-            drop(ctx);
-            assert!(Instant::now() < until);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        GiftPrediction::decode(&out[0].payload[..])
-            .expect("decodes")
-            .probability
+    let probe = |h: &mut Harness, end_ms: i64| -> f32 {
+        h.close(end_ms);
+        let p = h.predictions();
+        assert_eq!(p.len(), 1, "{p:?}");
+        p[0].probability
     };
     h.record(action(T0 + 15_000, "r1", "a", ActionKind::Gift, 10));
-    let first = probe(&mut h);
+    let first = probe(&mut h, T0 + 16_000);
     for i in 0..5 {
         h.record(action(T0 + 16_000 + i, "r1", "a", ActionKind::Gift, 500));
-        let _ = probe(&mut h);
     }
     h.record(action(T0 + 17_000, "r1", "a", ActionKind::Gift, 500));
-    let later = probe(&mut h);
+    // The five close together and the sixth: one score each.
+    h.close(T0 + 18_000);
+    let later = h.predictions();
+    assert_eq!(later.len(), 6);
+    let last = later
+        .iter()
+        .find(|p| p.event_time_ms == T0 + 17_000)
+        .expect("the sixth gift's score");
     assert_ne!(
-        first, later,
+        first, last.probability,
         "six gifts later the viewer's score is the same"
     );
 }

@@ -142,6 +142,22 @@ def as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
+def graph_method(meta):
+    """How the graph's embeddings were made: the engine's graph job writes
+    `embeddings.method` (and its report), the fixture a top-level `method`."""
+    emb = meta.get("embeddings")
+    if isinstance(emb, dict) and emb.get("method"):
+        return {"method": emb["method"], "params": emb.get("params"), "report": emb.get("report")}
+    return meta.get("method")
+
+
+def graph_inputs(meta):
+    """What the graph was built from: the engine's `inputs` (gift files), the fixture's `built_from`."""
+    inputs = [os.path.basename(os.path.dirname(os.path.dirname(k)))
+              for k, v in (meta.get("inputs") or {}).items() if isinstance(v, dict)]
+    return sorted(inputs) or meta.get("built_from")
+
+
 def card(path):
     """Every method's test metrics from evaluate.py's metrics.json."""
     if not path:
@@ -257,7 +273,7 @@ def main():
                     "masks": "from the content line's frames, comment_tokens, transcript_tokens: the first k slots"},
         "graph": {"version": info["graph_version"], "dim": c["graph_dim"],
                   "path": os.path.relpath(info["graph"], info["root"]),
-                  "method": info["graph_meta"].get("method"), "built_from": info["graph_meta"].get("built_from"),
+                  "method": graph_method(info["graph_meta"]), "built_from": graph_inputs(info["graph_meta"]),
                   "rule": "feed embeddings, neighbour lists and known-flags of this graph version only: "
                           "another version's embeddings are another space; retrain with it"},
         "trained_on": {"root": info["root"], "days": info["days"], "train_pairs": info["train_pairs"],

@@ -159,6 +159,74 @@ pub enum Refused<I> {
     Stopped(I),
 }
 
+/// Requests an operator hands to a batcher, kept in order: those the batcher
+/// refused (queue full) wait here, and everything after them waits behind
+/// them until [`Outbox::retry`] gets them in.
+pub struct Outbox<I> {
+    held: VecDeque<(Arc<str>, u64, I)>,
+}
+
+impl<I> Default for Outbox<I> {
+    fn default() -> Self {
+        Outbox {
+            held: VecDeque::new(),
+        }
+    }
+}
+
+impl<I> Outbox<I> {
+    /// Submits a request for `room`, or keeps it behind those waiting.
+    /// Returns false when the batcher has stopped (the request is dropped).
+    pub fn send<O>(
+        &mut self,
+        model: &dyn Submit<I, O>,
+        room: &Arc<str>,
+        id: u64,
+        input: I,
+        reply: &ReplyTo<O>,
+    ) -> bool {
+        if !self.held.is_empty() {
+            self.held.push_back((room.clone(), id, input));
+            return true;
+        }
+        match model.submit(room, id, input, reply) {
+            Ok(()) => true,
+            Err(Refused::Full(input)) => {
+                self.held.push_back((room.clone(), id, input));
+                true
+            }
+            Err(Refused::Stopped(_)) => false,
+        }
+    }
+
+    /// Submits what waits, in order, until the batcher refuses again.
+    /// Returns the ids dropped because it has stopped.
+    pub fn retry<O>(&mut self, model: &dyn Submit<I, O>, reply: &ReplyTo<O>) -> Vec<u64> {
+        let mut stopped = Vec::new();
+        while let Some((room, id, input)) = self.held.pop_front() {
+            match model.submit(&room, id, input, reply) {
+                Ok(()) => {}
+                Err(Refused::Full(input)) => {
+                    self.held.push_front((room, id, input));
+                    break;
+                }
+                Err(Refused::Stopped(_)) => stopped.push(id),
+            }
+        }
+        stopped
+    }
+
+    /// Whether requests wait (the operator is congested).
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Drops what waits.
+    pub fn clear(&mut self) {
+        self.held.clear();
+    }
+}
+
 struct Shared<M: BatchModel> {
     slot: Arc<ModelSlot<M>>,
     cfg: BatchConfig,

@@ -7,8 +7,15 @@
 //! across the instance's partitions; each score goes to `gift-predictions`
 //! (keyed by room) with the model and graph versions.
 //!
-//! A pair is scored only once its room has content tokens: a viewer who
-//! enters a room before its first segment completes is scored when it does.
+//! Actions and room content are joined in event time: the partition's actions
+//! wait for its watermark (the allowed lateness, 2 s by default) and are then
+//! handled in event-time order together with the content segments that
+//! completed by then, so a viewer who left before a segment completed is not
+//! scored on it and a gift re-scores the rooms the viewer was in at the gift,
+//! however the repartition topic interleaved the rooms' partitions. That wait
+//! is the latency a prediction pays for it. A pair is scored only once its room
+//! has content tokens: a viewer who enters a room before its first segment
+//! completes is scored when it does.
 //!
 //! State lives in memory: after a restart or a hand-over, users' histories
 //! and presence start empty (the changelog that restores them is the user
@@ -18,7 +25,7 @@
 //! [`super::mmbee_fusion`]), labels, or training data (the room stage's
 //! `gift_labels`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -27,10 +34,12 @@ use prost::Message;
 
 use super::mmbee_scoring::{Due, Reason, ScoringState};
 use crate::metrics::{Stage, GIFT_PREDICTIONS, MMBEE_USERS};
-use crate::models::batcher::{Done, Refused, ReplyTo};
+use crate::models::batcher::{Done, Outbox, ReplyTo};
 use crate::models::mmbee::{Gift, MmbeeService, PairFeatures, Reply, Request};
 use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
-use crate::schema::{deterministic_id, ActionKind, Event, GiftPrediction, SCHEMA_VERSION};
+use crate::schema::{
+    deterministic_id, ActionKind, Event, GiftPrediction, ViewerAction, SCHEMA_VERSION,
+};
 use crate::sources::room_table::{RoomContent, RoomTable};
 
 /// A pair being scored.
@@ -59,11 +68,16 @@ pub struct GiftScoring {
     waiting: HashMap<Arc<str>, RoomContent>,
     /// End of the last closed tick.
     watermark: i64,
+    /// Actions waiting for the watermark, by (event time, arrival): the
+    /// repartition topic interleaves rooms whose partitions run at their own
+    /// pace, so a partition's actions are put back in event-time order first.
+    buffered: BTreeMap<(i64, u64), (ViewerAction, Position)>,
+    arrivals: u64,
     /// Position of the newest action, held while its pairs are scored.
     last_pos: Option<Position>,
     pending: HashMap<u64, Pending>,
-    /// Requests the batcher refused (queue full), in order.
-    held: VecDeque<(u64, Request)>,
+    /// Requests on their way to the batcher.
+    outbox: Outbox<Request>,
     next_id: u64,
     reply: ReplyTo<Reply>,
     rx: mpsc::Receiver<Done<Reply>>,
@@ -93,9 +107,11 @@ impl GiftScoring {
             content_at: HashMap::new(),
             waiting: HashMap::new(),
             watermark: i64::MIN,
+            buffered: BTreeMap::new(),
+            arrivals: 0,
             last_pos: None,
             pending: HashMap::new(),
-            held: VecDeque::new(),
+            outbox: Outbox::default(),
             next_id: 0,
             reply: ReplyTo { tx, wake: None },
             rx,
@@ -134,11 +150,8 @@ impl GiftScoring {
         }
     }
 
-    /// Reads the table's changes and applies those that completed by this
-    /// partition's event time (the watermark) to rooms its users are in: an
-    /// event-time join, so a viewer who left before a segment completed is
-    /// not scored on it. Later ones wait for the ticks.
-    fn apply_table(&mut self) {
+    /// Reads the table's changes into `waiting` (the newest segment per room).
+    fn read_table(&mut self) {
         let (changes, next) = self.table.changes_since(self.seen);
         self.seen = next;
         for (room, c) in changes {
@@ -150,20 +163,74 @@ impl GiftScoring {
                 self.waiting.insert(room, c);
             }
         }
-        let wm = self.watermark;
-        let ready: Vec<Arc<str>> = self
-            .waiting
-            .iter()
-            .filter(|(_, c)| c.at_ms <= wm)
-            .map(|(r, _)| r.clone())
-            .collect();
-        for room in ready {
-            if let Some(c) = self.waiting.remove(&room) {
-                if self.state.viewers(&room) > 0 {
-                    self.apply(&room, c);
+    }
+
+    /// Handles, in event-time order, the buffered actions before `wm` and the
+    /// room content that completed at or before it: an event-time join of the
+    /// partition's actions with the room table, so a viewer who left before a
+    /// segment completed is not scored on it, and a gift re-scores exactly the
+    /// rooms the viewer was in at the gift.
+    fn advance(&mut self, wm: i64) {
+        self.read_table();
+        loop {
+            let action = self.buffered.keys().next().map(|k| k.0).filter(|&t| t < wm);
+            let content = self
+                .waiting
+                .iter()
+                .filter(|(_, c)| c.at_ms <= wm)
+                .min_by_key(|(_, c)| c.at_ms)
+                .map(|(r, c)| (r.clone(), c.at_ms));
+            let content_first = match (action, &content) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(t), Some((_, at))) => *at <= t,
+            };
+            if content_first {
+                let room = content.map(|(r, _)| r).unwrap_or_else(|| Arc::from(""));
+                if let Some(c) = self.waiting.remove(&room) {
+                    if self.state.viewers(&room) > 0 {
+                        self.apply(&room, c);
+                        self.score_due();
+                    }
                 }
+            } else if let Some((_, (a, pos))) = action.and_then(|_| self.buffered.pop_first()) {
+                self.handle(&a, pos);
+            } else {
+                break;
             }
         }
+    }
+
+    /// One action, in event-time order.
+    fn handle(&mut self, a: &ViewerAction, pos: Position) {
+        let Ok(kind) = ActionKind::try_from(a.kind) else {
+            return;
+        };
+        let t = a.event_time_ms;
+        self.action_ms = t;
+        self.last_pos = Some(pos);
+        match kind {
+            ActionKind::Enter => {
+                self.sync_room(&a.room_id, t);
+                self.state.enter(&a.user_id, &a.room_id, &a.streamer_id, t);
+            }
+            ActionKind::Leave => self.state.leave(&a.user_id, &a.room_id),
+            ActionKind::Like | ActionKind::Comment | ActionKind::Follow => {
+                self.state.session_action(
+                    &a.user_id,
+                    &a.room_id,
+                    kind == ActionKind::Like,
+                    kind == ActionKind::Comment,
+                    kind == ActionKind::Follow,
+                );
+            }
+            ActionKind::Gift => {
+                self.state
+                    .gift(&a.user_id, &a.room_id, &a.streamer_id, a.gift_value, t);
+            }
+            _ => return,
+        }
+        self.score_due();
     }
 
     /// Turns the due pairs into ranker requests. A pair is scored as of the
@@ -184,6 +251,16 @@ impl GiftScoring {
                     .unwrap_or(self.action_ms),
                 Reason::Enter | Reason::Gift => self.action_ms,
             };
+            let Some(enter_ms) = self
+                .state
+                .pair_view(&d.user, &d.room, t)
+                .map(|v| v.enter_ms)
+            else {
+                continue;
+            };
+            // A viewer who entered after the segment completed (its table
+            // record came late) is scored as of the enter.
+            let t = t.max(enter_ms);
             let Some(view) = self.state.pair_view(&d.user, &d.room, t) else {
                 continue;
             };
@@ -206,6 +283,7 @@ impl GiftScoring {
             let id = self.next_id;
             self.next_id += 1;
             self.stage.received.increment(1);
+            let room = d.room.clone();
             self.pending.insert(
                 id,
                 Pending {
@@ -217,39 +295,12 @@ impl GiftScoring {
                 },
             );
             let req = Request::Pair(Box::new(features));
-            if self.held.is_empty() {
-                self.submit(id, req);
-            } else {
-                self.held.push_back((id, req));
-            }
-        }
-    }
-
-    fn submit(&mut self, id: u64, req: Request) -> bool {
-        let Some(room) = self.pending.get(&id).map(|p| p.due.room.clone()) else {
-            return true;
-        };
-        match self.svc.model.submit(&room, id, req, &self.reply) {
-            Ok(()) => true,
-            Err(Refused::Full(req)) => {
-                self.held.push_back((id, req));
-                false
-            }
-            Err(Refused::Stopped(_)) => {
+            if !self
+                .outbox
+                .send(self.svc.model.as_ref(), &room, id, req, &self.reply)
+            {
                 self.pending.remove(&id);
                 self.stage.error("model_stopped");
-                true
-            }
-        }
-    }
-
-    fn resubmit(&mut self) {
-        while let Some((id, req)) = self.held.pop_front() {
-            if !self.submit(id, req) {
-                if let Some(last) = self.held.pop_back() {
-                    self.held.push_front(last);
-                }
-                return;
             }
         }
     }
@@ -327,40 +378,25 @@ impl Operator for GiftScoring {
         let Event::Action(a) = event else {
             return;
         };
-        let Ok(kind) = ActionKind::try_from(a.kind) else {
-            return;
-        };
-        let t = a.event_time_ms;
-        self.action_ms = t;
-        self.last_pos = Some(pos);
-        match kind {
-            ActionKind::Enter => {
-                self.sync_room(&a.room_id, t);
-                self.state.enter(&a.user_id, &a.room_id, &a.streamer_id, t);
-            }
-            ActionKind::Leave => self.state.leave(&a.user_id, &a.room_id),
-            ActionKind::Like | ActionKind::Comment | ActionKind::Follow => {
-                self.state.session_action(
-                    &a.user_id,
-                    &a.room_id,
-                    kind == ActionKind::Like,
-                    kind == ActionKind::Comment,
-                    kind == ActionKind::Follow,
-                );
-            }
-            ActionKind::Gift => {
-                self.state
-                    .gift(&a.user_id, &a.room_id, &a.streamer_id, a.gift_value, t);
-            }
-            _ => return,
+        let relevant = matches!(
+            ActionKind::try_from(a.kind),
+            Ok(ActionKind::Enter
+                | ActionKind::Leave
+                | ActionKind::Like
+                | ActionKind::Comment
+                | ActionKind::Follow
+                | ActionKind::Gift)
+        );
+        if relevant {
+            self.arrivals += 1;
+            self.buffered
+                .insert((a.event_time_ms, self.arrivals), (a.clone(), pos));
         }
-        self.score_due();
     }
 
     fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
         self.watermark = self.watermark.max(tick_start_ms + ctx.tick_ms());
-        self.apply_table();
-        self.score_due();
+        self.advance(self.watermark);
         self.state.forget_idle();
         let state = &self.state;
         self.content_at.retain(|room, _| state.viewers(room) > 0);
@@ -370,14 +406,21 @@ impl Operator for GiftScoring {
     }
 
     fn poll(&mut self, ctx: &mut Context<'_>) {
-        self.apply_table();
-        self.score_due();
-        self.resubmit();
+        // Content that reached the table after the ticks passed it.
+        self.advance(self.watermark);
+        for id in self.outbox.retry(self.svc.model.as_ref(), &self.reply) {
+            self.pending.remove(&id);
+            self.stage.error("model_stopped");
+        }
         self.drain(ctx);
     }
 
+    fn on_finish(&mut self, _ctx: &mut Context<'_>) {
+        self.advance(i64::MAX);
+    }
+
     fn congested(&self) -> bool {
-        !self.held.is_empty()
+        !self.outbox.is_empty()
     }
 
     fn pending(&self) -> usize {
@@ -388,6 +431,9 @@ impl Operator for GiftScoring {
         for p in self.pending.values() {
             holds.merge(&p.holds);
         }
+        for (_, pos) in self.buffered.values() {
+            holds.hold(*pos);
+        }
     }
 
     fn rooms(&self) -> usize {
@@ -396,9 +442,10 @@ impl Operator for GiftScoring {
 
     fn on_revoke(&mut self) {
         self.pending.clear();
-        self.held.clear();
+        self.outbox.clear();
         self.state = ScoringState::new();
         self.content_at.clear();
         self.waiting.clear();
+        self.buffered.clear();
     }
 }

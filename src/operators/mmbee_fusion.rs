@@ -10,14 +10,14 @@
 //! Not for: assembling segments ([`super::mmbee_content`]), viewers, or scoring
 //! pairs ([`super::gift_scoring`], in the user stage).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use prost::Message;
 
 use crate::metrics::Stage;
-use crate::models::batcher::{Done, Refused, ReplyTo};
+use crate::models::batcher::{Done, Outbox, ReplyTo};
 use crate::models::mmbee::{MmbeeService, Reply, Request};
 use crate::runtime::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
 use crate::schema::{deterministic_id, Event, RoomEmbedding, SCHEMA_VERSION};
@@ -37,8 +37,8 @@ struct Pending {
 pub struct MmbeeFusion {
     svc: Arc<MmbeeService>,
     pending: HashMap<u64, Pending>,
-    /// Requests the batcher refused (queue full), in order.
-    held: VecDeque<(u64, Request)>,
+    /// Requests on their way to the batcher.
+    outbox: Outbox<Request>,
     next_id: u64,
     reply: ReplyTo<Reply>,
     rx: mpsc::Receiver<Done<Reply>>,
@@ -52,42 +52,11 @@ impl MmbeeFusion {
         MmbeeFusion {
             svc,
             pending: HashMap::new(),
-            held: VecDeque::new(),
+            outbox: Outbox::default(),
             next_id: 0,
             reply: ReplyTo { tx, wake: None },
             rx,
             stage: Stage::new("mmbee_fusion"),
-        }
-    }
-
-    /// Hands a request to the batcher; false when it is full (kept, in order).
-    fn submit(&mut self, id: u64, req: Request) -> bool {
-        let Some(room) = self.pending.get(&id).map(|p| p.room_id.clone()) else {
-            return true;
-        };
-        match self.svc.model.submit(&room, id, req, &self.reply) {
-            Ok(()) => true,
-            Err(Refused::Full(req)) => {
-                self.held.push_back((id, req));
-                false
-            }
-            Err(Refused::Stopped(_)) => {
-                self.pending.remove(&id);
-                self.stage.error("model_stopped");
-                true
-            }
-        }
-    }
-
-    fn resubmit(&mut self) {
-        while let Some((id, req)) = self.held.pop_front() {
-            if !self.submit(id, req) {
-                // Put back at the front (submit pushed it to the back).
-                if let Some(last) = self.held.pop_back() {
-                    self.held.push_front(last);
-                }
-                return;
-            }
         }
     }
 
@@ -183,21 +152,25 @@ impl Operator for MmbeeFusion {
             },
         );
         let req = Request::Content(self.svc.content_input(content, streamer_id));
-        if !self.held.is_empty() {
-            // Keep the order: behind what waits already.
-            self.held.push_back((id, req));
-        } else {
-            self.submit(id, req);
+        if !self
+            .outbox
+            .send(self.svc.model.as_ref(), room_id, id, req, &self.reply)
+        {
+            self.pending.remove(&id);
+            self.stage.error("model_stopped");
         }
     }
 
     fn poll(&mut self, ctx: &mut Context<'_>) {
-        self.resubmit();
+        for id in self.outbox.retry(self.svc.model.as_ref(), &self.reply) {
+            self.pending.remove(&id);
+            self.stage.error("model_stopped");
+        }
         self.drain(ctx);
     }
 
     fn congested(&self) -> bool {
-        !self.held.is_empty()
+        !self.outbox.is_empty()
     }
 
     fn pending(&self) -> usize {
@@ -216,6 +189,6 @@ impl Operator for MmbeeFusion {
 
     fn on_revoke(&mut self) {
         self.pending.clear();
-        self.held.clear();
+        self.outbox.clear();
     }
 }

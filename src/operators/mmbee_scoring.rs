@@ -5,12 +5,13 @@
 //! - A viewer who **enters** a room: that pair.
 //! - A room whose **content** representation changes (a new content segment, or
 //!   its tokens from MFQ): every pair of a viewer present in that room, and no other.
-//! - A viewer who sends a **gift**: that viewer's pair, and no other (the gift
+//! - A viewer who sends a **gift**: that viewer's pairs, and no other (the gift
 //!   changes the viewer's history, which only the viewer's pairs read).
 //! - Likes, comments and follows update the session a pair's next score reads but
 //!   do not trigger one; leaving drops the pair.
 //!
-//! A user is in one room at a time: entering another room leaves the first.
+//! A user may be present in several rooms at once (several players open), each
+//! with its own session, as the room stage's labels count them.
 //! The stage that hosts this (a user-keyed stage sees only its users, every
 //! room's content through a global table) turns the pairs [`ScoringState::take_due`]
 //! returns into ranker inputs ([`crate::models::mmbee::PairFeatures`]).
@@ -55,11 +56,15 @@ struct RoomState {
     viewers: HashSet<Arc<str>>,
 }
 
-#[derive(Default)]
-struct UserState {
-    room: Option<Arc<str>>,
+#[derive(Clone, Copy, Default)]
+struct Presence {
     enter_ms: i64,
     session: SessionRow,
+}
+
+#[derive(Default)]
+struct UserState {
+    rooms: HashMap<Arc<str>, Presence>,
     history: VecDeque<Gift>,
 }
 
@@ -74,6 +79,8 @@ pub struct PairView<'a> {
     pub session: SessionRow,
     /// The viewer's gifts, oldest first.
     pub history: &'a VecDeque<Gift>,
+    /// When the viewer's session in the room began.
+    pub enter_ms: i64,
 }
 
 /// The scoring state of one stage partition.
@@ -109,24 +116,23 @@ impl ScoringState {
         self.reasons.remove(&k);
     }
 
-    /// `user` entered `room` (of `streamer`) at `t_ms`.
+    /// `user` entered `room` (of `streamer`) at `t_ms` (a new session there).
     pub fn enter(&mut self, user: &str, room: &str, streamer: &str, t_ms: i64) {
         let u = key(&self.users, user);
         let r = key(&self.rooms, room);
-        if let Some(prev) = self.users.get(&u).and_then(|s| s.room.clone()) {
-            if prev != r {
-                self.leave(user, &prev);
-            }
-        }
         let rs = self.rooms.entry(r.clone()).or_default();
         if rs.streamer.is_empty() && !streamer.is_empty() {
             rs.streamer = Arc::from(streamer);
         }
         rs.viewers.insert(u.clone());
         let us = self.users.entry(u.clone()).or_default();
-        us.room = Some(r.clone());
-        us.enter_ms = t_ms;
-        us.session = SessionRow::default();
+        us.rooms.insert(
+            r.clone(),
+            Presence {
+                enter_ms: t_ms,
+                session: SessionRow::default(),
+            },
+        );
         self.mark(&u, &r, Reason::Enter);
     }
 
@@ -134,9 +140,7 @@ impl ScoringState {
     pub fn leave(&mut self, user: &str, room: &str) {
         let (u, r) = (key(&self.users, user), key(&self.rooms, room));
         if let Some(us) = self.users.get_mut(&u) {
-            if us.room.as_deref() == Some(room) {
-                us.room = None;
-            }
+            us.rooms.remove(room);
         }
         if let Some(rs) = self.rooms.get_mut(&r) {
             rs.viewers.remove(&u);
@@ -153,16 +157,15 @@ impl ScoringState {
         comment: bool,
         follow: bool,
     ) {
-        if let Some(us) = self.users.get_mut(user) {
-            if us.room.as_deref() == Some(room) {
-                us.session.likes += f32::from(u8::from(like));
-                us.session.comments += f32::from(u8::from(comment));
-                us.session.followed |= follow;
-            }
+        if let Some(p) = self.users.get_mut(user).and_then(|u| u.rooms.get_mut(room)) {
+            p.session.likes += f32::from(u8::from(like));
+            p.session.comments += f32::from(u8::from(comment));
+            p.session.followed |= follow;
         }
     }
 
-    /// `user` sent a gift of `value` to `streamer` at `t_ms` (in `room`).
+    /// `user` sent a gift of `value` to `streamer` at `t_ms` (in `room`): the
+    /// history of every pair of the user changed.
     pub fn gift(&mut self, user: &str, room: &str, streamer: &str, value: u64, t_ms: i64) {
         let u = key(&self.users, user);
         let us = self.users.entry(u.clone()).or_default();
@@ -174,11 +177,12 @@ impl ScoringState {
         while us.history.len() > HISTORY_KEPT {
             us.history.pop_front();
         }
-        if us.room.as_deref() == Some(room) {
-            us.session.gifts += 1.0;
-            us.session.gift_value += value as f32;
+        if let Some(p) = us.rooms.get_mut(room) {
+            p.session.gifts += 1.0;
+            p.session.gift_value += value as f32;
         }
-        if let Some(r) = us.room.clone() {
+        let rooms: Vec<Arc<str>> = us.rooms.keys().cloned().collect();
+        for r in rooms {
             self.mark(&u, &r, Reason::Gift);
         }
     }
@@ -213,16 +217,15 @@ impl ScoringState {
     pub fn pair_view(&self, user: &str, room: &str, t_ms: i64) -> Option<PairView<'_>> {
         let us = self.users.get(user)?;
         let rs = self.rooms.get(room)?;
-        if us.room.as_deref() != Some(room) {
-            return None;
-        }
-        let mut session = us.session;
-        session.present_ms = (t_ms - us.enter_ms).max(0) as f32;
+        let p = us.rooms.get(room)?;
+        let mut session = p.session;
+        session.present_ms = (t_ms - p.enter_ms).max(0) as f32;
         Some(PairView {
             streamer: rs.streamer.clone(),
             content: rs.content.as_ref(),
             session,
             history: &us.history,
+            enter_ms: p.enter_ms,
         })
     }
 
@@ -246,7 +249,7 @@ impl ScoringState {
     /// on the next enter).
     pub fn forget_idle(&mut self) {
         self.users
-            .retain(|_, u| u.room.is_some() || !u.history.is_empty());
+            .retain(|_, u| !u.rooms.is_empty() || !u.history.is_empty());
         self.rooms.retain(|_, r| !r.viewers.is_empty());
     }
 }
@@ -283,10 +286,10 @@ mod tests {
         fn only_the_affected_pairs_are_rescored(before in prop::collection::vec(ev(), 0..40), last in ev()) {
             let mut s = ScoringState::new();
             // Where each user is, tracked independently of the state.
-            let mut at: HashMap<u8, u8> = HashMap::new();
-            let apply = |s: &mut ScoringState, at: &mut HashMap<u8, u8>, e: &Ev, t: i64| match *e {
-                Ev::Enter(u, r) => { s.enter(&format!("u{u}"), &format!("r{r}"), "s", t); at.insert(u, r); }
-                Ev::Leave(u, r) => { s.leave(&format!("u{u}"), &format!("r{r}")); if at.get(&u) == Some(&r) { at.remove(&u); } }
+            let mut at: BTreeSet<(u8, u8)> = BTreeSet::new();
+            let apply = |s: &mut ScoringState, at: &mut BTreeSet<(u8, u8)>, e: &Ev, t: i64| match *e {
+                Ev::Enter(u, r) => { s.enter(&format!("u{u}"), &format!("r{r}"), "s", t); at.insert((u, r)); }
+                Ev::Leave(u, r) => { s.leave(&format!("u{u}"), &format!("r{r}")); at.remove(&(u, r)); }
                 Ev::Like(u, r) => s.session_action(&format!("u{u}"), &format!("r{r}"), true, false, false),
                 Ev::Gift(u, r) => s.gift(&format!("u{u}"), &format!("r{r}"), "s", 1, t),
                 Ev::Content(r) => s.content(&format!("r{r}"), t, vec![0.0f32; 4].into()),
@@ -299,12 +302,12 @@ mod tests {
             let got: BTreeSet<(String, String)> = s.take_due().into_iter().map(|d| (d.user.to_string(), d.room.to_string())).collect();
             let want: BTreeSet<(String, String)> = match last {
                 Ev::Enter(u, r) => [(format!("u{u}"), format!("r{r}"))].into(),
-                Ev::Content(r) => at.iter().filter(|(_, &rr)| rr == r).map(|(u, _)| (format!("u{u}"), format!("r{r}"))).collect(),
-                Ev::Gift(u, _) => at.get(&u).map(|r| (format!("u{u}"), format!("r{r}"))).into_iter().collect(),
+                Ev::Content(r) => at.iter().filter(|(_, rr)| *rr == r).map(|(u, _)| (format!("u{u}"), format!("r{r}"))).collect(),
+                Ev::Gift(u, _) => at.iter().filter(|(uu, _)| *uu == u).map(|(u, r)| (format!("u{u}"), format!("r{r}"))).collect(),
                 Ev::Leave(..) | Ev::Like(..) => BTreeSet::new(),
             };
             prop_assert_eq!(got, want);
-            // Every user is in at most one room, and the rooms' lists agree.
+            // Every presence has its pair, and the rooms' lists agree.
             for (u, r) in &at {
                 let (user, room) = (format!("u{u}"), format!("r{r}"));
                 prop_assert!(s.pair_view(&user, &room, 1000).is_some(), "{} not in {}", user, room);
@@ -320,18 +323,18 @@ mod tests {
         s.enter("a", "r1", "s1", 1_000);
         s.session_action("a", "r1", true, true, false);
         s.gift("a", "r1", "s1", 52, 5_000);
+        s.leave("a", "r1");
         s.enter("a", "r2", "s2", 9_000);
         s.gift("a", "r2", "s2", 1, 10_000);
-        assert!(
-            s.pair_view("a", "r1", 10_000).is_none(),
-            "a left r1 by entering r2"
-        );
+        assert!(s.pair_view("a", "r1", 10_000).is_none(), "a left r1");
         let PairView {
             streamer,
             content,
             session,
             history,
+            enter_ms,
         } = s.pair_view("a", "r2", 12_000).unwrap();
+        assert_eq!(enter_ms, 9_000);
         assert_eq!(&*streamer, "s2");
         assert!(content.is_none());
         assert_eq!(session.present_ms, 3_000.0);
@@ -343,5 +346,13 @@ mod tests {
         let due = s.take_due();
         assert_eq!(due.len(), 1);
         assert_eq!((&*due[0].room, due[0].reason), ("r2", Reason::Enter));
+        // In two rooms at once: a gift in one re-scores both pairs.
+        s.enter("a", "r3", "s3", 13_000);
+        s.take_due();
+        s.gift("a", "r3", "s3", 5, 14_000);
+        let rooms: Vec<String> = s.take_due().iter().map(|d| d.room.to_string()).collect();
+        assert_eq!(rooms, ["r2", "r3"]);
+        assert_eq!(s.pair_view("a", "r2", 14_000).unwrap().session.gifts, 1.0);
+        assert_eq!(s.pair_view("a", "r3", 14_000).unwrap().session.gifts, 1.0);
     }
 }
