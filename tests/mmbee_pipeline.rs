@@ -177,19 +177,43 @@ graph = "{graph}"
             })
             .sum::<f64>()
     };
-    let until = Instant::now() + Duration::from_secs(600);
+    // Settled: every input record read by both stages (the room stage reads
+    // what the simulator published, the user stage the actions again), then a
+    // minute and more of wall time for the user stage's watermark to pass the
+    // last actions (it advances with the wall clock once input stops), then
+    // no new prediction for 20 s. A loaded machine falls well behind real
+    // time, so "no prediction for a while" alone ends too early.
+    let published = sim.log_tail();
+    let field = |k: &str| -> f64 {
+        published
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k}= in the simulator's log:\n{published}"))
+    };
+    let inputs = field("video") + field("audio") + field("comments") + 2.0 * field("actions");
+    let until = Instant::now() + Duration::from_secs(900);
     let mut last = (-1.0, Instant::now());
+    let mut read_at: Option<Instant> = None;
     let written = loop {
         let text = engine.scrape().unwrap_or_default();
         let n = count(&text);
+        let read = common::metric(&text, "onair_stage_received_total", &[("stage", "source")])
+            .unwrap_or(0.0);
+        if read >= inputs {
+            read_at.get_or_insert_with(Instant::now);
+        }
         if n != last.0 {
             last = (n, Instant::now());
-        } else if n > 0.0 && last.1.elapsed() > Duration::from_secs(10) {
+        } else if n > 0.0
+            && last.1.elapsed() > Duration::from_secs(20)
+            && read_at.is_some_and(|d| d.elapsed() > Duration::from_secs(75))
+        {
             break n;
         }
         assert!(
             Instant::now() < until,
-            "predictions did not settle ({n})\n{}",
+            "predictions did not settle ({n}; {read} of {inputs} input records read)\n{}",
             engine.log_tail()
         );
         std::thread::sleep(Duration::from_millis(500));
