@@ -5,12 +5,13 @@
 use libfuzzer_sys::fuzz_target;
 use onair::schema::{decode_input, InputKind, Limits};
 
-const KINDS: [InputKind; 5] = [
+const KINDS: [InputKind; 6] = [
     InputKind::Video,
     InputKind::Audio,
     InputKind::Comments,
     InputKind::Actions,
     InputKind::ShortVideoActions,
+    InputKind::UserActions,
 ];
 const TYPES: [Option<&str>; 4] = [
     None,
