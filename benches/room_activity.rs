@@ -102,6 +102,7 @@ fn actions() -> Vec<Rec> {
                 watch_ms: 5000,
                 gift_value: 10,
                 gift_id: "rose".into(),
+                ..ViewerAction::default()
             };
             Rec {
                 kind: InputKind::Actions,

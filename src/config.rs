@@ -140,6 +140,9 @@ pub struct TopicsConfig {
     pub room_embeddings: String,
     /// Output: viewers' gift probabilities (room-keyed).
     pub gift_predictions: String,
+    /// Output: each user's behaviour sequence, a full snapshot per record
+    /// (compacted, user-keyed).
+    pub user_sequences: String,
     /// Partitions of the room-keyed topics when onair creates them.
     pub partitions: i32,
     /// Whether `run` creates missing topics at start (admin API).
@@ -164,6 +167,7 @@ impl Default for TopicsConfig {
             user_actions: "user-actions".into(),
             room_embeddings: "room-embeddings".into(),
             gift_predictions: "gift-predictions".into(),
+            user_sequences: "user-sequences".into(),
             partitions: 4,
             create: true,
         }
@@ -359,6 +363,8 @@ pub struct OperatorsConfig {
     pub highlight: HighlightConfig,
     /// MMBee's room side: content segments, the rooms' audiences, gift labels.
     pub mmbee: MmbeeConfig,
+    /// Users' behaviour sequences and live moment labels (user stage).
+    pub user_sequences: UserSequencesConfig,
 }
 
 impl Default for OperatorsConfig {
@@ -370,6 +376,7 @@ impl Default for OperatorsConfig {
             highlight_labels: HighlightLabelsConfig::default(),
             highlight: HighlightConfig::default(),
             mmbee: MmbeeConfig::default(),
+            user_sequences: UserSequencesConfig::default(),
         }
     }
 }
@@ -523,7 +530,7 @@ impl PipelineConfig {
     /// Whether the user stage runs (today: when MMBee scores viewers).
     pub fn user_stage(&self) -> bool {
         let mb = &self.operators.mmbee;
-        mb.enabled && !mb.model.is_empty()
+        (mb.enabled && !mb.model.is_empty()) || self.operators.user_sequences.enabled
     }
 }
 
@@ -634,6 +641,74 @@ impl Default for MmbeeConfig {
             samples: true,
             horizon_ms: 30_000,
             max_viewers_per_room: 100_000,
+        }
+    }
+}
+
+/// `[operators.user_sequences]`: the user stage keeps, per user, a bounded
+/// sequence of behaviours in both domains (live rooms entered, short videos
+/// played; each with its owner, times, watch time and feedback, and for live
+/// rooms the room's content representation and highlight score at entry),
+/// and writes a full snapshot to `user-sequences` (compacted, user-keyed) at
+/// the end of each tick in which it changed. Each live visit is labelled in
+/// real time on `training-samples` (task `live-moment`): the feedback types
+/// first seen in each report period, and at the leave the types never seen.
+/// Turning it on runs the user stage (it reads `user-actions`, which the room
+/// stage then writes, and `short-video-actions`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserSequencesConfig {
+    /// Whether the operator runs.
+    pub enabled: bool,
+    /// Live behaviours kept per user (the newest).
+    pub live_max: usize,
+    /// Live behaviours that started this long before the user's newest
+    /// action are dropped (ms).
+    pub live_max_age_ms: i64,
+    /// Short-video behaviours kept per user.
+    pub short_video_max: usize,
+    /// Short-video behaviours this old are dropped (ms).
+    pub short_video_max_age_ms: i64,
+    /// Watch time that makes a long view (ms); a short video watched to its
+    /// end is a long view too.
+    pub long_view_ms: i64,
+    /// How far behind the partition's watermark an action may still be put
+    /// in its place in the sequence (ms); older ones are dropped and counted
+    /// (`too_late`). Each user keeps the raw actions of this span.
+    pub reorder_ms: i64,
+    /// Moment labels: positives are reported at the end of each period of
+    /// this length after entry (ms).
+    pub label_period_ms: i64,
+    /// Whether to write the moment labels to `training-samples`.
+    pub samples: bool,
+}
+
+impl Default for UserSequencesConfig {
+    fn default() -> Self {
+        let b = crate::state::sequence::Bounds::default();
+        UserSequencesConfig {
+            enabled: false,
+            live_max: b.live_max,
+            live_max_age_ms: b.live_max_age_ms,
+            short_video_max: b.short_video_max,
+            short_video_max_age_ms: b.short_video_max_age_ms,
+            long_view_ms: b.long_view_ms,
+            reorder_ms: 120_000,
+            label_period_ms: 30_000,
+            samples: true,
+        }
+    }
+}
+
+impl UserSequencesConfig {
+    /// The sequence bounds.
+    pub fn bounds(&self) -> crate::state::sequence::Bounds {
+        crate::state::sequence::Bounds {
+            live_max: self.live_max,
+            live_max_age_ms: self.live_max_age_ms,
+            short_video_max: self.short_video_max,
+            short_video_max_age_ms: self.short_video_max_age_ms,
+            long_view_ms: self.long_view_ms,
         }
     }
 }
@@ -1165,6 +1240,45 @@ impl PipelineConfig {
                 "must be 1..=10000000",
             );
             check_batch("operators.mmbee.batch", &mb.batch, &mut bad);
+        }
+        let us = &self.operators.user_sequences;
+        if us.enabled {
+            let day = 24 * 3_600_000;
+            bad(
+                "operators.user_sequences.live_max",
+                (1..=100_000).contains(&us.live_max),
+                "must be 1..=100000",
+            );
+            bad(
+                "operators.user_sequences.short_video_max",
+                (1..=100_000).contains(&us.short_video_max),
+                "must be 1..=100000",
+            );
+            bad(
+                "operators.user_sequences.live_max_age_ms",
+                (60_000..=365 * day).contains(&us.live_max_age_ms),
+                "must be 60000..=31536000000 (a minute to a year)",
+            );
+            bad(
+                "operators.user_sequences.short_video_max_age_ms",
+                (60_000..=365 * day).contains(&us.short_video_max_age_ms),
+                "must be 60000..=31536000000 (a minute to a year)",
+            );
+            bad(
+                "operators.user_sequences.long_view_ms",
+                (1..=3_600_000).contains(&us.long_view_ms),
+                "must be 1..=3600000",
+            );
+            bad(
+                "operators.user_sequences.reorder_ms",
+                (0..=3_600_000).contains(&us.reorder_ms),
+                "must be 0..=3600000",
+            );
+            bad(
+                "operators.user_sequences.label_period_ms",
+                (1000..=3_600_000).contains(&us.label_period_ms),
+                "must be 1000..=3600000",
+            );
         }
         let m = &self.media;
         let v = &m.video;

@@ -196,6 +196,11 @@ pub fn pipeline_topics(cfg: &KafkaConfig) -> Vec<TopicSpec<'_>> {
             configs: vec![],
         },
         TopicSpec {
+            name: &t.user_sequences,
+            partitions: p,
+            configs: vec![("cleanup.policy", "compact")],
+        },
+        TopicSpec {
             name: &t.dead_letters,
             partitions: p,
             configs: vec![("max.message.bytes", big)],

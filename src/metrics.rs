@@ -114,6 +114,10 @@ pub const GIFT_PREDICTIONS: &str = "onair_gift_predictions_total";
 /// Users whose MMBee state (history, presence) a user-stage partition keeps,
 /// labelled `partition`.
 pub const MMBEE_USERS: &str = "onair_mmbee_users";
+/// Users whose behaviour sequence a user-stage partition keeps, labelled `partition`.
+pub const SEQUENCE_USERS: &str = "onair_sequence_users";
+/// User sequence snapshots written to `user-sequences`.
+pub const SEQUENCE_SNAPSHOTS: &str = "onair_sequence_snapshots_total";
 
 /// Handles of one stage's metric family, created once and cloned cheaply.
 #[derive(Clone)]

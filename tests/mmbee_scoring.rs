@@ -43,6 +43,7 @@ fn content(svc: &MmbeeService, streamer: &str, start_ms: i64, x: f32) -> RoomCon
         start_ms,
         at_ms: start_ms + 13_000,
         tokens: vec![x; d.queries * d.d].into(),
+        dim: d.d as u32,
         model: Arc::from("mmbee@test"),
     }
 }

@@ -742,7 +742,10 @@ impl Operator for Features {
                     }
                 }
             }
-            Note::Features { .. } | Note::Embedded { .. } | Note::Content { .. } => {}
+            Note::Features { .. }
+            | Note::Embedded { .. }
+            | Note::Content { .. }
+            | Note::HighlightScore { .. } => {}
         }
     }
 

@@ -372,6 +372,11 @@ impl Highlight {
         if let Some(c) = &self.scored {
             c.increment(1);
         }
+        ctx.note(Note::HighlightScore {
+            room_id: key.clone(),
+            tick_start_ms: tick.tick,
+            score: out.score,
+        });
         ctx.emit(Output {
             topic: OutputTopic::HighlightScores,
             key: key.as_bytes().to_vec(),
@@ -709,7 +714,10 @@ impl Operator for Highlight {
                     room.transcripts.pop_front();
                 }
             }
-            Note::Voice { .. } | Note::Embedded { .. } | Note::Content { .. } => {}
+            Note::Voice { .. }
+            | Note::Embedded { .. }
+            | Note::Content { .. }
+            | Note::HighlightScore { .. } => {}
         }
     }
 

@@ -16,6 +16,7 @@ pub mod mmbee_scoring;
 pub mod repartition;
 pub mod room_activity;
 pub mod speech;
+pub mod user_sequences;
 
 use std::sync::Arc;
 
@@ -45,9 +46,6 @@ pub fn build(
     services: &Services,
 ) -> Result<Vec<Box<dyn Operator>>, ModelError> {
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
-    if config.user_stage() {
-        ops.push(Box::new(repartition::Repartition::new()));
-    }
     if config.operators.room_activity.enabled {
         ops.push(Box::new(room_activity::RoomActivity::new(
             config.runtime.tick_ms,
@@ -83,12 +81,23 @@ pub fn build(
             }
         }
     }
+    // Last: it reads the highlight operator's notes.
+    if config.user_stage() {
+        ops.push(Box::new(repartition::Repartition::new()));
+    }
     Ok(ops)
 }
 
 /// Builds the user stage's operators (see [`crate::config::PipelineConfig::user_stage`]).
-pub fn build_users(services: &Services) -> Vec<Box<dyn Operator>> {
+pub fn build_users(config: &PipelineConfig, services: &Services) -> Vec<Box<dyn Operator>> {
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
+    let us = &config.operators.user_sequences;
+    if us.enabled {
+        ops.push(Box::new(user_sequences::UserSequences::new(
+            Arc::new(us.clone()),
+            services.room_table.clone(),
+        )));
+    }
     if let (Some(svc), Some(table)) = (&services.mmbee, &services.room_table) {
         ops.push(Box::new(gift_scoring::GiftScoring::new(
             svc.clone(),

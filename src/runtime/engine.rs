@@ -156,7 +156,7 @@ impl Engine {
             runtime: config.runtime.clone(),
             limits: config.limits,
             dead_letters: config.dead_letters.clone(),
-            operators: operators::build_users(services),
+            operators: operators::build_users(config, services),
             sink,
             reader: Some(reader),
             wait_for_backlog: false,

@@ -77,6 +77,8 @@ pub enum OutputTopic {
     RoomEmbeddings,
     /// Viewers' gift probabilities.
     GiftPredictions,
+    /// Users' behaviour sequences (compacted).
+    UserSequences,
 }
 
 impl OutputTopic {
@@ -93,6 +95,7 @@ impl OutputTopic {
             OutputTopic::UserActions => "user_actions",
             OutputTopic::RoomEmbeddings => "room_embeddings",
             OutputTopic::GiftPredictions => "gift_predictions",
+            OutputTopic::UserSequences => "user_sequences",
         }
     }
 }
@@ -176,6 +179,17 @@ pub enum Note {
         content: Arc<crate::operators::mmbee_content::ContentRow>,
         /// The input positions the segment was built from.
         holds: Holds,
+    },
+    /// A room's highlight score for one tick, as written to the
+    /// highlight-scores topic (the scores come back from the model off the
+    /// task, so a tick's note may come after later records of the room).
+    HighlightScore {
+        /// The room.
+        room_id: Arc<str>,
+        /// The tick scored.
+        tick_start_ms: i64,
+        /// The score.
+        score: f32,
     },
     /// Voice activity over a closed tick of a room's audio.
     Voice {

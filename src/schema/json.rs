@@ -83,6 +83,7 @@ pub(super) fn action(bytes: &[u8]) -> Result<ViewerAction, String> {
         watch_ms: a.watch_ms,
         gift_value: a.gift_value,
         gift_id: a.gift_id,
+        ..ViewerAction::default()
     })
 }
 

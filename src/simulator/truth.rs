@@ -692,6 +692,7 @@ mod tests {
             },
             gift_value: if kind == ActionKind::Gift { 52 } else { 0 },
             gift_id: String::new(),
+            ..ViewerAction::default()
         })
     }
 

@@ -1705,6 +1705,7 @@ fn action(info: &RoomInfo, user_id: &str, t: i64, kind: ActionKind) -> ViewerAct
         watch_ms: 0,
         gift_value: 0,
         gift_id: String::new(),
+        ..ViewerAction::default()
     }
 }
 

@@ -29,6 +29,7 @@ struct View {
     user_actions: u64,
     room_embeddings: u64,
     gift_predictions: u64,
+    user_sequences: u64,
     /// Highlight events, the last record per id.
     highlights: BTreeMap<String, HighlightEvent>,
 }
@@ -76,6 +77,8 @@ pub struct Totals {
     pub room_embeddings: u64,
     /// Gift predictions written (every copy).
     pub gift_predictions: u64,
+    /// User sequence snapshots written (every copy).
+    pub user_sequences: u64,
 }
 
 impl ConsoleSink {
@@ -140,6 +143,7 @@ impl ConsoleSink {
             user_actions: v.user_actions,
             room_embeddings: v.room_embeddings,
             gift_predictions: v.gift_predictions,
+            user_sequences: v.user_sequences,
             ..Totals::default()
         };
         for ((room, _), s) in &v.stats {
@@ -257,6 +261,7 @@ impl Sink for ConsoleSink {
                 OutputTopic::UserActions => v.user_actions += 1,
                 OutputTopic::RoomEmbeddings => v.room_embeddings += 1,
                 OutputTopic::GiftPredictions => v.gift_predictions += 1,
+                OutputTopic::UserSequences => v.user_sequences += 1,
                 OutputTopic::RoomFeatures => {
                     if let Ok(f) = RoomFeatures::decode(&out.payload[..]) {
                         let key = (f.room_id.clone(), f.tick_start_ms);

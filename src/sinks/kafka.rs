@@ -55,6 +55,7 @@ pub struct KafkaSink {
     user_actions: String,
     room_embeddings: String,
     gift_predictions: String,
+    user_sequences: String,
 }
 
 impl KafkaSink {
@@ -78,6 +79,7 @@ impl KafkaSink {
             user_actions: cfg.topics.user_actions.clone(),
             room_embeddings: cfg.topics.room_embeddings.clone(),
             gift_predictions: cfg.topics.gift_predictions.clone(),
+            user_sequences: cfg.topics.user_sequences.clone(),
         })
     }
 
@@ -107,6 +109,7 @@ impl KafkaSink {
             OutputTopic::UserActions => &self.user_actions,
             OutputTopic::RoomEmbeddings => &self.room_embeddings,
             OutputTopic::GiftPredictions => &self.gift_predictions,
+            OutputTopic::UserSequences => &self.user_sequences,
         }
     }
 

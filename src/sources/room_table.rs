@@ -38,10 +38,36 @@ pub struct RoomContent {
     pub start_ms: i64,
     /// When it completed.
     pub at_ms: i64,
-    /// The tokens.
+    /// The tokens, row-major.
     pub tokens: Arc<[f32]>,
+    /// Width of a token row (0: one row).
+    pub dim: u32,
     /// `name@version` of the model that made them.
     pub model: Arc<str>,
+}
+
+impl RoomContent {
+    /// The mean of the token rows: one vector for the room's content.
+    pub fn pooled(&self) -> Vec<f32> {
+        let dim = match self.dim as usize {
+            0 => self.tokens.len(),
+            d => d,
+        };
+        if dim == 0 {
+            return Vec::new();
+        }
+        let rows = self.tokens.len() / dim;
+        let mut out = vec![0f32; dim];
+        for row in self.tokens.chunks_exact(dim) {
+            for (o, x) in out.iter_mut().zip(row) {
+                *o += x;
+            }
+        }
+        for o in &mut out {
+            *o /= rows.max(1) as f32;
+        }
+        out
+    }
 }
 
 #[derive(Default)]
@@ -170,6 +196,7 @@ impl RoomTable {
                 start_ms: rec.segment_start_ms,
                 at_ms: rec.event_time_ms,
                 tokens: rec.embedding.into(),
+                dim: rec.dim,
                 model: Arc::from(rec.model_version.as_str()),
             },
         ))
@@ -255,6 +282,7 @@ mod tests {
             start_ms,
             at_ms: start_ms + 13_000,
             tokens: vec![start_ms as f32].into(),
+            dim: 1,
             model: Arc::from("mmbee@1"),
         }
     }

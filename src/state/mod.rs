@@ -10,6 +10,8 @@
 use crate::runtime::Position;
 use crate::schema::InputKind;
 
+pub mod sequence;
+
 /// The lowest input offset, per input stream (index = `InputKind::index`), that state still needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Holds(pub [i64; InputKind::COUNT]);

@@ -1,0 +1,372 @@
+//! Users' behaviour sequences in the user stage: each partition keeps the
+//! [`UserState`] of the users it owns, fed by the live actions the room
+//! stage re-keyed by user (`user-actions`) and by the short-video actions
+//! (`short-video-actions`, already user-keyed), merged in event time by the
+//! runtime. At the end of each tick, every user whose sequence changed gets a
+//! full snapshot on `user-sequences` (compacted: the last record per user is
+//! the sequence), and the live visits' moment labels that came due go to
+//! `training-samples` (task `live-moment`).
+//!
+//! A live entry carries the room's highlight score (attached by the room
+//! stage, see [`super::repartition`]) and the room's content representation
+//! at entry: the mean of its MMBee content tokens from the `room-embeddings`
+//! table, when the room's current segment had completed by the entry.
+//!
+//! State lives in memory: after a restart or a hand-over, users' sequences
+//! start empty (the changelog that restores them is the next step, see
+//! issue 7's notes).
+//!
+//! Not for: the sequence rules themselves ([`crate::state::sequence`]), or
+//! the room side of anything.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use metrics::{counter, gauge, Counter, Gauge};
+use prost::Message;
+
+use crate::config::UserSequencesConfig;
+use crate::metrics::{Stage, SEQUENCE_SNAPSHOTS, SEQUENCE_USERS, TRAINING_SAMPLES};
+use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
+use crate::schema::{
+    deterministic_id, Behaviour as BehaviourRecord, Event, TrainingSample, UserSequence,
+    SCHEMA_VERSION,
+};
+use crate::sources::room_table::RoomTable;
+use crate::state::sequence::{
+    Act, Applied, Behaviour, Bounds, Domain, Feedback, LabelReport, Source, Step, UserState,
+    LIVE_LABELS,
+};
+
+/// Training-sample task of the moment labels.
+pub const TASK: &str = "live-moment";
+/// Feature layout of the moment labels: the room's highlight score at entry
+/// (0 when unknown), whether it was known, then the room's content vector
+/// at entry (empty when the room had none).
+pub const LAYOUT: &str = "live-moment-v1";
+
+/// The operator for one user-stage partition.
+pub struct UserSequences {
+    cfg: Arc<UserSequencesConfig>,
+    bounds: Bounds,
+    table: Option<Arc<RoomTable>>,
+    users: HashMap<Arc<str>, UserState>,
+    /// Users whose sequence changed since the last tick.
+    dirty: BTreeSet<Arc<str>>,
+    /// Users with raw actions after their horizon.
+    unsettled: HashSet<Arc<str>>,
+    /// Users with live visits not fully labelled.
+    labelling: HashSet<Arc<str>>,
+    partition: i32,
+    stage: Stage,
+    snapshots: Counter,
+    samples: Counter,
+    users_gauge: Option<Gauge>,
+}
+
+impl UserSequences {
+    /// The operator for one partition; `table` is the user stage's copy of
+    /// `room-embeddings` (None: behaviours carry no content).
+    pub fn new(cfg: Arc<UserSequencesConfig>, table: Option<Arc<RoomTable>>) -> Self {
+        UserSequences {
+            bounds: cfg.bounds(),
+            cfg,
+            table,
+            users: HashMap::new(),
+            dirty: BTreeSet::new(),
+            unsettled: HashSet::new(),
+            labelling: HashSet::new(),
+            partition: 0,
+            stage: Stage::new("user_sequences"),
+            snapshots: counter!(SEQUENCE_SNAPSHOTS),
+            samples: counter!(TRAINING_SAMPLES, "task" => TASK),
+            users_gauge: None,
+        }
+    }
+
+    /// A user's state (for tests).
+    pub fn user(&self, user: &str) -> Option<&UserState> {
+        self.users.get(user)
+    }
+
+    /// The room's content vector at `t`: its current segment's, when that
+    /// completed by `t`.
+    fn content(&self, room: &str, t: i64) -> Option<Arc<[f32]>> {
+        let c = self.table.as_ref()?.get(room)?;
+        (c.at_ms <= t).then(|| c.pooled().into())
+    }
+
+    /// The action as the sequence takes it, and its user.
+    fn act(&self, event: &Event, pos: Position) -> Option<(String, Act)> {
+        match event {
+            Event::Action(a) => {
+                let step = Act::live_step(a.kind())?;
+                let enter = step == Step::Enter;
+                let act = Act {
+                    time_ms: a.event_time_ms,
+                    source: Source {
+                        stream: 0,
+                        partition: a.source_partition,
+                        offset: a.source_offset,
+                    },
+                    domain: Domain::Live,
+                    item: Arc::from(a.room_id.as_str()),
+                    owner: Arc::from(a.streamer_id.as_str()),
+                    step,
+                    watch_ms: a.watch_ms,
+                    duration_ms: 0,
+                    gift_value: a.gift_value,
+                    highlight: a.highlight_score.filter(|_| enter),
+                    content: if enter {
+                        self.content(&a.room_id, a.event_time_ms)
+                    } else {
+                        None
+                    },
+                };
+                Some((a.user_id.clone(), act))
+            }
+            Event::ShortVideo(s) => {
+                let step = Act::short_step(s.kind())?;
+                let act = Act {
+                    time_ms: s.event_time_ms,
+                    source: Source {
+                        stream: 1,
+                        partition: self.partition,
+                        offset: pos.offset,
+                    },
+                    domain: Domain::ShortVideo,
+                    item: Arc::from(s.video_id.as_str()),
+                    owner: Arc::from(s.author_id.as_str()),
+                    step,
+                    watch_ms: s.watch_ms,
+                    duration_ms: s.duration_ms,
+                    gift_value: 0,
+                    highlight: None,
+                    content: None,
+                };
+                Some((s.user_id.clone(), act))
+            }
+            _ => None,
+        }
+    }
+
+    fn publish(&self, user: &Arc<str>, state: &UserState, as_of_ms: i64, ctx: &mut Context<'_>) {
+        let fold = state.current();
+        let record = UserSequence {
+            schema_version: SCHEMA_VERSION,
+            id: deterministic_id(&[b"user-sequences", user.as_bytes(), &as_of_ms.to_le_bytes()]),
+            user_id: user.to_string(),
+            event_time_ms: fold.newest_ms(),
+            behaviours: fold
+                .behaviours()
+                .into_iter()
+                .map(behaviour_record)
+                .collect(),
+            as_of_ms,
+        };
+        ctx.emit(Output {
+            topic: OutputTopic::UserSequences,
+            key: user.as_bytes().to_vec(),
+            id: record.id.clone(),
+            payload: record.encode_to_vec(),
+            headers: Vec::new(),
+            model_version: None,
+            tick_end_ms: Some(as_of_ms),
+            depends_on: Holds::default(),
+        });
+        self.snapshots.increment(1);
+        self.stage.sent.increment(1);
+    }
+}
+
+/// The training sample of one moment-label report.
+fn label_sample(
+    long_view_ms: i64,
+    user: &Arc<str>,
+    state: &UserState,
+    r: &LabelReport,
+    as_of_ms: i64,
+) -> Output {
+    {
+        let v = &r.visit;
+        let mut features = vec![
+            v.highlight.unwrap_or(0.0),
+            f32::from(u8::from(v.highlight.is_some())),
+        ];
+        if let Some(c) = &v.content {
+            features.extend_from_slice(c);
+        }
+        let mut values = std::collections::HashMap::new();
+        for f in Feedback::ALL {
+            if r.positives & f.bit() != 0 {
+                values.insert(f.name().to_string(), 1.0);
+            } else if r.negatives & f.bit() != 0 {
+                values.insert(f.name().to_string(), 0.0);
+            }
+        }
+        values.insert("visit_start_ms".into(), v.start_ms as f64);
+        values.insert("watch_ms".into(), v.watch_ms as f64);
+        values.insert("at_leave".into(), f64::from(u8::from(r.at_leave)));
+        let before = |d: Domain| {
+            let fold = state.current();
+            let it: Box<dyn Iterator<Item = &Behaviour>> = match d {
+                Domain::Live => Box::new(fold.live()),
+                Domain::ShortVideo => Box::new(fold.short_videos()),
+            };
+            it.filter(|b| b.start_ms < v.start_ms).count() as f64
+        };
+        values.insert("live_history".into(), before(Domain::Live));
+        values.insert("short_video_history".into(), before(Domain::ShortVideo));
+        let sample = TrainingSample {
+            schema_version: SCHEMA_VERSION,
+            id: deterministic_id(&[
+                TASK.as_bytes(),
+                user.as_bytes(),
+                r.room.as_bytes(),
+                &r.visit_start_ms.to_le_bytes(),
+                &r.at_ms.to_le_bytes(),
+            ]),
+            task: TASK.into(),
+            room_id: r.room.to_string(),
+            user_id: user.to_string(),
+            event_time_ms: r.at_ms,
+            features,
+            label: if r.positives != 0 { 1.0 } else { 0.0 },
+            model_version: String::new(),
+            streamer_id: r.streamer.to_string(),
+            tick_ms: 0,
+            impressions: 0,
+            long_views: 0,
+            long_view_ms,
+            feature_layout: LAYOUT.into(),
+            values,
+        };
+        Output {
+            topic: OutputTopic::TrainingSamples,
+            key: user.as_bytes().to_vec(),
+            id: sample.id.clone(),
+            payload: sample.encode_to_vec(),
+            headers: Vec::new(),
+            model_version: None,
+            tick_end_ms: Some(as_of_ms),
+            depends_on: Holds::default(),
+        }
+    }
+}
+
+/// A behaviour as the `user-sequences` record has it.
+pub fn behaviour_record(b: &Behaviour) -> BehaviourRecord {
+    BehaviourRecord {
+        domain: b.domain.name().into(),
+        item_id: b.item.to_string(),
+        owner_id: b.owner.to_string(),
+        event_time_ms: b.start_ms,
+        watch_ms: b.watch_ms,
+        feedback: Feedback::names(b.feedback),
+        gift_value: b.gift_value,
+        content: b
+            .content
+            .as_deref()
+            .map(<[f32]>::to_vec)
+            .unwrap_or_default(),
+        highlight_score: b.highlight,
+        end_time_ms: b.end_ms.unwrap_or(0),
+        impression_time_ms: b.impression_ms.unwrap_or(0),
+        duration_ms: b.duration_ms,
+    }
+}
+
+impl Operator for UserSequences {
+    fn name(&self) -> &'static str {
+        "user_sequences"
+    }
+
+    fn on_start(&mut self, ctx: &mut Context<'_>) {
+        self.partition = ctx.partition();
+        self.users_gauge = Some(gauge!(SEQUENCE_USERS, "partition" => self.partition.to_string()));
+    }
+
+    fn on_record(&mut self, event: &Event, pos: Position, _late: bool, _ctx: &mut Context<'_>) {
+        let Some((user, act)) = self.act(event, pos) else {
+            return;
+        };
+        self.stage.received.increment(1);
+        let user: Arc<str> = match self.users.get_key_value(user.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(user),
+        };
+        let state = self
+            .users
+            .entry(user.clone())
+            .or_default();
+        match state.apply(act, &self.bounds) {
+            Applied::Changed => {
+                self.dirty.insert(user.clone());
+                self.unsettled.insert(user.clone());
+                self.labelling.insert(user);
+            }
+            Applied::Duplicate => self.stage.dropped("duplicate", 1),
+            Applied::TooLate => self.stage.dropped("too_late", 1),
+        }
+    }
+
+    fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
+        let as_of = tick_start_ms + ctx.tick_ms();
+        let dirty = std::mem::take(&mut self.dirty);
+        for user in &dirty {
+            if let Some(state) = self.users.get(user) {
+                self.publish(user, state, as_of, ctx);
+            }
+        }
+        if self.cfg.samples {
+            let mut done = Vec::new();
+            let (period, long_view) = (self.cfg.label_period_ms, self.cfg.long_view_ms);
+            for user in &self.labelling {
+                let Some(state) = self.users.get_mut(user) else {
+                    done.push(user.clone());
+                    continue;
+                };
+                for r in state.labels(as_of, period) {
+                    debug_assert_eq!((r.positives | r.negatives) & !LIVE_LABELS, 0);
+                    ctx.emit(label_sample(long_view, user, state, &r, as_of));
+                    self.samples.increment(1);
+                }
+                if !state.labelling() {
+                    done.push(user.clone());
+                }
+            }
+            for u in done {
+                self.labelling.remove(&u);
+            }
+        }
+        let horizon = as_of - self.cfg.reorder_ms;
+        let bounds = self.bounds;
+        let users = &mut self.users;
+        self.unsettled.retain(|u| match users.get_mut(u) {
+            Some(state) => {
+                state.advance(horizon, &bounds);
+                state.recent() > 0
+            }
+            None => false,
+        });
+        if let Some(g) = &self.users_gauge {
+            g.set(self.users.len() as f64);
+        }
+    }
+
+    fn holds(&self, _holds: &mut Holds) {}
+
+    fn rooms(&self) -> usize {
+        0
+    }
+
+    fn on_revoke(&mut self) {
+        self.users.clear();
+        self.dirty.clear();
+        self.unsettled.clear();
+        self.labelling.clear();
+        if let Some(g) = &self.users_gauge {
+            g.set(0.0);
+        }
+    }
+}
