@@ -143,6 +143,10 @@ pub struct TopicsConfig {
     /// Output: each user's behaviour sequence, a full snapshot per record
     /// (compacted, user-keyed).
     pub user_sequences: String,
+    /// Internal: the user stage's state changelog (compacted, same partition
+    /// count as the user stage's inputs), read back when a partition is
+    /// assigned. One per deployment (consumer group).
+    pub user_state: String,
     /// Partitions of the room-keyed topics when onair creates them.
     pub partitions: i32,
     /// Whether `run` creates missing topics at start (admin API).
@@ -168,6 +172,7 @@ impl Default for TopicsConfig {
             room_embeddings: "room-embeddings".into(),
             gift_predictions: "gift-predictions".into(),
             user_sequences: "user-sequences".into(),
+            user_state: "onair-users-changelog".into(),
             partitions: 4,
             create: true,
         }

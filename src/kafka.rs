@@ -201,6 +201,11 @@ pub fn pipeline_topics(cfg: &KafkaConfig) -> Vec<TopicSpec<'_>> {
             configs: vec![("cleanup.policy", "compact")],
         },
         TopicSpec {
+            name: &t.user_state,
+            partitions: p,
+            configs: vec![("cleanup.policy", "compact"), ("max.message.bytes", big)],
+        },
+        TopicSpec {
             name: &t.dead_letters,
             partitions: p,
             configs: vec![("max.message.bytes", big)],

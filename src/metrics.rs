@@ -119,6 +119,24 @@ pub const SEQUENCE_USERS: &str = "onair_sequence_users";
 /// User sequence snapshots written to `user-sequences`.
 pub const SEQUENCE_SNAPSHOTS: &str = "onair_sequence_snapshots_total";
 
+/// Seconds a partition took to read its state back from the changelog
+/// when assigned, labelled `partition`.
+pub const STATE_RESTORE_SECONDS: &str = "onair_state_restore_seconds";
+/// Changelog records read back, labelled `partition`.
+pub const STATE_RESTORED_RECORDS: &str = "onair_state_restored_records_total";
+/// Changelog bytes read back, labelled `partition`.
+pub const STATE_RESTORED_BYTES: &str = "onair_state_restored_bytes_total";
+/// Changelog bytes written, labelled `stage`.
+pub const CHANGELOG_BYTES: &str = "onair_changelog_bytes_total";
+
+/// Records a partition's restore from its changelog.
+pub fn state_restored(partition: i32, seconds: f64, records: u64, bytes: u64) {
+    let p = partition.to_string();
+    metrics::gauge!(STATE_RESTORE_SECONDS, "partition" => p.clone()).set(seconds);
+    metrics::counter!(STATE_RESTORED_RECORDS, "partition" => p.clone()).increment(records);
+    metrics::counter!(STATE_RESTORED_BYTES, "partition" => p).increment(bytes);
+}
+
 /// Handles of one stage's metric family, created once and cloned cheaply.
 #[derive(Clone)]
 pub struct Stage {

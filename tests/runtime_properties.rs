@@ -189,6 +189,7 @@ fn run_engine(arrivals: &[SimEvent], until_ms: i64, lateness_ms: i64) -> Console
             replayed_through: None,
             media: None,
             checkpoint_every: Duration::from_millis(100),
+            changelog: None,
         });
         let mut offsets = [0i64; 4];
         for ev in arrivals {

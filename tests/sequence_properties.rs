@@ -3,7 +3,8 @@
 //! out of event-time order up to the reorder bound, replayed suffixes of a
 //! stream), the incrementally kept sequence equals the one rebuilt from
 //! scratch over the distinct actions in event-time order, after every
-//! delivery.
+//! delivery; and the state read back from its changelog record is the same
+//! state.
 
 use std::sync::Arc;
 
@@ -167,6 +168,11 @@ proptest! {
             // reorder bound will come in order any more.
             state.advance(newest - LATENESS_MS, &g.bounds);
             prop_assert_eq!(state.current(), &rebuild(&taken, &g.bounds));
+            // The changelog record reads back to the same state, which
+            // then goes on exactly as the original would.
+            let restored = UserState::decode(&state.encode(), &g.bounds).expect("reads back");
+            prop_assert_eq!(&restored, &state);
+            state = restored;
         }
         // Every distinct action was taken exactly once.
         let mut keys: Vec<(i64, Source)> = taken.iter().map(|a| (a.time_ms, a.source)).collect();

@@ -12,9 +12,17 @@
 //! at entry: the mean of its MMBee content tokens from the `room-embeddings`
 //! table, when the room's current segment had completed by the entry.
 //!
-//! State lives in memory: after a restart or a hand-over, users' sequences
-//! start empty (the changelog that restores them is the next step, see
-//! issue 7's notes).
+//! State survives restarts and hand-overs through the user stage's changelog
+//! (`[kafka.topics] user_state`, compacted): at the end of each tick, every
+//! user whose sequence changed gets a record of their whole state
+//! ([`UserState::encode`]) on the partition that owns them, and the input
+//! positions of the actions since the previous tick are held until those
+//! records are acknowledged, so offsets are never committed past an action
+//! the changelog does not have. When a partition is assigned, the runtime
+//! reads its changelog back ([`Operator::restore`]) before any record; the
+//! actions replayed after the committed offsets are then recognised by their
+//! source positions (or refused as older than the horizon, which only
+//! actions already folded in can be).
 //!
 //! Not for: the sequence rules themselves ([`crate::state::sequence`]), or
 //! the room side of anything.
@@ -26,8 +34,10 @@ use metrics::{counter, gauge, Counter, Gauge};
 use prost::Message;
 
 use crate::config::UserSequencesConfig;
-use crate::metrics::{Stage, SEQUENCE_SNAPSHOTS, SEQUENCE_USERS, TRAINING_SAMPLES};
-use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
+use crate::metrics::{
+    Stage, CHANGELOG_BYTES, SEQUENCE_SNAPSHOTS, SEQUENCE_USERS, TRAINING_SAMPLES,
+};
+use crate::runtime::{changelog_key, Context, Holds, Operator, Output, OutputTopic, Position};
 use crate::schema::{
     deterministic_id, Behaviour as BehaviourRecord, Event, TrainingSample, UserSequence,
     SCHEMA_VERSION,
@@ -57,8 +67,11 @@ pub struct UserSequences {
     unsettled: HashSet<Arc<str>>,
     /// Users with live visits not fully labelled.
     labelling: HashSet<Arc<str>>,
+    /// Positions of the actions taken since the last changelog records.
+    unflushed: Holds,
     partition: i32,
     stage: Stage,
+    changelog_bytes: Counter,
     snapshots: Counter,
     samples: Counter,
     users_gauge: Option<Gauge>,
@@ -76,8 +89,10 @@ impl UserSequences {
             dirty: BTreeSet::new(),
             unsettled: HashSet::new(),
             labelling: HashSet::new(),
+            unflushed: Holds::default(),
             partition: 0,
             stage: Stage::new("user_sequences"),
+            changelog_bytes: counter!(CHANGELOG_BYTES, "stage" => "user_sequences"),
             snapshots: counter!(SEQUENCE_SNAPSHOTS),
             samples: counter!(TRAINING_SAMPLES, "task" => TASK),
             users_gauge: None,
@@ -149,33 +164,32 @@ impl UserSequences {
             _ => None,
         }
     }
+}
 
-    fn publish(&self, user: &Arc<str>, state: &UserState, as_of_ms: i64, ctx: &mut Context<'_>) {
-        let fold = state.current();
-        let record = UserSequence {
-            schema_version: SCHEMA_VERSION,
-            id: deterministic_id(&[b"user-sequences", user.as_bytes(), &as_of_ms.to_le_bytes()]),
-            user_id: user.to_string(),
-            event_time_ms: fold.newest_ms(),
-            behaviours: fold
-                .behaviours()
-                .into_iter()
-                .map(behaviour_record)
-                .collect(),
-            as_of_ms,
-        };
-        ctx.emit(Output {
-            topic: OutputTopic::UserSequences,
-            key: user.as_bytes().to_vec(),
-            id: record.id.clone(),
-            payload: record.encode_to_vec(),
-            headers: Vec::new(),
-            model_version: None,
-            tick_end_ms: Some(as_of_ms),
-            depends_on: Holds::default(),
-        });
-        self.snapshots.increment(1);
-        self.stage.sent.increment(1);
+/// The `user-sequences` snapshot of a user's state.
+fn snapshot(user: &Arc<str>, state: &UserState, as_of_ms: i64) -> Output {
+    let fold = state.current();
+    let record = UserSequence {
+        schema_version: SCHEMA_VERSION,
+        id: deterministic_id(&[b"user-sequences", user.as_bytes(), &as_of_ms.to_le_bytes()]),
+        user_id: user.to_string(),
+        event_time_ms: fold.newest_ms(),
+        behaviours: fold
+            .behaviours()
+            .into_iter()
+            .map(behaviour_record)
+            .collect(),
+        as_of_ms,
+    };
+    Output {
+        topic: OutputTopic::UserSequences,
+        key: user.as_bytes().to_vec(),
+        id: record.id.clone(),
+        payload: record.encode_to_vec(),
+        headers: Vec::new(),
+        model_version: None,
+        tick_end_ms: Some(as_of_ms),
+        depends_on: Holds::default(),
     }
 }
 
@@ -295,12 +309,10 @@ impl Operator for UserSequences {
             Some((k, _)) => k.clone(),
             None => Arc::from(user),
         };
-        let state = self
-            .users
-            .entry(user.clone())
-            .or_default();
+        let state = self.users.entry(user.clone()).or_default();
         match state.apply(act, &self.bounds) {
             Applied::Changed => {
+                self.unflushed.hold(pos);
                 self.dirty.insert(user.clone());
                 self.unsettled.insert(user.clone());
                 self.labelling.insert(user);
@@ -313,10 +325,29 @@ impl Operator for UserSequences {
     fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
         let as_of = tick_start_ms + ctx.tick_ms();
         let dirty = std::mem::take(&mut self.dirty);
+        let holds = std::mem::take(&mut self.unflushed);
         for user in &dirty {
-            if let Some(state) = self.users.get(user) {
-                self.publish(user, state, as_of, ctx);
-            }
+            let Some(state) = self.users.get_mut(user) else {
+                continue;
+            };
+            state.published_as_of_ms = as_of;
+            ctx.emit(snapshot(user, state, as_of));
+            self.snapshots.increment(1);
+            self.stage.sent.increment(1);
+            let payload = state.encode();
+            self.changelog_bytes.increment(payload.len() as u64);
+            ctx.emit(Output {
+                topic: OutputTopic::UserChangelog {
+                    partition: self.partition,
+                },
+                key: changelog_key(self.name(), user.as_bytes()),
+                id: deterministic_id(&[b"user-state", user.as_bytes(), &as_of.to_le_bytes()]),
+                payload,
+                headers: Vec::new(),
+                model_version: None,
+                tick_end_ms: Some(as_of),
+                depends_on: holds,
+            });
         }
         if self.cfg.samples {
             let mut done = Vec::new();
@@ -354,13 +385,46 @@ impl Operator for UserSequences {
         }
     }
 
-    fn holds(&self, _holds: &mut Holds) {}
+    fn holds(&self, holds: &mut Holds) {
+        holds.merge(&self.unflushed);
+    }
 
     fn rooms(&self) -> usize {
         0
     }
 
+    fn restore(&mut self, key: &[u8], value: &[u8], emitted_through_ms: Option<i64>) {
+        let Ok(user) = std::str::from_utf8(key) else {
+            self.stage.error("changelog_key");
+            return;
+        };
+        match UserState::decode(value, &self.bounds) {
+            Ok(state) => {
+                let user: Arc<str> = Arc::from(user);
+                if state.recent() > 0 {
+                    self.unsettled.insert(user.clone());
+                }
+                if state.labelling() {
+                    self.labelling.insert(user.clone());
+                }
+                // Its last snapshot may not have been acknowledged: write it again.
+                if emitted_through_ms.is_none_or(|t| state.published_as_of_ms > t) {
+                    self.dirty.insert(user.clone());
+                }
+                self.users.insert(user, state);
+            }
+            Err(e) => {
+                self.stage.error("changelog_key");
+                tracing::warn!(user, error = %e, "a changelog record could not be read back; the user starts empty");
+            }
+        }
+        if let Some(g) = &self.users_gauge {
+            g.set(self.users.len() as f64);
+        }
+    }
+
     fn on_revoke(&mut self) {
+        self.unflushed = Holds::default();
         self.users.clear();
         self.dirty.clear();
         self.unsettled.clear();

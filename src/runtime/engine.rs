@@ -138,6 +138,7 @@ impl Engine {
             checkpoint_every: Duration::from_millis(
                 u64::from(config.kafka.commit_interval_ms).max(50),
             ),
+            changelog: None,
         }
     }
 
@@ -165,6 +166,13 @@ impl Engine {
             checkpoint_every: Duration::from_millis(
                 u64::from(config.kafka.commit_interval_ms).max(50),
             ),
+            // The user stage's state is changelogged (user sequences).
+            changelog: config.operators.user_sequences.enabled.then(|| {
+                Box::new(crate::sources::changelog::KafkaChangelog::new(
+                    &config.kafka,
+                    &config.kafka.topics.user_state,
+                )) as Box<dyn crate::runtime::ChangelogReader>
+            }),
         }
     }
 

@@ -14,8 +14,11 @@ mod partition;
 
 pub use engine::{Engine, EngineError, RunSummary, SimulatedRun};
 pub use feed::{Polled, RecordRef, StreamReader};
-pub use operator::{Context, Embedded, Holds, Note, Operator, Output, OutputTopic, Position};
+pub use operator::{
+    changelog_key, split_changelog_key, Context, Embedded, Holds, Note, Operator, Output,
+    OutputTopic, Position,
+};
 pub use partition::{
-    Checkpoint, Control, Input, InputRecord, PartitionHandle, PartitionShared, PartitionSpec,
-    PartitionTask,
+    ChangelogReader, Checkpoint, Control, Input, InputRecord, PartitionHandle, PartitionShared,
+    PartitionSpec, PartitionTask,
 };

@@ -79,6 +79,13 @@ pub enum OutputTopic {
     GiftPredictions,
     /// Users' behaviour sequences (compacted).
     UserSequences,
+    /// The user stage's state changelog (internal, compacted), written to
+    /// the partition that owns the state. Keys are the operator's name, a
+    /// NUL byte, and the state's key (see [`Operator::restore`]).
+    UserChangelog {
+        /// The partition.
+        partition: i32,
+    },
 }
 
 impl OutputTopic {
@@ -96,6 +103,7 @@ impl OutputTopic {
             OutputTopic::RoomEmbeddings => "room_embeddings",
             OutputTopic::GiftPredictions => "gift_predictions",
             OutputTopic::UserSequences => "user_sequences",
+            OutputTopic::UserChangelog { .. } => "user_changelog",
         }
     }
 }
@@ -356,4 +364,27 @@ pub trait Operator: Send {
 
     /// The partition is leaving this instance (or the process stops): drop state.
     fn on_revoke(&mut self) {}
+
+    /// One record of the stage's changelog, read back when the partition is
+    /// assigned, before any input: `key` is what the operator wrote after
+    /// its name and the NUL byte. Records come in the changelog's order, the
+    /// last per key winning. `emitted_through_ms` is the partition's
+    /// committed emitted-through time (tick outputs after it will be
+    /// written again).
+    fn restore(&mut self, _key: &[u8], _value: &[u8], _emitted_through_ms: Option<i64>) {}
+}
+
+/// The key of a changelog record: the operator's name, NUL, the state's key.
+pub fn changelog_key(operator: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(operator.len() + 1 + key.len());
+    k.extend_from_slice(operator.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+/// Splits a changelog key into the operator's name and the state's key.
+pub fn split_changelog_key(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    let i = key.iter().position(|&b| b == 0)?;
+    Some((&key[..i], &key[i + 1..]))
 }

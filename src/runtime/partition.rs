@@ -133,6 +133,8 @@ pub struct PartitionTask {
     /// The streams this stage reads.
     kinds: &'static [InputKind],
     cfg: RuntimeConfig,
+    /// The stage's changelog, read once at start.
+    changelog: Option<Box<dyn ChangelogReader>>,
     limits: Limits,
     ops: Vec<Box<dyn Operator>>,
     op_stages: Vec<Stage>,
@@ -225,6 +227,22 @@ pub struct PartitionSpec {
     pub media: Option<(Arc<MediaConfig>, Arc<DecodePool>)>,
     /// How often the checkpoint is recomputed.
     pub checkpoint_every: Duration,
+    /// Where the stage's changelog is read back from before the first
+    /// record (None: the stage keeps no changelog).
+    pub changelog: Option<Box<dyn ChangelogReader>>,
+}
+
+/// Reads one partition of a stage's changelog back (see
+/// [`Operator::restore`]).
+pub trait ChangelogReader: Send {
+    /// Calls `f` with the key and value of every record of the changelog's
+    /// `partition`, oldest first, up to its end when called (tombstones
+    /// skipped). Blocking.
+    fn read(
+        &mut self,
+        partition: i32,
+        f: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 const PROCESS_BUDGET: usize = 512;
@@ -302,6 +320,7 @@ impl PartitionTask {
             depth: m::queue_depth(partition),
             rooms_gauge: m::rooms_active(partition),
             cfg: spec.runtime,
+            changelog: spec.changelog,
         };
         let join = tokio::spawn(task.run());
         PartitionHandle {
@@ -323,6 +342,9 @@ impl PartitionTask {
             }
         }
         self.flush_outputs(None).await;
+        if !self.restore().await {
+            return;
+        }
         let mut next_checkpoint = Instant::now();
         loop {
             while let Ok(ack) = self.ack_rx.try_recv() {
@@ -727,6 +749,60 @@ impl PartitionTask {
         self.depth.set(buffered as f64);
         self.shared.buffered.store(buffered, Ordering::Relaxed);
         n
+    }
+
+    /// Reads the stage's changelog back into the operators, before any
+    /// record (off the async threads: it blocks). False: the operators were
+    /// lost (a panic while restoring) and the task cannot go on.
+    async fn restore(&mut self) -> bool {
+        let Some(mut reader) = self.changelog.take() else {
+            return true;
+        };
+        let mut ops = std::mem::take(&mut self.ops);
+        let (partition, through) = (self.partition, self.replayed_through);
+        let started = Instant::now();
+        let joined = tokio::task::spawn_blocking(move || {
+            let (mut records, mut bytes) = (0u64, 0u64);
+            let result = reader.read(partition, &mut |key, value| {
+                records += 1;
+                bytes += (key.len() + value.len()) as u64;
+                let Some((name, key)) = super::split_changelog_key(key) else {
+                    return;
+                };
+                for op in ops.iter_mut() {
+                    if op.name().as_bytes() == name {
+                        op.restore(key, value, through);
+                    }
+                }
+            });
+            (ops, reader, result, records, bytes)
+        })
+        .await;
+        let (ops, reader, result, records, bytes) = match joined {
+            Ok(r) => r,
+            Err(e) => {
+                error!(partition, error = %e, "restoring the partition's state failed; the partition stops");
+                return false;
+            }
+        };
+        self.ops = ops;
+        self.changelog = Some(reader);
+        let secs = started.elapsed().as_secs_f64();
+        m::state_restored(partition, secs, records, bytes);
+        match result {
+            Ok(()) => info!(
+                partition,
+                records,
+                bytes,
+                seconds = secs,
+                "state restored from the changelog"
+            ),
+            Err(e) => {
+                self.runtime_stage.error("changelog");
+                error!(partition, records, error = %e, "reading the changelog failed: the partition starts from what was read");
+            }
+        }
+        true
     }
 
     async fn process(&mut self, mut b: Buffered) {

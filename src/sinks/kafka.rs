@@ -56,6 +56,7 @@ pub struct KafkaSink {
     room_embeddings: String,
     gift_predictions: String,
     user_sequences: String,
+    user_state: String,
 }
 
 impl KafkaSink {
@@ -80,6 +81,7 @@ impl KafkaSink {
             room_embeddings: cfg.topics.room_embeddings.clone(),
             gift_predictions: cfg.topics.gift_predictions.clone(),
             user_sequences: cfg.topics.user_sequences.clone(),
+            user_state: cfg.topics.user_state.clone(),
         })
     }
 
@@ -87,6 +89,10 @@ impl KafkaSink {
     pub fn config(cfg: &KafkaConfig) -> ClientConfig {
         let mut c = client_config(cfg);
         c.set("enable.idempotence", "true")
+            // Java clients' partitioner: the repartition topic must put a
+            // user where the upstream producers put that user's other
+            // streams (Kafka Streams does the same).
+            .set("partitioner", "murmur2_random")
             .set("acks", "all")
             .set("linger.ms", cfg.linger_ms.to_string())
             .set("message.max.bytes", cfg.message_max_bytes.to_string())
@@ -110,6 +116,7 @@ impl KafkaSink {
             OutputTopic::RoomEmbeddings => &self.room_embeddings,
             OutputTopic::GiftPredictions => &self.gift_predictions,
             OutputTopic::UserSequences => &self.user_sequences,
+            OutputTopic::UserChangelog { .. } => &self.user_state,
         }
     }
 
@@ -137,10 +144,13 @@ impl Sink for KafkaSink {
                 value: Some(v.as_slice()),
             });
         }
-        let record = BaseRecord::with_opaque_to(self.topic(out.topic), Box::new(ack))
+        let mut record = BaseRecord::with_opaque_to(self.topic(out.topic), Box::new(ack))
             .key(&out.key[..])
             .payload(&out.payload[..])
             .headers(headers);
+        if let OutputTopic::UserChangelog { partition } = out.topic {
+            record = record.partition(partition);
+        }
         match self.producer.send(record) {
             Ok(()) => Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {

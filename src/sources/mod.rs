@@ -7,6 +7,7 @@
 //!
 //! Not for: decoding or event-time logic (partition tasks do both).
 
+pub mod changelog;
 pub mod kafka;
 pub mod room_table;
 pub mod simulator;

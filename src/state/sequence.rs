@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{ActionKind, ShortVideoActionKind};
+use crate::schema::{self as pb, ActionKind, ShortVideoActionKind};
 
 /// An impression leads to the visit or play that follows it within this long.
 pub const IMPRESSION_TTL_MS: i64 = 60_000;
@@ -567,6 +567,9 @@ pub struct UserState {
     /// No moment label is due before this (i64::MAX: none will be until an
     /// action comes).
     label_due_ms: i64,
+    /// The tick end of the last snapshot published from this state (kept
+    /// by the operator; i64::MIN: none).
+    pub published_as_of_ms: i64,
 }
 
 impl Default for UserState {
@@ -585,6 +588,7 @@ impl UserState {
             horizon_ms: i64::MIN,
             reported: BTreeMap::new(),
             label_due_ms: i64::MIN,
+            published_as_of_ms: i64::MIN,
         }
     }
 
@@ -731,6 +735,284 @@ impl UserState {
             self.reported = self.reported.split_off(&(oldest, Arc::from("")));
         }
         out
+    }
+}
+
+// ------------------------------------------------------------------ changelog codec
+
+/// Why a changelog record could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDecodeError {
+    /// Not a `UserStateRecord`.
+    #[error("not a user state record: {0}")]
+    Proto(#[from] prost::DecodeError),
+    /// Written by an engine with another layout.
+    #[error("user state record version {0}, this engine reads {STATE_VERSION}")]
+    Version(u32),
+    /// A field out of range.
+    #[error("bad user state record: {0}")]
+    Field(&'static str),
+}
+
+/// Version of the changelog layout.
+pub const STATE_VERSION: u32 = 1;
+
+fn step_code(s: Step) -> u32 {
+    match s {
+        Step::Impression => 0,
+        Step::Enter => 1,
+        Step::Watch => 2,
+        Step::Leave => 3,
+        Step::Play => 4,
+        Step::Feedback(f) => 10 + f as u32,
+    }
+}
+
+fn step_of(code: u32) -> Option<Step> {
+    Some(match code {
+        0 => Step::Impression,
+        1 => Step::Enter,
+        2 => Step::Watch,
+        3 => Step::Leave,
+        4 => Step::Play,
+        c => Step::Feedback(*Feedback::ALL.get(usize::try_from(c.checked_sub(10)?).ok()?)?),
+    })
+}
+
+fn domain_of(short_video: bool) -> Domain {
+    if short_video {
+        Domain::ShortVideo
+    } else {
+        Domain::Live
+    }
+}
+
+fn content_of(has: bool, v: Vec<f32>) -> Option<Arc<[f32]>> {
+    has.then(|| v.into())
+}
+
+fn behaviour_to(b: &Behaviour) -> pb::SequenceBehaviour {
+    pb::SequenceBehaviour {
+        short_video: b.domain == Domain::ShortVideo,
+        item: b.item.to_string(),
+        owner: b.owner.to_string(),
+        start_ms: b.start_ms,
+        end_ms: b.end_ms,
+        impression_ms: b.impression_ms,
+        watch_ms: b.watch_ms,
+        duration_ms: b.duration_ms,
+        feedback: u32::from(b.feedback),
+        first_ms: b.first_ms.to_vec(),
+        gift_value: b.gift_value,
+        highlight: b.highlight,
+        has_content: b.content.is_some(),
+        content: b
+            .content
+            .as_deref()
+            .map(<[f32]>::to_vec)
+            .unwrap_or_default(),
+    }
+}
+
+fn behaviour_from(r: pb::SequenceBehaviour) -> Result<Behaviour, StateDecodeError> {
+    Ok(Behaviour {
+        domain: domain_of(r.short_video),
+        item: r.item.into(),
+        owner: r.owner.into(),
+        start_ms: r.start_ms,
+        end_ms: r.end_ms,
+        impression_ms: r.impression_ms,
+        watch_ms: r.watch_ms,
+        duration_ms: r.duration_ms,
+        feedback: u16::try_from(r.feedback).map_err(|_| StateDecodeError::Field("feedback"))?,
+        first_ms: r
+            .first_ms
+            .try_into()
+            .map_err(|_| StateDecodeError::Field("first_ms"))?,
+        gift_value: r.gift_value,
+        highlight: r.highlight,
+        content: content_of(r.has_content, r.content),
+    })
+}
+
+fn fold_to(f: &Fold) -> pb::SequenceFold {
+    let slots = |m: &HashMap<Arc<str>, u64>| {
+        let mut v: Vec<pb::SequenceSlot> = m
+            .iter()
+            .map(|(k, &seq)| pb::SequenceSlot {
+                item: k.to_string(),
+                seq,
+            })
+            .collect();
+        v.sort_by(|a, b| a.item.cmp(&b.item));
+        v
+    };
+    let mut shown: Vec<pb::SequenceShown> = f
+        .shown
+        .iter()
+        .map(|((d, item), &t)| pb::SequenceShown {
+            short_video: *d == Domain::ShortVideo,
+            item: item.to_string(),
+            time_ms: t,
+        })
+        .collect();
+    shown.sort_by(|a, b| (a.short_video, &a.item).cmp(&(b.short_video, &b.item)));
+    pb::SequenceFold {
+        live: f.live.items.iter().map(behaviour_to).collect(),
+        live_first: f.live.first,
+        short_videos: f.short.items.iter().map(behaviour_to).collect(),
+        short_first: f.short.first,
+        open: slots(&f.open),
+        plays: slots(&f.plays),
+        shown,
+        newest_ms: f.newest_ms,
+    }
+}
+
+fn fold_from(r: pb::SequenceFold) -> Result<Fold, StateDecodeError> {
+    let lane = |items: Vec<pb::SequenceBehaviour>, first: u64| -> Result<Lane, StateDecodeError> {
+        Ok(Lane {
+            items: items
+                .into_iter()
+                .map(behaviour_from)
+                .collect::<Result<_, _>>()?,
+            first,
+        })
+    };
+    let slots = |v: Vec<pb::SequenceSlot>| {
+        v.into_iter()
+            .map(|s| (Arc::<str>::from(s.item), s.seq))
+            .collect::<HashMap<_, _>>()
+    };
+    Ok(Fold {
+        live: lane(r.live, r.live_first)?,
+        short: lane(r.short_videos, r.short_first)?,
+        open: slots(r.open),
+        plays: slots(r.plays),
+        shown: r
+            .shown
+            .into_iter()
+            .map(|s| ((domain_of(s.short_video), Arc::from(s.item)), s.time_ms))
+            .collect(),
+        newest_ms: r.newest_ms,
+    })
+}
+
+fn act_to(a: &Act) -> pb::SequenceAct {
+    pb::SequenceAct {
+        time_ms: a.time_ms,
+        stream: u32::from(a.source.stream),
+        partition: a.source.partition,
+        offset: a.source.offset,
+        short_video: a.domain == Domain::ShortVideo,
+        item: a.item.to_string(),
+        owner: a.owner.to_string(),
+        step: step_code(a.step),
+        watch_ms: a.watch_ms,
+        duration_ms: a.duration_ms,
+        gift_value: a.gift_value,
+        highlight: a.highlight,
+        has_content: a.content.is_some(),
+        content: a
+            .content
+            .as_deref()
+            .map(<[f32]>::to_vec)
+            .unwrap_or_default(),
+    }
+}
+
+fn act_from(r: pb::SequenceAct) -> Result<Act, StateDecodeError> {
+    Ok(Act {
+        time_ms: r.time_ms,
+        source: Source {
+            stream: u8::try_from(r.stream).map_err(|_| StateDecodeError::Field("stream"))?,
+            partition: r.partition,
+            offset: r.offset,
+        },
+        domain: domain_of(r.short_video),
+        item: r.item.into(),
+        owner: r.owner.into(),
+        step: step_of(r.step).ok_or(StateDecodeError::Field("step"))?,
+        watch_ms: r.watch_ms,
+        duration_ms: r.duration_ms,
+        gift_value: r.gift_value,
+        highlight: r.highlight,
+        content: content_of(r.has_content, r.content),
+    })
+}
+
+impl UserState {
+    /// The state as its changelog record: the fold before the horizon and
+    /// the raw actions after it (the current fold is recomputed on restore).
+    pub fn to_record(&self) -> pb::UserStateRecord {
+        pb::UserStateRecord {
+            schema_version: STATE_VERSION,
+            fold: Some(fold_to(self.base.as_ref().unwrap_or(&self.current))),
+            recent: self.recent.values().map(act_to).collect(),
+            horizon_ms: self.horizon_ms,
+            reported: self
+                .reported
+                .iter()
+                .map(|((start, room), r)| pb::VisitLabels {
+                    start_ms: *start,
+                    room: room.to_string(),
+                    mask: u32::from(r.mask),
+                    periods: r.periods,
+                })
+                .collect(),
+            label_due_ms: self.label_due_ms,
+            published_as_of_ms: self.published_as_of_ms,
+        }
+    }
+
+    /// Reads a changelog record back.
+    pub fn from_record(r: pb::UserStateRecord, bounds: &Bounds) -> Result<Self, StateDecodeError> {
+        if r.schema_version != STATE_VERSION {
+            return Err(StateDecodeError::Version(r.schema_version));
+        }
+        let base = fold_from(r.fold.unwrap_or_default())?;
+        let recent: BTreeMap<(i64, Source), Act> = r
+            .recent
+            .into_iter()
+            .map(|a| act_from(a).map(|a| (a.key(), a)))
+            .collect::<Result<_, _>>()?;
+        let mut current = base.clone();
+        for a in recent.values() {
+            current.apply(a, bounds);
+        }
+        let reported = r
+            .reported
+            .into_iter()
+            .map(|v| {
+                let mask = u16::try_from(v.mask).map_err(|_| StateDecodeError::Field("mask"))?;
+                Ok((
+                    (v.start_ms, Arc::<str>::from(v.room)),
+                    Reported {
+                        mask,
+                        periods: v.periods,
+                    },
+                ))
+            })
+            .collect::<Result<_, StateDecodeError>>()?;
+        Ok(UserState {
+            base: (!recent.is_empty()).then_some(base),
+            recent,
+            current,
+            horizon_ms: r.horizon_ms,
+            reported,
+            label_due_ms: r.label_due_ms,
+            published_as_of_ms: r.published_as_of_ms,
+        })
+    }
+
+    /// The state's changelog value.
+    pub fn encode(&self) -> Vec<u8> {
+        prost::Message::encode_to_vec(&self.to_record())
+    }
+
+    /// Reads a changelog value back.
+    pub fn decode(bytes: &[u8], bounds: &Bounds) -> Result<Self, StateDecodeError> {
+        Self::from_record(prost::Message::decode(bytes)?, bounds)
     }
 }
 

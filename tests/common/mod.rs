@@ -80,6 +80,8 @@ highlights = "{prefix}-highlights"
 user_actions = "{prefix}-user-actions"
 room_embeddings = "{prefix}-room-embeddings"
 gift_predictions = "{prefix}-gift-predictions"
+user_sequences = "{prefix}-user-sequences"
+user_state = "{prefix}-user-state"
 partitions = 4
 [runtime]
 idle_timeout_ms = 2000

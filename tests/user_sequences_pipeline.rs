@@ -1,0 +1,323 @@
+//! The user stage through a real broker: the simulator's live rooms and its
+//! users' short-video scrolling go in; every user's last `user-sequences`
+//! record must equal the sequence rebuilt from scratch from the actions the
+//! simulator published (read back from the input topics), with small bounds
+//! so eviction is exercised too. The engines are SIGKILLed mid-run: once and
+//! restarted as the same member, and once with the partitions moving to the
+//! other member of the group; the state comes back from the changelog.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Proc, Rec, Topics};
+use onair::operators::user_sequences::behaviour_record;
+use onair::schema::{Behaviour, ShortVideoAction, UserSequence, ViewerAction};
+use onair::state::sequence::{rebuild, Act, Bounds, Domain, Source};
+use prost::Message;
+
+const EXTRA: &str = r#"
+[simulator]
+short_videos = true
+[operators.user_sequences]
+enabled = true
+live_max = 4
+short_video_max = 6
+"#;
+
+fn bounds() -> Bounds {
+    Bounds {
+        live_max: 4,
+        short_video_max: 6,
+        ..Bounds::default()
+    }
+}
+
+/// Reads a topic to its end: until it has not grown for `quiet`.
+fn read_all(topic: &str, quiet: Duration) -> Vec<Rec> {
+    let mut last = (0, Instant::now());
+    common::read_until(topic, Duration::from_secs(120), |recs| {
+        if recs.len() != last.0 {
+            last = (recs.len(), Instant::now());
+        }
+        !recs.is_empty() && last.1.elapsed() > quiet
+    })
+}
+
+/// Every user's sequence rebuilt from the published actions, as the
+/// operator takes them (no content or highlight: features are off here).
+fn expected(topics: &Topics) -> BTreeMap<String, Vec<Behaviour>> {
+    let mut acts: HashMap<String, Vec<Act>> = HashMap::new();
+    for r in read_all(&topics.name("actions"), Duration::from_secs(5)) {
+        let a = ViewerAction::decode(&r.payload[..]).expect("the simulator writes protobuf");
+        let Some(step) = Act::live_step(a.kind()) else {
+            continue;
+        };
+        acts.entry(a.user_id.clone()).or_default().push(Act {
+            time_ms: a.event_time_ms,
+            source: Source {
+                stream: 0,
+                partition: r.partition,
+                offset: r.offset,
+            },
+            domain: Domain::Live,
+            item: Arc::from(a.room_id.as_str()),
+            owner: Arc::from(a.streamer_id.as_str()),
+            step,
+            watch_ms: a.watch_ms,
+            duration_ms: 0,
+            gift_value: a.gift_value,
+            highlight: None,
+            content: None,
+        });
+    }
+    let shorts = read_all(&topics.name("short-video-actions"), Duration::from_secs(5));
+    assert!(
+        shorts.len() > 100,
+        "the simulator published {} short-video actions",
+        shorts.len()
+    );
+    for r in shorts {
+        let s = ShortVideoAction::decode(&r.payload[..]).expect("protobuf");
+        let Some(step) = Act::short_step(s.kind()) else {
+            continue;
+        };
+        acts.entry(s.user_id.clone()).or_default().push(Act {
+            time_ms: s.event_time_ms,
+            source: Source {
+                stream: 1,
+                partition: r.partition,
+                offset: r.offset,
+            },
+            domain: Domain::ShortVideo,
+            item: Arc::from(s.video_id.as_str()),
+            owner: Arc::from(s.author_id.as_str()),
+            step,
+            watch_ms: s.watch_ms,
+            duration_ms: s.duration_ms,
+            gift_value: 0,
+            highlight: None,
+            content: None,
+        });
+    }
+    let b = bounds();
+    acts.into_iter()
+        .map(|(user, acts)| {
+            let fold = rebuild(&acts, &b);
+            let seq = fold
+                .behaviours()
+                .into_iter()
+                .map(behaviour_record)
+                .collect();
+            (user, seq)
+        })
+        .filter(|(_, seq): &(String, Vec<Behaviour>)| !seq.is_empty())
+        .collect()
+}
+
+/// The last `user-sequences` record per user.
+fn latest(recs: &[Rec]) -> HashMap<String, UserSequence> {
+    let mut out: HashMap<String, (i32, i64, UserSequence)> = HashMap::new();
+    for r in recs {
+        let Ok(s) = UserSequence::decode(&r.payload[..]) else {
+            continue;
+        };
+        let newer = out
+            .get(&s.user_id)
+            .is_none_or(|(p, o, _)| (r.partition, r.offset) > (*p, *o));
+        if newer {
+            out.insert(s.user_id.clone(), (r.partition, r.offset, s));
+        }
+    }
+    out.into_iter().map(|(u, (_, _, s))| (u, s)).collect()
+}
+
+/// Users whose last record differs from `want` (all of them, with the first
+/// difference described).
+fn mismatches(
+    want: &BTreeMap<String, Vec<Behaviour>>,
+    got: &HashMap<String, UserSequence>,
+) -> Vec<String> {
+    want.iter()
+        .filter_map(|(user, seq)| match got.get(user) {
+            None => Some(format!("{user}: no record")),
+            Some(s) if &s.behaviours != seq => {
+                let i = s
+                    .behaviours
+                    .iter()
+                    .zip(seq)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(s.behaviours.len().min(seq.len()));
+                Some(format!(
+                    "{user}: {} behaviours, want {}; first difference at {i}: got {:?}, want {:?}",
+                    s.behaviours.len(),
+                    seq.len(),
+                    s.behaviours.get(i),
+                    seq.get(i)
+                ))
+            }
+            Some(_) => None,
+        })
+        .collect()
+}
+
+/// Waits until every user's last record matches (or the timeout), and
+/// asserts it.
+fn assert_sequences(topics: &Topics, want: &BTreeMap<String, Vec<Behaviour>>, engine: &Proc) {
+    let topic = topics.name("user-sequences");
+    let recs = common::read_until(&topic, Duration::from_secs(240), |recs| {
+        mismatches(want, &latest(recs)).is_empty()
+    });
+    let got = latest(&recs);
+    let bad = mismatches(want, &got);
+    let live: usize = want
+        .values()
+        .flatten()
+        .filter(|b| b.domain == "live")
+        .count();
+    let short: usize = want
+        .values()
+        .flatten()
+        .filter(|b| b.domain != "live")
+        .count();
+    assert!(
+        bad.is_empty(),
+        "{} of {} users' sequences differ from the rebuild, e.g.:\n{}\n{}",
+        bad.len(),
+        want.len(),
+        bad.iter().take(5).cloned().collect::<Vec<_>>().join("\n"),
+        engine.log_tail()
+    );
+    assert!(
+        live > 50 && short > 50,
+        "{live} live and {short} short-video behaviours"
+    );
+    eprintln!(
+        "{} users' sequences match the rebuild ({live} live, {short} short-video behaviours; {} snapshots read)",
+        want.len(),
+        recs.len()
+    );
+}
+
+fn simulate(dir: &Path, pipeline: &Path, seed: &str) -> Proc {
+    Proc::simulate(
+        dir,
+        pipeline,
+        &[
+            "--rooms",
+            "10",
+            "--duration",
+            "90s",
+            "--speed",
+            "3",
+            "--seed",
+            seed,
+            "--fps",
+            "0",
+        ],
+    )
+}
+
+fn sent(p: &Proc, name: &str, labels: &[(&str, &str)]) -> f64 {
+    p.scrape()
+        .and_then(|m| common::metric(&m, name, labels))
+        .unwrap_or(0.0)
+}
+
+/// Sum of a metric over every label set.
+fn total(p: &Proc, name: &str) -> f64 {
+    p.scrape()
+        .map(|m| {
+            m.lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+fn wait_for_snapshots(p: &Proc, n: f64) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(90) {
+        if sent(p, "onair_sequence_snapshots_total", &[]) >= n {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("no {n} user-sequence snapshots in 90 s:\n{}", p.log_tail());
+}
+
+fn simulate_ok(mut sim: Proc) {
+    let status = sim.wait(Duration::from_secs(300));
+    assert!(status.success(), "simulate: {status}\n{}", sim.log_tail());
+}
+
+#[test]
+fn sequences_survive_sigkill_and_restart() {
+    let dir = common::scratch("seq-kill");
+    let topics = Topics {
+        prefix: common::unique("seq-kill"),
+    };
+    let pipeline = common::pipeline(&dir, &topics, EXTRA);
+    common::create_topics(&pipeline);
+    let instance = ["--instance-id", "onair-0"];
+    let mut first = Proc::engine_with(&dir, &pipeline, "engine-1", &instance);
+    let sim = simulate(&dir, &pipeline, "31");
+    wait_for_snapshots(&first, 200.0);
+    first.kill9();
+    let mut second = Proc::engine_with(&dir, &pipeline, "engine-2", &instance);
+    simulate_ok(sim);
+    let want = expected(&topics);
+    assert_sequences(&topics, &want, &second);
+    let restored = total(&second, "onair_state_restored_records_total");
+    assert!(restored > 0.0, "the restarted engine read no changelog");
+    let too_late = sent(
+        &second,
+        "onair_stage_dropped_total",
+        &[("stage", "user_sequences"), ("reason", "too_late")],
+    );
+    assert_eq!(too_late, 0.0, "actions refused as too late");
+    eprintln!("restored {restored} changelog records after the SIGKILL");
+    second.signal_term();
+    let status = second.wait(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "engine exit: {status}\n{}",
+        second.log_tail()
+    );
+}
+
+#[test]
+fn sequences_move_with_their_partitions() {
+    let dir = common::scratch("seq-move");
+    let topics = Topics {
+        prefix: common::unique("seq-move"),
+    };
+    let pipeline = common::pipeline(&dir, &topics, EXTRA);
+    common::create_topics(&pipeline);
+    let mut a = Proc::engine(&dir, &pipeline, "engine-a");
+    let mut b = Proc::engine(&dir, &pipeline, "engine-b");
+    let sim = simulate(&dir, &pipeline, "32");
+    // Both members work for a while; then one dies without warning and the
+    // other takes its partitions over (after the session timeout).
+    wait_for_snapshots(&b, 100.0);
+    let users_b = sent(&b, "onair_sequence_snapshots_total", &[]);
+    assert!(users_b > 0.0, "member b wrote no sequences");
+    b.kill9();
+    simulate_ok(sim);
+    let want = expected(&topics);
+    assert_sequences(&topics, &want, &a);
+    let restored = total(&a, "onair_state_restored_records_total");
+    assert!(
+        restored > 0.0,
+        "member a restored nothing of b's partitions\n{}",
+        a.log_tail()
+    );
+    eprintln!("member a restored {restored} changelog records of b's partitions");
+    a.signal_term();
+    let status = a.wait(Duration::from_secs(30));
+    assert!(status.success(), "engine exit: {status}\n{}", a.log_tail());
+}
