@@ -976,10 +976,15 @@ impl UserState {
             .into_iter()
             .map(|a| act_from(a).map(|a| (a.key(), a)))
             .collect::<Result<_, _>>()?;
-        let mut current = base.clone();
-        for a in recent.values() {
-            current.apply(a, bounds);
-        }
+        let (base, current) = if recent.is_empty() {
+            (None, base)
+        } else {
+            let mut current = base.clone();
+            for a in recent.values() {
+                current.apply(a, bounds);
+            }
+            (Some(base), current)
+        };
         let reported = r
             .reported
             .into_iter()
@@ -995,7 +1000,7 @@ impl UserState {
             })
             .collect::<Result<_, StateDecodeError>>()?;
         Ok(UserState {
-            base: (!recent.is_empty()).then_some(base),
+            base,
             recent,
             current,
             horizon_ms: r.horizon_ms,
