@@ -570,11 +570,12 @@ async fn simulate(a: SimulateArgs) -> CliResult {
         .await
         .map_err(|e| chain(&e))?;
     eprintln!(
-        "published video={} audio={} comments={} actions={} ({} bytes) in {:.1}s",
+        "published video={} audio={} comments={} actions={} short_video_actions={} ({} bytes) in {:.1}s",
         report.records[0],
         report.records[1],
         report.records[2],
         report.records[3],
+        report.records[4],
         report.bytes,
         report.wall.as_secs_f64()
     );

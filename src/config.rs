@@ -214,6 +214,10 @@ pub struct SimulatorConfig {
     pub audio: bool,
     /// Whether the audio carries synthesized speech (espeak-ng).
     pub speech: bool,
+    /// Whether the rooms' viewers also scroll short videos when not watching
+    /// live: `short-video-actions` keyed by user, for the user stage's
+    /// cross-domain sequences. Changes no room event.
+    pub short_videos: bool,
     /// Simulated seconds per wall-clock second (1 = real time).
     pub speed: f64,
     /// Partition tasks the simulated rooms are spread over.
@@ -237,6 +241,7 @@ impl Default for SimulatorConfig {
             video_variants: 6,
             audio: true,
             speech: true,
+            short_videos: false,
             speed: 1.0,
             partitions: 4,
         }

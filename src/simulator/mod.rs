@@ -7,12 +7,14 @@
 //! - [`world`]: the world model and its event stream;
 //! - [`truth`]: the ground truth, computed independently of the engine;
 //! - [`media`]: real encoded media (ffmpeg and espeak-ng);
+//! - `shorts`: the users' short-video feed (with `short_videos` on);
 //! - [`publish`]: writing the event stream to Kafka.
 //!
 //! Not for: anything the engine needs at run time on real input.
 
 pub mod media;
 pub mod publish;
+mod shorts;
 pub mod truth;
 pub mod world;
 
@@ -48,6 +50,7 @@ pub fn sim_config(
         audio: cfg.audio,
         speech: cfg.speech && cfg.audio,
         video_variants: cfg.video_variants,
+        short_videos: cfg.short_videos,
     }
 }
 

@@ -1,7 +1,8 @@
-//! Writes the simulator's event stream to Kafka, keyed by room, at a chosen
-//! speed: the load generator and the producer of test data. A share of the
-//! comments and actions can be sent as JSON (with `content-type:
-//! application/json`) so both encodings are exercised.
+//! Writes the simulator's event stream to Kafka, room events keyed by room and
+//! short-video actions keyed by user, at a chosen speed: the load generator and
+//! the producer of test data. A share of the comments and actions can be sent as
+//! JSON (with `content-type: application/json`) so both encodings are exercised;
+//! short-video actions are always protobuf.
 //!
 //! Not for: anything the engine does on consumption.
 
@@ -23,7 +24,9 @@ use crate::schema::{ActionKind, Comment, ViewerAction, CONTENT_TYPE_HEADER};
 pub struct PublishOptions {
     /// Simulated seconds per wall second (`f64::INFINITY`: as fast as possible).
     pub speed: f64,
-    /// Send every n-th comment and action as JSON (0: never).
+    /// Send every n-th room event, when it is a comment or an action, as JSON
+    /// (0: never). Short-video actions are not counted (the room topics are the
+    /// same with them on or off) and always go as protobuf.
     pub json_every: u64,
     /// Simulated time per step.
     pub step_ms: i64,
@@ -42,8 +45,9 @@ impl Default for PublishOptions {
 /// What was published.
 #[derive(Clone, Debug, Default)]
 pub struct PublishReport {
-    /// Records per topic kind: video, audio, comments, actions.
-    pub records: [u64; 4],
+    /// Records per topic kind: video, audio, comments, actions, short-video
+    /// actions (indices 0 to 4).
+    pub records: [u64; 5],
     /// Bytes of payload.
     pub bytes: u64,
     /// Wall time.
@@ -128,7 +132,9 @@ pub async fn publish(
         let (back, events) = super::advance_off_thread(sim, until).await?;
         sim = back;
         for ev in events {
-            n_events += 1;
+            if !matches!(ev, SimEvent::ShortVideo(_)) {
+                n_events += 1;
+            }
             let as_json = opts.json_every > 0 && n_events.is_multiple_of(opts.json_every);
             let (idx, topic, payload, json) = match &ev {
                 SimEvent::Video(v) => (0, &t.video, v.encode_to_vec(), false),
@@ -137,10 +143,11 @@ pub async fn publish(
                 SimEvent::Comment(c) => (2, &t.comments, c.encode_to_vec(), false),
                 SimEvent::Action(a) if as_json => (3, &t.actions, action_json(a), true),
                 SimEvent::Action(a) => (3, &t.actions, a.encode_to_vec(), false),
+                SimEvent::ShortVideo(s) => (4, &t.short_video_actions, s.encode_to_vec(), false),
             };
             report.records[idx] += 1;
             report.bytes += payload.len() as u64;
-            let key = ev.room_id().as_bytes();
+            let key = ev.key().as_bytes();
             loop {
                 let mut record = BaseRecord::to(topic).key(key).payload(&payload);
                 if json {

@@ -295,8 +295,12 @@ impl GroundTruth {
     }
 
     /// Records one event of room `room` (index of [`GroundTruth::add_room`]). Events
-    /// of a room must come in event-time order; unknown rooms are ignored.
+    /// of a room must come in event-time order; unknown rooms are ignored, and so
+    /// are short-video actions (they belong to no room).
     pub fn record(&mut self, room: usize, ev: &SimEvent) {
+        if matches!(ev, SimEvent::ShortVideo(_)) {
+            return;
+        }
         let tick_ms = self.tick_ms;
         let Some(acc) = self.rooms.get_mut(room) else {
             return;
@@ -344,6 +348,7 @@ impl GroundTruth {
                 Ok(ActionKind::Comment | ActionKind::Unspecified) | Err(_) => {}
             },
             SimEvent::Video(_) => st.video_segments += 1,
+            SimEvent::ShortVideo(_) => {}
             SimEvent::Audio(a) => {
                 if a.format != AudioFormat::PcmS16le as i32 || a.sample_rate == 0 || a.channels == 0
                 {

@@ -65,19 +65,26 @@
 //!   viewers present at that instant (chatty fans more often), in English or Chinese
 //!   (a user trait), with wording that turns from calm chat to hype as excitement
 //!   rises. Each comment also yields an ACTION_KIND_COMMENT action at the same time.
+//! * **Short videos** (only with [`SimConfig::short_videos`]). The same users scroll a
+//!   short-video feed when they are not in a live room (the `shorts` module). They
+//!   draw from their own random streams and only read the live visits, so turning
+//!   them on changes no room event.
 //!
 //! Events of one `advance` are sorted by event time; ties are broken by room index,
 //! then by generation order within the room (so a final WATCH_PROGRESS precedes its
-//! LEAVE, and a comment precedes its COMMENT action).
+//! LEAVE, and a comment precedes its COMMENT action); short-video actions come after
+//! every room's events of the same millisecond, in generation order.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::media::{self, Lang, MediaError, Scene, VideoSpec};
+use super::shorts::{ShortVideos, Visits};
 use super::truth::{GroundTruth, UtteranceTruth, ViewerTruth};
 use crate::schema::{
-    ActionKind, AudioChunk, AudioFormat, Comment, VideoFormat, VideoSegment, ViewerAction,
+    ActionKind, AudioChunk, AudioFormat, Comment, ShortVideoAction, VideoFormat, VideoSegment,
+    ViewerAction,
 };
 
 /// Length of the internal generation step. Fixed, so that the events do not depend on
@@ -158,6 +165,10 @@ pub struct SimConfig {
     /// variant is encoded once and reused: the picture still follows the
     /// room's state, at a bounded encoding cost (ffmpeg start-up dominates).
     pub video_variants: u32,
+    /// Whether the rooms' viewers also scroll short videos when they are not in a
+    /// live room ([`SimEvent::ShortVideo`] actions, keyed by user). Off by default;
+    /// turning it on leaves every room event as it was.
+    pub short_videos: bool,
 }
 
 impl Default for SimConfig {
@@ -182,6 +193,7 @@ impl Default for SimConfig {
             audio: true,
             speech: true,
             video_variants: 0,
+            short_videos: false,
         }
     }
 }
@@ -233,16 +245,30 @@ pub enum SimEvent {
     Comment(Comment),
     /// A viewer action (topic `actions`).
     Action(ViewerAction),
+    /// A user's action on a short video (topic `short-video-actions`, keyed by
+    /// user); only with [`SimConfig::short_videos`].
+    ShortVideo(ShortVideoAction),
 }
 
 impl SimEvent {
-    /// The room the record belongs to (its Kafka key).
+    /// The room the record belongs to; `""` for a short-video action, which
+    /// belongs to no room.
     pub fn room_id(&self) -> &str {
         match self {
             SimEvent::Video(v) => &v.room_id,
             SimEvent::Audio(a) => &a.room_id,
             SimEvent::Comment(c) => &c.room_id,
             SimEvent::Action(a) => &a.room_id,
+            SimEvent::ShortVideo(_) => "",
+        }
+    }
+
+    /// The record's Kafka key: the room id for room events, the user id for a
+    /// short-video action.
+    pub fn key(&self) -> &str {
+        match self {
+            SimEvent::ShortVideo(s) => &s.user_id,
+            other => other.room_id(),
         }
     }
 
@@ -253,6 +279,7 @@ impl SimEvent {
             SimEvent::Audio(a) => a.start_time_ms,
             SimEvent::Comment(c) => c.event_time_ms,
             SimEvent::Action(a) => a.event_time_ms,
+            SimEvent::ShortVideo(s) => s.event_time_ms,
         }
     }
 }
@@ -275,7 +302,7 @@ pub struct RoomInfo {
 // ------------------------------------------------------------------ PRNG and math
 
 /// SplitMix64 finaliser: a strong 64-bit mixing function.
-fn mix64(mut z: u64) -> u64 {
+pub(super) fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -283,7 +310,7 @@ fn mix64(mut z: u64) -> u64 {
 }
 
 /// A uniform number in `[0, 1)` that depends only on its three inputs.
-fn hash01(a: u64, b: u64, c: i64) -> f64 {
+pub(super) fn hash01(a: u64, b: u64, c: i64) -> f64 {
     let h = mix64(a ^ mix64(b ^ mix64(c as u64)));
     (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
@@ -880,6 +907,9 @@ struct Room {
 /// Sort key of a generated event: (event time, room index, generation order, slot).
 type Key = (i64, u32, u32, u32);
 
+/// The "room index" of short-video actions in a [`Key`]: after every room.
+const SHORTS_LANE: u32 = u32::MAX;
+
 /// Events of one generation pass, before sorting.
 #[derive(Default)]
 struct Staging {
@@ -927,6 +957,11 @@ pub struct Simulator {
     /// Per user: the scheduled LEAVE of the room they are in (a user enters a room only
     /// after it), so no user is in two rooms at once.
     busy_until: Vec<i64>,
+    /// Per user, with short videos on (empty otherwise): the last two live visits,
+    /// which the feed must not overlap.
+    visits: Vec<Visits>,
+    /// The short-video feed, with short videos on.
+    shorts: Option<ShortVideos>,
     phrases: Option<Arc<Vec<Phrase>>>,
     /// Events are generated up to here (a step boundary or the end).
     gen_until: i64,
@@ -1022,12 +1057,12 @@ fn validate(cfg: &SimConfig) -> Result<i64, SimError> {
 pub const GENRES: u32 = 5;
 
 /// The genre of room `r`'s streamer.
-fn streamer_genre(seed: u64, r: usize) -> u32 {
+pub(super) fn streamer_genre(seed: u64, r: usize) -> u32 {
     ((hash01(seed, 21, r as i64) * f64::from(GENRES)) as u32).min(GENRES - 1)
 }
 
 /// The genre user `user` prefers.
-fn user_genre(seed: u64, user: u32) -> u32 {
+pub(super) fn user_genre(seed: u64, user: u32) -> u32 {
     ((hash01(seed, 22, i64::from(user)) * f64::from(GENRES)) as u32).min(GENRES - 1)
 }
 
@@ -1223,8 +1258,46 @@ impl Simulator {
         } else {
             None
         };
+        let n_users = own_total + pool_n;
+        let (visits, shorts) = if cfg.short_videos {
+            // Every user in some room's population, with the rooms and affinities.
+            let mut of_user: Vec<Vec<(u32, f64)>> = vec![Vec::new(); n_users];
+            for (r, room) in rooms.iter().enumerate() {
+                for v in &room.viewers {
+                    if let Some(list) = of_user.get_mut(v.user as usize) {
+                        list.push((r as u32, v.affinity));
+                    }
+                }
+            }
+            let users = of_user
+                .into_iter()
+                .enumerate()
+                .filter(|(_, rooms)| !rooms.is_empty())
+                .map(|(u, rooms)| (u as u32, rooms))
+                .collect();
+            let streamers = infos
+                .iter()
+                .enumerate()
+                .map(|(r, i)| (i.streamer_id.clone(), streamer_genre(seed, r)))
+                .collect();
+            (
+                vec![Visits::default(); n_users],
+                Some(ShortVideos::new(
+                    seed,
+                    day_seed,
+                    cfg.start_ms,
+                    end_ms,
+                    streamers,
+                    users,
+                )),
+            )
+        } else {
+            (Vec::new(), None)
+        };
         Ok(Simulator {
-            busy_until: vec![i64::MIN; own_total + pool_n],
+            busy_until: vec![i64::MIN; n_users],
+            visits,
+            shorts,
             end_ms,
             rooms,
             infos,
@@ -1402,8 +1475,24 @@ impl Simulator {
                     &mut self.spoken,
                 );
             }
-            gen_viewers(&ctx, room, &mut self.busy_until, out, &mut seq);
+            gen_viewers(
+                &ctx,
+                room,
+                &mut self.busy_until,
+                &mut self.visits,
+                out,
+                &mut seq,
+            );
             gen_comments(&ctx, room, cfg.comments_per_sec, out, &mut seq);
+        }
+        // After every room's step: the visits in [s, e) are final then.
+        if let Some(shorts) = self.shorts.as_mut() {
+            let mut actions = Vec::new();
+            shorts.step(e, &self.visits, &mut actions);
+            let mut seq = 0u32;
+            for a in actions {
+                out.push(SHORTS_LANE, &mut seq, SimEvent::ShortVideo(a));
+            }
         }
     }
 }
@@ -1723,10 +1812,13 @@ fn watch_duration(rng: &mut Rng, affinity: f64, highlight: bool) -> i64 {
     d.min(6_000_000.0) as i64
 }
 
+/// The viewers of a room over the step. `visits` (per user, or empty) gets every
+/// ENTER and longer stay; it is only written, so it changes no draw.
 fn gen_viewers(
     ctx: &StepCtx<'_>,
     room: &mut Room,
     busy_until: &mut [i64],
+    visits: &mut [Visits],
     out: &mut Staging,
     seq: &mut u32,
 ) {
@@ -1788,6 +1880,9 @@ fn gen_viewers(
                     if let Some(b) = busy_until.get_mut(user) {
                         *b = leave_at;
                     }
+                    if let Some(w) = visits.get_mut(user) {
+                        w.enter(enter_at, leave_at);
+                    }
                     out.push(
                         ctx.room_ix,
                         seq,
@@ -1818,6 +1913,9 @@ fn gen_viewers(
                         leave_at = (leave_at + rng.range(20_000, 90_000)).min(last_ms);
                         if let Some(b) = busy_until.get_mut(v.user as usize) {
                             *b = (*b).max(leave_at);
+                        }
+                        if let Some(w) = visits.get_mut(v.user as usize) {
+                            w.extend(enter_ms, leave_at);
                         }
                     }
                     // Interactions strictly between entering and leaving.
@@ -2171,6 +2269,7 @@ mod tests {
                 SimEvent::Audio(a) => a.encode_to_vec(),
                 SimEvent::Comment(c) => c.encode_to_vec(),
                 SimEvent::Action(a) => a.encode_to_vec(),
+                SimEvent::ShortVideo(s) => s.encode_to_vec(),
             };
             for b in bytes {
                 h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
@@ -2421,7 +2520,7 @@ mod tests {
                         figs.entry(k).or_default().samples += 1;
                     }
                 }
-                SimEvent::Video(_) => {}
+                SimEvent::Video(_) | SimEvent::ShortVideo(_) => {}
             }
         }
         for (key, f) in &figs {

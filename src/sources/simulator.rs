@@ -3,6 +3,9 @@
 //! on Kafka, to the partition tasks, so the embedded demo exercises the same
 //! decode, merge, operators and sinks as a deployment.
 //!
+//! It feeds the room stage only: short-video actions (simulated with
+//! `short_videos` on) are skipped, as the partition tasks here are the rooms'.
+//!
 //! Not for: producing to Kafka (that is `onair simulate`, in `simulator`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +23,11 @@ use crate::simulator::{SimError, SimEvent, Simulator};
 /// How much simulated time one step covers.
 const STEP_MS: i64 = 200;
 
-/// Encodes a simulated event as the record a room would send.
+/// Encodes a simulated event as the record its source would send (a room, or
+/// for a short-video action the short-video service).
 pub fn to_record(ev: &SimEvent) -> (InputKind, Vec<u8>) {
     match ev {
+        SimEvent::ShortVideo(s) => (InputKind::ShortVideoActions, s.encode_to_vec()),
         SimEvent::Video(v) => (InputKind::Video, v.encode_to_vec()),
         SimEvent::Audio(a) => (InputKind::Audio, a.encode_to_vec()),
         SimEvent::Comment(c) => (InputKind::Comments, c.encode_to_vec()),
@@ -51,6 +56,11 @@ pub async fn feed(
         let (back, events) = crate::simulator::advance_off_thread(sim, until).await?;
         sim = back;
         for ev in events {
+            // The room stage only: short-video actions are keyed by user and
+            // belong to the user stage, which this demo does not run.
+            if matches!(ev, SimEvent::ShortVideo(_)) {
+                continue;
+            }
             let p = partition_of(ev.room_id(), partitions) as usize;
             let (kind, payload) = to_record(&ev);
             let Some(task) = tasks.get(p) else { continue };
