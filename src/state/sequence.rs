@@ -315,7 +315,7 @@ struct Lane {
 impl Lane {
     fn push(&mut self, b: Behaviour) -> u64 {
         self.items.push_back(b);
-        self.first + self.items.len() as u64 - 1
+        self.first.saturating_add(self.items.len() as u64 - 1)
     }
 
     fn get_mut(&mut self, seq: u64) -> Option<&mut Behaviour> {
@@ -332,7 +332,7 @@ impl Lane {
             }
             gone(self.first, &front.item);
             self.items.pop_front();
-            self.first += 1;
+            self.first = self.first.saturating_add(1);
         }
     }
 }
@@ -379,7 +379,7 @@ impl Fold {
             (Domain::Live, Step::Watch) => {
                 let long = bounds.long_view_ms;
                 self.visit(act, |b| {
-                    b.watch_ms += u64::from(act.watch_ms);
+                    b.watch_ms = b.watch_ms.saturating_add(u64::from(act.watch_ms));
                     if b.watch_ms as i64 >= long {
                         b.mark(Feedback::LongView, t);
                     }
@@ -388,7 +388,7 @@ impl Fold {
             (Domain::Live, Step::Feedback(f)) => self.visit(act, |b| {
                 b.mark(f, t);
                 if f == Feedback::Gift {
-                    b.gift_value += act.gift_value;
+                    b.gift_value = b.gift_value.saturating_add(act.gift_value);
                 }
             }),
             (Domain::ShortVideo, Step::Play) => {
@@ -705,7 +705,7 @@ impl UserState {
                     if seen & !r.mask & f.bit() == 0 {
                         continue;
                     }
-                    let k = (b.first_ms[f as usize] - b.start_ms).max(0) / period_ms;
+                    let k = b.first_ms[f as usize].saturating_sub(b.start_ms).max(0) / period_ms;
                     if k < closed {
                         *due.entry(k).or_default() |= f.bit();
                     }
@@ -756,6 +756,18 @@ pub enum StateDecodeError {
 
 /// Version of the changelog layout.
 pub const STATE_VERSION: u32 = 1;
+
+/// Event times a record may carry (about ±35,000 years around the epoch):
+/// arithmetic on them cannot overflow.
+const TIME_RANGE: std::ops::RangeInclusive<i64> = -(1 << 50)..=(1 << 50);
+
+fn time(t: i64, what: &'static str) -> Result<i64, StateDecodeError> {
+    if TIME_RANGE.contains(&t) {
+        Ok(t)
+    } else {
+        Err(StateDecodeError::Field(what))
+    }
+}
 
 fn step_code(s: Step) -> u32 {
     match s {
@@ -815,6 +827,19 @@ fn behaviour_to(b: &Behaviour) -> pb::SequenceBehaviour {
 }
 
 fn behaviour_from(r: pb::SequenceBehaviour) -> Result<Behaviour, StateDecodeError> {
+    time(r.start_ms, "start_ms")?;
+    if let Some(t) = r.end_ms {
+        time(t, "end_ms")?;
+    }
+    if let Some(t) = r.impression_ms {
+        time(t, "impression_ms")?;
+    }
+    if r.first_ms
+        .iter()
+        .any(|&t| t != i64::MAX && !TIME_RANGE.contains(&t))
+    {
+        return Err(StateDecodeError::Field("first_ms"));
+    }
     Ok(Behaviour {
         domain: domain_of(r.short_video),
         item: r.item.into(),
@@ -892,8 +917,13 @@ fn fold_from(r: pb::SequenceFold) -> Result<Fold, StateDecodeError> {
         shown: r
             .shown
             .into_iter()
-            .map(|s| ((domain_of(s.short_video), Arc::from(s.item)), s.time_ms))
-            .collect(),
+            .map(|s| {
+                Ok((
+                    (domain_of(s.short_video), Arc::from(s.item)),
+                    time(s.time_ms, "shown")?,
+                ))
+            })
+            .collect::<Result<_, StateDecodeError>>()?,
         newest_ms: r.newest_ms,
     })
 }
@@ -923,7 +953,7 @@ fn act_to(a: &Act) -> pb::SequenceAct {
 
 fn act_from(r: pb::SequenceAct) -> Result<Act, StateDecodeError> {
     Ok(Act {
-        time_ms: r.time_ms,
+        time_ms: time(r.time_ms, "time_ms")?,
         source: Source {
             stream: u8::try_from(r.stream).map_err(|_| StateDecodeError::Field("stream"))?,
             partition: r.partition,
@@ -991,7 +1021,7 @@ impl UserState {
             .map(|v| {
                 let mask = u16::try_from(v.mask).map_err(|_| StateDecodeError::Field("mask"))?;
                 Ok((
-                    (v.start_ms, Arc::<str>::from(v.room)),
+                    (time(v.start_ms, "reported")?, Arc::<str>::from(v.room)),
                     Reported {
                         mask,
                         periods: v.periods,
