@@ -140,8 +140,6 @@ fn produce(
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", common::brokers())
-        // onair's producers' partitioner (Java's), so a room's records share a partition.
-        .set("partitioner", "murmur2_random")
         .create()
         .expect("producer");
     let mut out = Vec::new();

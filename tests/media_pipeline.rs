@@ -283,8 +283,6 @@ fn media_decodes_and_hostile_payloads_are_dead_lettered() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", common::brokers())
-        // onair's producers' partitioner (Java's), so a room's records share a partition.
-        .set("partitioner", "murmur2_random")
         .set("message.max.bytes", "10000000")
         .create()
         .expect("producer");

@@ -110,8 +110,6 @@ pub async fn publish(
 ) -> Result<(Simulator, PublishReport), PublishError> {
     let mut c = client_config(kafka);
     c.set("enable.idempotence", "true")
-        // As upstream Java producers do, and as onair's sink does.
-        .set("partitioner", "murmur2_random")
         .set("linger.ms", "20")
         .set("compression.type", "lz4")
         .set("message.max.bytes", kafka.message_max_bytes.to_string())

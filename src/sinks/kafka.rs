@@ -89,10 +89,6 @@ impl KafkaSink {
     pub fn config(cfg: &KafkaConfig) -> ClientConfig {
         let mut c = client_config(cfg);
         c.set("enable.idempotence", "true")
-            // Java clients' partitioner: the repartition topic must put a
-            // user where the upstream producers put that user's other
-            // streams (Kafka Streams does the same).
-            .set("partitioner", "murmur2_random")
             .set("acks", "all")
             .set("linger.ms", cfg.linger_ms.to_string())
             .set("message.max.bytes", cfg.message_max_bytes.to_string())
