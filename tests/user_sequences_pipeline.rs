@@ -13,13 +13,12 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Proc, Rec, Topics};
 use onair::operators::user_sequences::behaviour_record;
 use onair::schema::{Behaviour, ShortVideoAction, UserSequence, ViewerAction};
-use onair::state::sequence::{rebuild, Act, Bounds, Domain, Source};
+use onair::state::sequence::{rebuild, Act, Bounds, Source};
 use prost::Message;
 
 const EXTRA: &str = r#"
@@ -56,26 +55,14 @@ fn expected(topics: &Topics) -> BTreeMap<String, Vec<Behaviour>> {
     let mut acts: HashMap<String, Vec<Act>> = HashMap::new();
     for r in read_all(&topics.name("actions"), Duration::from_secs(5)) {
         let a = ViewerAction::decode(&r.payload[..]).expect("the simulator writes protobuf");
-        let Some(step) = Act::live_step(a.kind()) else {
-            continue;
+        let source = Source {
+            stream: 0,
+            partition: r.partition,
+            offset: r.offset,
         };
-        acts.entry(a.user_id.clone()).or_default().push(Act {
-            time_ms: a.event_time_ms,
-            source: Source {
-                stream: 0,
-                partition: r.partition,
-                offset: r.offset,
-            },
-            domain: Domain::Live,
-            item: Arc::from(a.room_id.as_str()),
-            owner: Arc::from(a.streamer_id.as_str()),
-            step,
-            watch_ms: a.watch_ms,
-            duration_ms: 0,
-            gift_value: a.gift_value,
-            highlight: None,
-            content: None,
-        });
+        if let Some(act) = Act::live(&a, source, None) {
+            acts.entry(a.user_id.clone()).or_default().push(act);
+        }
     }
     let shorts = read_all(&topics.name("short-video-actions"), Duration::from_secs(5));
     assert!(
@@ -85,26 +72,14 @@ fn expected(topics: &Topics) -> BTreeMap<String, Vec<Behaviour>> {
     );
     for r in shorts {
         let s = ShortVideoAction::decode(&r.payload[..]).expect("protobuf");
-        let Some(step) = Act::short_step(s.kind()) else {
-            continue;
+        let source = Source {
+            stream: 1,
+            partition: r.partition,
+            offset: r.offset,
         };
-        acts.entry(s.user_id.clone()).or_default().push(Act {
-            time_ms: s.event_time_ms,
-            source: Source {
-                stream: 1,
-                partition: r.partition,
-                offset: r.offset,
-            },
-            domain: Domain::ShortVideo,
-            item: Arc::from(s.video_id.as_str()),
-            owner: Arc::from(s.author_id.as_str()),
-            step,
-            watch_ms: s.watch_ms,
-            duration_ms: s.duration_ms,
-            gift_value: 0,
-            highlight: None,
-            content: None,
-        });
+        if let Some(act) = Act::short_video(&s, source) {
+            acts.entry(s.user_id.clone()).or_default().push(act);
+        }
     }
     let b = bounds();
     acts.into_iter()

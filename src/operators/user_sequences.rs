@@ -39,13 +39,12 @@ use crate::metrics::{
 };
 use crate::runtime::{changelog_key, Context, Holds, Operator, Output, OutputTopic, Position};
 use crate::schema::{
-    deterministic_id, Behaviour as BehaviourRecord, Event, TrainingSample, UserSequence,
-    SCHEMA_VERSION,
+    deterministic_id, ActionKind, Behaviour as BehaviourRecord, Event, TrainingSample,
+    UserSequence, SCHEMA_VERSION,
 };
 use crate::sources::room_table::RoomTable;
 use crate::state::sequence::{
-    Act, Applied, Behaviour, Bounds, Domain, Feedback, LabelReport, Source, Step, UserState,
-    LIVE_LABELS,
+    Act, Applied, Behaviour, Bounds, Domain, Feedback, LabelReport, Source, UserState, LIVE_LABELS,
 };
 
 /// Training-sample task of the moment labels.
@@ -115,51 +114,23 @@ impl UserSequences {
     fn act(&self, event: &Event, pos: Position) -> Option<(String, Act)> {
         match event {
             Event::Action(a) => {
-                let step = Act::live_step(a.kind())?;
-                let enter = step == Step::Enter;
-                let act = Act {
-                    time_ms: a.event_time_ms,
-                    source: Source {
-                        stream: 0,
-                        partition: a.source_partition,
-                        offset: a.source_offset,
-                    },
-                    domain: Domain::Live,
-                    item: Arc::from(a.room_id.as_str()),
-                    owner: Arc::from(a.streamer_id.as_str()),
-                    step,
-                    watch_ms: a.watch_ms,
-                    duration_ms: 0,
-                    gift_value: a.gift_value,
-                    highlight: a.highlight_score.filter(|_| enter),
-                    content: if enter {
-                        self.content(&a.room_id, a.event_time_ms)
-                    } else {
-                        None
-                    },
+                let source = Source {
+                    stream: 0,
+                    partition: a.source_partition,
+                    offset: a.source_offset,
                 };
-                Some((a.user_id.clone(), act))
+                let content = (a.kind() == ActionKind::Enter)
+                    .then(|| self.content(&a.room_id, a.event_time_ms))
+                    .flatten();
+                Some((a.user_id.clone(), Act::live(a, source, content)?))
             }
             Event::ShortVideo(s) => {
-                let step = Act::short_step(s.kind())?;
-                let act = Act {
-                    time_ms: s.event_time_ms,
-                    source: Source {
-                        stream: 1,
-                        partition: self.partition,
-                        offset: pos.offset,
-                    },
-                    domain: Domain::ShortVideo,
-                    item: Arc::from(s.video_id.as_str()),
-                    owner: Arc::from(s.author_id.as_str()),
-                    step,
-                    watch_ms: s.watch_ms,
-                    duration_ms: s.duration_ms,
-                    gift_value: 0,
-                    highlight: None,
-                    content: None,
+                let source = Source {
+                    stream: 1,
+                    partition: self.partition,
+                    offset: pos.offset,
                 };
-                Some((s.user_id.clone(), act))
+                Some((s.user_id.clone(), Act::short_video(s, source)?))
             }
             _ => None,
         }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{self as pb, ActionKind, ShortVideoActionKind};
+use crate::schema::{self as pb, ActionKind, ShortVideoAction, ShortVideoActionKind, ViewerAction};
 
 /// An impression leads to the visit or play that follows it within this long.
 pub const IMPRESSION_TTL_MS: i64 = 60_000;
@@ -204,6 +204,44 @@ impl Act {
             ShortVideoActionKind::Comment => Step::Feedback(Feedback::Comment),
             ShortVideoActionKind::Share => Step::Feedback(Feedback::Share),
             ShortVideoActionKind::Follow => Step::Feedback(Feedback::Follow),
+        })
+    }
+
+    /// A live action as the sequence takes it, read at `source`, with the
+    /// room's content vector (kept for entries only, as is the highlight
+    /// score the action carries). None: a kind that does nothing.
+    pub fn live(a: &ViewerAction, source: Source, content: Option<Arc<[f32]>>) -> Option<Act> {
+        let step = Act::live_step(a.kind())?;
+        let enter = step == Step::Enter;
+        Some(Act {
+            time_ms: a.event_time_ms,
+            source,
+            domain: Domain::Live,
+            item: Arc::from(a.room_id.as_str()),
+            owner: Arc::from(a.streamer_id.as_str()),
+            step,
+            watch_ms: a.watch_ms,
+            duration_ms: 0,
+            gift_value: a.gift_value,
+            highlight: a.highlight_score.filter(|_| enter),
+            content: content.filter(|_| enter),
+        })
+    }
+
+    /// A short-video action as the sequence takes it, read at `source`.
+    pub fn short_video(s: &ShortVideoAction, source: Source) -> Option<Act> {
+        Some(Act {
+            time_ms: s.event_time_ms,
+            source,
+            domain: Domain::ShortVideo,
+            item: Arc::from(s.video_id.as_str()),
+            owner: Arc::from(s.author_id.as_str()),
+            step: Act::short_step(s.kind())?,
+            watch_ms: s.watch_ms,
+            duration_ms: s.duration_ms,
+            gift_value: 0,
+            highlight: None,
+            content: None,
         })
     }
 
