@@ -91,11 +91,6 @@ fn read_stats(topics: &Topics, expected: usize, timeout: Duration) -> Vec<Rec> {
     })
 }
 
-fn simulate_ok(mut sim: Proc) {
-    let status = sim.wait(Duration::from_secs(240));
-    assert!(status.success(), "simulate failed:\n{}", sim.log_tail());
-}
-
 /// 20 rooms, 60 s of event time, produced first (a backlog), then processed.
 #[test]
 fn room_stats_from_a_backlog_equal_the_truth() {
@@ -106,7 +101,7 @@ fn room_stats_from_a_backlog_equal_the_truth() {
     let pipeline = common::pipeline(&dir, &topics, "");
     let truth_path = dir.join("truth.jsonl");
     let t = truth_path.to_str().expect("utf-8 path");
-    simulate_ok(Proc::simulate(
+    Proc::simulate(
         &dir,
         &pipeline,
         &[
@@ -123,7 +118,8 @@ fn room_stats_from_a_backlog_equal_the_truth() {
             "--truth",
             t,
         ],
-    ));
+    )
+    .simulate_ok(Duration::from_secs(240));
     let truth = load_truth(&truth_path);
     assert!(
         truth.ticks().count() >= 20 * 55,
@@ -209,7 +205,7 @@ fn sigkill_and_restart_lose_nothing() {
     );
     first.kill9();
     let mut second = Proc::engine_with(&dir, &pipeline, "engine-2", &instance);
-    simulate_ok(sim);
+    sim.simulate_ok(Duration::from_secs(240));
     let truth = load_truth(&truth_path);
     let recs = read_stats(&topics, truth.ticks().count(), Duration::from_secs(180));
     second.signal_term();
@@ -303,7 +299,7 @@ fn two_members_share_and_hand_over_partitions() {
         "a took over every partition\n{}",
         a.log_tail()
     );
-    simulate_ok(sim);
+    sim.simulate_ok(Duration::from_secs(240));
     let truth = load_truth(&truth_path);
     let recs = read_stats(&topics, truth.ticks().count(), Duration::from_secs(180));
     a.signal_term();

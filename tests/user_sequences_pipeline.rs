@@ -228,11 +228,6 @@ fn wait_for_snapshots(p: &Proc, n: f64) {
     panic!("no {n} user-sequence snapshots in 90 s:\n{}", p.log_tail());
 }
 
-fn simulate_ok(mut sim: Proc) {
-    let status = sim.wait(Duration::from_secs(300));
-    assert!(status.success(), "simulate: {status}\n{}", sim.log_tail());
-}
-
 #[test]
 fn sequences_survive_sigkill_and_restart() {
     let dir = common::scratch("seq-kill");
@@ -247,7 +242,7 @@ fn sequences_survive_sigkill_and_restart() {
     wait_for_snapshots(&first, 200.0);
     first.kill9();
     let mut second = Proc::engine_with(&dir, &pipeline, "engine-2", &instance);
-    simulate_ok(sim);
+    sim.simulate_ok(Duration::from_secs(300));
     let want = expected(&topics);
     assert_sequences(&topics, &want, &second);
     let restored = total(&second, "onair_state_restored_records_total");
@@ -289,7 +284,7 @@ fn sequences_move_with_their_partitions() {
         "member b exit: {status}\n{}",
         b.log_tail()
     );
-    simulate_ok(sim);
+    sim.simulate_ok(Duration::from_secs(300));
     let want = expected(&topics);
     assert_sequences(&topics, &want, &a);
     let restored = total(&a, "onair_state_restored_records_total");

@@ -435,7 +435,8 @@ impl Catalogue {
 mod tests {
     use std::collections::{HashMap, HashSet};
 
-    use super::super::world::{SimConfig, SimEvent, Simulator};
+    use super::super::world::tests::run_all as run;
+    use super::super::world::{SimConfig, SimEvent};
     use super::*;
     use crate::schema::ActionKind;
 
@@ -461,17 +462,6 @@ mod tests {
             duration_ms: 150_000,
             ..small(seed, true)
         }
-    }
-
-    fn run(cfg: SimConfig, step_ms: i64) -> (Simulator, Vec<SimEvent>) {
-        let mut sim = Simulator::new(cfg).expect("new");
-        let mut all = Vec::new();
-        let mut t = sim.config().start_ms;
-        while !sim.finished() {
-            t += step_ms;
-            all.extend(sim.advance(t).expect("advance"));
-        }
-        (sim, all)
     }
 
     fn shorts(events: &[SimEvent]) -> Vec<&ShortVideoAction> {

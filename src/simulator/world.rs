@@ -2111,7 +2111,7 @@ fn gen_comments(ctx: &StepCtx<'_>, room: &mut Room, cps: f64, out: &mut Staging,
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -2131,7 +2131,11 @@ mod tests {
         }
     }
 
-    fn run_all(cfg: SimConfig, step_ms: i64) -> (Simulator, Vec<SimEvent>) {
+    /// Runs a simulation to its end in steps of `step_ms`.
+    pub(in crate::simulator) fn run_all(
+        cfg: SimConfig,
+        step_ms: i64,
+    ) -> (Simulator, Vec<SimEvent>) {
         let mut sim = Simulator::new(cfg).expect("new");
         let mut all = Vec::new();
         let mut t = sim.config().start_ms;

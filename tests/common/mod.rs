@@ -180,6 +180,12 @@ impl Proc {
         }
     }
 
+    /// Waits for a simulator to finish and asserts that it succeeded.
+    pub fn simulate_ok(mut self, timeout: Duration) {
+        let status = self.wait(timeout);
+        assert!(status.success(), "simulate: {status}\n{}", self.log_tail());
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
