@@ -7,7 +7,8 @@
 //!   does instead: rebuild the user's sequence from all of its actions on
 //!   each new one.
 //! - memory per user at the default bounds (64 live visits with a 64-float
-//!   content vector each, 128 short-video plays), counted by a counting
+//!   content vector each, 128 short-video plays), with and without
+//!   compressed interests (on in every measurement here), counted by a counting
 //!   allocator, and the size of the user's changelog record;
 //! - restore: reading one user's changelog record back (decode and refold),
 //!   reported per million users.
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use onair::config::UserSequencesConfig;
+use onair::models::interests::InterestModel;
 use onair::operators::user_sequences::UserSequences;
 use onair::runtime::{Context, Operator, Output, Position};
 use onair::schema::{
@@ -149,8 +151,8 @@ fn history(user: u32, visits: u32, plays: u32) -> Vec<Act> {
     out
 }
 
-fn state(acts: &[Act], b: &Bounds) -> UserState {
-    let mut s = UserState::new();
+fn state(acts: &[Act], b: &Bounds, model: Option<&Arc<InterestModel>>) -> UserState {
+    let mut s = UserState::with_interests(model.cloned());
     for a in acts {
         s.apply(a.clone(), b);
     }
@@ -205,11 +207,22 @@ fn record(users: u32, i: u32, per_tick: u32) -> (InputKind, Vec<u8>, Vec<u8>) {
 
 fn bench(c: &mut Criterion) {
     let b = Bounds::default();
+    // The committed compressed-interest model, on by default.
+    let model = Arc::new(
+        InterestModel::load(std::path::Path::new("models/interests")).expect("interest model"),
+    );
     // Memory per user at the default bounds.
     let users = 2_000u32;
     let histories: Vec<Vec<Act>> = (0..users).map(|u| history(u, 64, 128)).collect();
     let before = LIVE.load(Ordering::Relaxed);
-    let states: Vec<UserState> = histories.iter().map(|h| state(h, &b)).collect();
+    let plain: Vec<UserState> = histories.iter().map(|h| state(h, &b, None)).collect();
+    let plain_bytes = LIVE.load(Ordering::Relaxed) - before;
+    drop(plain);
+    let before = LIVE.load(Ordering::Relaxed);
+    let states: Vec<UserState> = histories
+        .iter()
+        .map(|h| state(h, &b, Some(&model)))
+        .collect();
     let bytes = LIVE.load(Ordering::Relaxed) - before;
     let s0 = &states[0];
     assert_eq!(s0.current().live().count(), 64);
@@ -217,8 +230,9 @@ fn bench(c: &mut Criterion) {
     let record_bytes: usize =
         states.iter().map(|s| s.encode().len()).sum::<usize>() / users as usize;
     eprintln!(
-        "memory per user at the default bounds: {} bytes in the state ({} users; 64 live with {DIM}-float content, 128 short); changelog record {} bytes",
+        "memory per user at the default bounds: {} bytes in the state with compressed interests ({} without; {} users; 64 live with {DIM}-float content, 128 short); changelog record {} bytes",
         bytes / users as isize,
+        plain_bytes / users as isize,
         users,
         record_bytes
     );
@@ -230,13 +244,13 @@ fn bench(c: &mut Criterion) {
     g.bench_function("restore_user_record", |bench| {
         bench.iter(|| {
             for e in &encoded {
-                black_box(UserState::decode(e, &b).expect("reads back"));
+                black_box(UserState::decode(e, &b, Some(&model)).expect("reads back"));
             }
         })
     });
     let started = Instant::now();
     for e in &encoded {
-        black_box(UserState::decode(e, &b).expect("reads back"));
+        black_box(UserState::decode(e, &b, Some(&model)).expect("reads back"));
     }
     let per_user = started.elapsed() / encoded.len() as u32;
     eprintln!(
@@ -254,7 +268,7 @@ fn bench(c: &mut Criterion) {
     let n_users = 20_000u32;
     let per_tick = 2_000u32;
     let limits = Limits::default();
-    let mut op = UserSequences::new(cfg, None);
+    let mut op = UserSequences::new(cfg, None).with_interests(Some(model.clone()));
     let mut outputs: Vec<Output> = Vec::new();
     let next = std::cell::Cell::new(0u32);
     g.throughput(Throughput::Elements(u64::from(per_tick)));
@@ -291,7 +305,7 @@ fn bench(c: &mut Criterion) {
     let full = &histories[0];
     g.throughput(Throughput::Elements(1));
     g.bench_function("reference_rebuild_per_action", |bench| {
-        bench.iter(|| black_box(rebuild(full.iter(), &b)))
+        bench.iter(|| black_box(rebuild(full.iter(), &b, Some(&model))))
     });
     g.finish();
 }

@@ -23,7 +23,7 @@ use crate::kafka::{client_config, ensure_topics, pipeline_topics};
 use crate::runtime::Engine;
 use crate::schema::{self, RoomStats};
 use crate::simulator::publish::{publish, PublishOptions};
-use crate::simulator::{default_start_ms, sim_config, Simulator};
+use crate::simulator::{default_start_ms, sim_config, SimEvent, Simulator};
 use crate::sinks::console::ConsoleSink;
 use crate::sinks::samples::SampleFiles;
 
@@ -62,6 +62,39 @@ enum Command {
     /// similarity, GraphCL node embeddings (needs the `torch` feature) and the
     /// neighbour lists MMBee's interest expansion reads.
     Graph(GraphArgs),
+    /// Write simulated users' behaviour sequences, with the compressed-interest
+    /// model's features, as JSON lines: that model's training data (runs the
+    /// simulator in process, actions only; no broker, no media).
+    Sequences(SequencesArgs),
+}
+
+#[derive(Args, Debug)]
+struct SequencesArgs {
+    /// Pipeline file whose `[simulator]` to use (short videos are always on).
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Day of the seed's world.
+    #[arg(long)]
+    day: Option<u32>,
+    /// Rooms.
+    #[arg(long)]
+    rooms: Option<u32>,
+    /// Viewer population per room.
+    #[arg(long)]
+    viewers: Option<u32>,
+    /// Simulated duration.
+    #[arg(long, default_value = "3600s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Event time of the first instant (ms since epoch).
+    #[arg(long, default_value_t = 1_767_225_600_000)]
+    start_ms: i64,
+    /// Output file: one JSON object per user (`user`, `behaviours`: each with
+    /// `t`, `domain`, `item`, `owner` and `dense`, the model's features).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -268,6 +301,9 @@ pub fn main() -> ExitCode {
             Command::Simulate(a) => simulate(a).await,
             Command::Validate { files } => validate(&files),
             Command::Tail(a) => tail(a).await,
+            Command::Sequences(a) => tokio::task::spawn_blocking(move || sequences(a))
+                .await
+                .map_err(|e| e.to_string())?,
             Command::Graph(a) => tokio::task::spawn_blocking(move || graph(a))
                 .await
                 .map_err(|e| e.to_string())
@@ -504,6 +540,107 @@ async fn demo(a: DemoArgs) -> CliResult {
     } else {
         Err("the engine's room stats differ from the simulator's ground truth".into())
     }
+}
+
+/// `onair sequences`: every simulated user's whole sequence (no bounds but
+/// the run's length), folded by the engine's own rules.
+fn sequences(a: SequencesArgs) -> CliResult {
+    use crate::state::sequence::{rebuild, Act, Bounds, Source};
+    let mut config = match &a.pipeline {
+        Some(p) => load(p)?,
+        None => PipelineConfig::default(),
+    };
+    let s = &mut config.simulator;
+    if let Some(x) = a.seed {
+        s.seed = x;
+    }
+    if let Some(d) = a.day {
+        s.day = d;
+    }
+    if let Some(r) = a.rooms {
+        s.rooms = r;
+    }
+    if let Some(v) = a.viewers {
+        s.viewers = v;
+    }
+    (s.video, s.audio, s.speech, s.short_videos) = (false, false, false, true);
+    let duration = a.duration.as_millis() as i64;
+    let sim_cfg = sim_config(
+        &config.simulator,
+        a.start_ms,
+        duration,
+        config.runtime.tick_ms,
+    );
+    let mut sim = Simulator::new(sim_cfg).map_err(|e| chain(&e))?;
+    let mut acts: std::collections::BTreeMap<String, Vec<Act>> = Default::default();
+    let mut offset = 0i64;
+    let step = 60_000;
+    let mut t = a.start_ms;
+    while t < a.start_ms + duration {
+        t = (t + step).min(a.start_ms + duration);
+        for event in sim.advance(t).map_err(|e| chain(&e))? {
+            offset += 1;
+            let (user, act) = match &event {
+                SimEvent::Action(v) => {
+                    let source = Source {
+                        stream: 0,
+                        partition: 0,
+                        offset,
+                    };
+                    (&v.user_id, Act::live(v, source, None))
+                }
+                SimEvent::ShortVideo(v) => {
+                    let source = Source {
+                        stream: 1,
+                        partition: 0,
+                        offset,
+                    };
+                    (&v.user_id, Act::short_video(v, source))
+                }
+                _ => continue,
+            };
+            if let Some(act) = act {
+                acts.entry(user.clone()).or_default().push(act);
+            }
+        }
+    }
+    let bounds = Bounds {
+        live_max: usize::MAX,
+        short_video_max: usize::MAX,
+        live_max_age_ms: i64::MAX / 4,
+        short_video_max_age_ms: i64::MAX / 4,
+        long_view_ms: config.operators.user_sequences.long_view_ms,
+    };
+    let file = std::fs::File::create(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let (mut users, mut behaviours) = (0usize, 0usize);
+    for (user, acts) in &acts {
+        let fold = rebuild(acts, &bounds, None);
+        let list: Vec<serde_json::Value> = fold
+            .behaviours()
+            .into_iter()
+            .map(|b| {
+                serde_json::json!({
+                    "t": b.start_ms,
+                    "domain": b.domain.name(),
+                    "item": &*b.item,
+                    "owner": &*b.owner,
+                    "dense": crate::models::interests::dense(b),
+                })
+            })
+            .collect();
+        users += 1;
+        behaviours += list.len();
+        let line = serde_json::json!({ "user": user, "behaviours": list });
+        writeln!(out, "{line}").map_err(|e| format!("{}: {e}", a.out.display()))?;
+    }
+    out.flush()
+        .map_err(|e| format!("{}: {e}", a.out.display()))?;
+    println!(
+        "onair sequences: {users} users, {behaviours} behaviours -> {}",
+        a.out.display()
+    );
+    Ok(())
 }
 
 async fn simulate(a: SimulateArgs) -> CliResult {

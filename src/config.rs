@@ -691,6 +691,10 @@ pub struct UserSequencesConfig {
     pub label_period_ms: i64,
     /// Whether to write the moment labels to `training-samples`.
     pub samples: bool,
+    /// The compressed-interest model: a directory of numbered versions (the
+    /// newest is loaded) or one version's directory; `""`: no compressed
+    /// interests.
+    pub interests_model: String,
 }
 
 impl Default for UserSequencesConfig {
@@ -706,6 +710,7 @@ impl Default for UserSequencesConfig {
             reorder_ms: 120_000,
             label_period_ms: 30_000,
             samples: true,
+            interests_model: "models/interests".into(),
         }
     }
 }

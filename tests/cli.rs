@@ -38,6 +38,55 @@ fn shipped_pipelines_are_valid() {
     assert_eq!(stdout.matches(": ok").count(), files.len(), "{stdout}");
 }
 
+/// `onair sequences` (the compressed-interest model's training data): every
+/// simulated user's day in both domains, in time order, with the model's
+/// features, and the same file for the same seed and day.
+#[test]
+fn sequences_writes_each_users_behaviours_with_features() {
+    let dir = common::scratch("sequences");
+    let run = |name: &str| {
+        let path = dir.join(name);
+        let out = onair(&[
+            "sequences",
+            "--pipeline",
+            "pipelines/interests-data.toml",
+            "--day",
+            "1",
+            "--duration",
+            "300s",
+            "--out",
+            path.to_str().expect("utf-8"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(path).expect("output")
+    };
+    let text = run("a.jsonl");
+    assert_eq!(text, run("b.jsonl"), "not deterministic");
+    let (mut live, mut short) = (0, 0);
+    for line in text.lines() {
+        let u: serde_json::Value = serde_json::from_str(line).expect("JSON lines");
+        let bs = u["behaviours"].as_array().expect("behaviours");
+        let times: Vec<i64> = bs.iter().map(|b| b["t"].as_i64().expect("t")).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "not in time order");
+        for b in bs {
+            assert_eq!(b["dense"].as_array().expect("dense").len(), 12);
+            match b["domain"].as_str() {
+                Some("live") => live += 1,
+                Some("short_video") => short += 1,
+                other => panic!("domain {other:?}"),
+            }
+        }
+    }
+    assert!(
+        live > 100 && short > 100,
+        "{live} live, {short} short-video behaviours"
+    );
+}
+
 #[test]
 fn validate_lists_every_problem_with_its_path() {
     let dir = common::scratch("validate");

@@ -8,10 +8,25 @@
 
 use std::sync::Arc;
 
+use onair::models::interests::InterestModel;
+use onair::state::interests::{Interests, FRACTION_BITS};
 use onair::state::sequence::{
     rebuild, Act, Applied, Bounds, Domain, Feedback, Source, Step, UserState,
 };
 use proptest::prelude::*;
+
+/// The committed compressed-interest model.
+fn model() -> Arc<InterestModel> {
+    static MODEL: std::sync::OnceLock<Arc<InterestModel>> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            Arc::new(
+                InterestModel::load(std::path::Path::new("models/interests"))
+                    .expect("the committed interest model"),
+            )
+        })
+        .clone()
+}
 
 /// Reorder bound of the generated deliveries (ms).
 const LATENESS_MS: i64 = 20_000;
@@ -150,7 +165,8 @@ proptest! {
 
     #[test]
     fn incremental_sequence_equals_rebuild(g in gen()) {
-        let mut state = UserState::new();
+        let model = model();
+        let mut state = UserState::with_interests(Some(model.clone()));
         let mut taken: Vec<Act> = Vec::new();
         let mut newest = i64::MIN;
         for act in deliveries(&g) {
@@ -163,14 +179,14 @@ proptest! {
             } else {
                 prop_assert_ne!(applied, Applied::Changed, "a replay changed the state");
             }
-            prop_assert_eq!(state.current(), &rebuild(&taken, &g.bounds));
+            prop_assert_eq!(state.current(), &rebuild(&taken, &g.bounds, Some(&model)));
             // What the operator does at each tick: nothing older than the
             // reorder bound will come in order any more.
             state.advance(newest - LATENESS_MS, &g.bounds);
-            prop_assert_eq!(state.current(), &rebuild(&taken, &g.bounds));
+            prop_assert_eq!(state.current(), &rebuild(&taken, &g.bounds, Some(&model)));
             // The changelog record reads back to the same state, which
             // then goes on exactly as the original would.
-            let restored = UserState::decode(&state.encode(), &g.bounds).expect("reads back");
+            let restored = UserState::decode(&state.encode(), &g.bounds, Some(&model)).expect("reads back");
             prop_assert_eq!(&restored, &state);
             state = restored;
         }
@@ -179,6 +195,47 @@ proptest! {
         keys.sort();
         keys.dedup();
         prop_assert_eq!(keys.len(), g.acts.len());
+    }
+
+    /// Compressed interests: with bounds that keep every behaviour, the
+    /// incrementally kept sums (terms added, and replaced as behaviours
+    /// changed, in arrival order with late actions refolded) are exactly the
+    /// sums recomputed from scratch over the final behaviours, in any order;
+    /// and they are within n · 2^-(FRACTION_BITS+1) of the real-valued sums.
+    #[test]
+    fn interests_equal_recomputation(g in gen(), rotate in 0usize..50) {
+        let model = model();
+        let bounds = Bounds {
+            live_max: usize::MAX,
+            live_max_age_ms: i64::MAX / 4,
+            short_video_max: usize::MAX,
+            short_video_max_age_ms: i64::MAX / 4,
+            long_view_ms: g.bounds.long_view_ms,
+        };
+        let mut state = UserState::with_interests(Some(model.clone()));
+        for act in deliveries(&g) {
+            state.apply(act, &bounds);
+        }
+        let mut behaviours = state.current().behaviours();
+        let n = behaviours.len();
+        behaviours.rotate_left(rotate % n.max(1));
+        let mut scratch = Interests::new(model.clone());
+        for b in behaviours.iter().rev() {
+            scratch.add(b);
+        }
+        let kept = state.current().interests().expect("interests kept");
+        prop_assert_eq!(kept, &scratch);
+        let mut real = vec![0f64; model.state_len()];
+        for b in &behaviours {
+            let x = onair::models::interests::dense(b);
+            let t = model.term(&x, onair::models::interests::bucket(&b.owner, model.buckets()));
+            model.accumulate(&t, |i, v| real[i] += v);
+        }
+        let bound = n as f64 * 2f64.powi(-(FRACTION_BITS as i32) - 1) + 1e-9;
+        for (i, (&fixed, &r)) in kept.sums().iter().zip(&real).enumerate() {
+            let got = fixed as f64 / 2f64.powi(FRACTION_BITS as i32);
+            prop_assert!((got - r).abs() <= bound, "value {}: {} vs {} (bound {})", i, got, r, bound);
+        }
     }
 
     /// Moment labels: whatever the visit, each feedback type is reported at

@@ -5,7 +5,10 @@
 //! so eviction is exercised too. Once the engine is SIGKILLed mid-run and
 //! restarted as the same member; once one of two members leaves mid-run and
 //! its partitions move to the other. Either way the state comes back from the
-//! changelog. (A member SIGKILLed for good would hand its partitions over
+//! changelog. The compressed interests published with each sequence must be
+//! the ones recomputed over every behaviour the bounded sequence ever held
+//! (bit for bit: the engine keeps them in fixed point), so they too survive
+//! the restart and the move. (A member SIGKILLed for good would hand its partitions over
 //! only when the broker expires its session: noida 0.2.3 did not within
 //! four minutes, so the move is tested with a member that leaves.)
 
@@ -13,9 +16,11 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Proc, Rec, Topics};
+use onair::models::interests::InterestModel;
 use onair::operators::user_sequences::behaviour_record;
 use onair::schema::{Behaviour, ShortVideoAction, UserSequence, ViewerAction};
 use onair::state::sequence::{rebuild, Act, Bounds, Source};
@@ -51,7 +56,7 @@ fn read_all(topic: &str, quiet: Duration) -> Vec<Rec> {
 
 /// Every user's sequence rebuilt from the published actions, as the
 /// operator takes them (no content or highlight: features are off here).
-fn expected(topics: &Topics) -> BTreeMap<String, Vec<Behaviour>> {
+fn expected(topics: &Topics) -> BTreeMap<String, Want> {
     let mut acts: HashMap<String, Vec<Act>> = HashMap::new();
     for r in read_all(&topics.name("actions"), Duration::from_secs(5)) {
         let a = ViewerAction::decode(&r.payload[..]).expect("the simulator writes protobuf");
@@ -82,18 +87,35 @@ fn expected(topics: &Topics) -> BTreeMap<String, Vec<Behaviour>> {
         }
     }
     let b = bounds();
+    let model = Arc::new(
+        InterestModel::load(Path::new("models/interests")).expect("the committed interest model"),
+    );
     acts.into_iter()
         .map(|(user, acts)| {
-            let fold = rebuild(&acts, &b);
-            let seq = fold
+            let fold = rebuild(&acts, &b, Some(&model));
+            let behaviours: Vec<Behaviour> = fold
                 .behaviours()
                 .into_iter()
                 .map(behaviour_record)
                 .collect();
-            (user, seq)
+            let i = fold.interests().expect("interests kept");
+            let want = Want {
+                behaviours,
+                interests: i.read(),
+                count: i.count(),
+            };
+            (user, want)
         })
-        .filter(|(_, seq): &(String, Vec<Behaviour>)| !seq.is_empty())
+        .filter(|(_, w)| !w.behaviours.is_empty())
         .collect()
+}
+
+/// What a user's last record must hold.
+struct Want {
+    behaviours: Vec<Behaviour>,
+    interests: Vec<f32>,
+    /// Behaviours the interests summarise.
+    count: u64,
 }
 
 /// The last `user-sequences` record per user.
@@ -115,13 +137,22 @@ fn latest(recs: &[Rec]) -> HashMap<String, UserSequence> {
 
 /// Users whose last record differs from `want` (all of them, with the first
 /// difference described).
-fn mismatches(
-    want: &BTreeMap<String, Vec<Behaviour>>,
-    got: &HashMap<String, UserSequence>,
-) -> Vec<String> {
+fn mismatches(want: &BTreeMap<String, Want>, got: &HashMap<String, UserSequence>) -> Vec<String> {
     want.iter()
-        .filter_map(|(user, seq)| match got.get(user) {
+        .map(|(user, w)| (user, &w.behaviours, w))
+        .filter_map(|(user, seq, w)| match got.get(user) {
             None => Some(format!("{user}: no record")),
+            Some(s) if &s.behaviours == seq
+                && (s.interests != w.interests || s.interest_behaviours != w.count) =>
+            {
+                Some(format!(
+                    "{user}: interests over {} behaviours (want {}) differ from the recomputation: got {:?}, want {:?}",
+                    s.interest_behaviours,
+                    w.count,
+                    &s.interests[..s.interests.len().min(4)],
+                    &w.interests[..w.interests.len().min(4)]
+                ))
+            }
             Some(s) if &s.behaviours != seq => {
                 let i = s
                     .behaviours
@@ -144,7 +175,7 @@ fn mismatches(
 
 /// Waits until every user's last record matches (or the timeout), and
 /// asserts it.
-fn assert_sequences(topics: &Topics, want: &BTreeMap<String, Vec<Behaviour>>, engine: &Proc) {
+fn assert_sequences(topics: &Topics, want: &BTreeMap<String, Want>, engine: &Proc) {
     let topic = topics.name("user-sequences");
     let recs = common::read_until(&topic, Duration::from_secs(240), |recs| {
         mismatches(want, &latest(recs)).is_empty()
@@ -153,14 +184,25 @@ fn assert_sequences(topics: &Topics, want: &BTreeMap<String, Vec<Behaviour>>, en
     let bad = mismatches(want, &got);
     let live: usize = want
         .values()
-        .flatten()
+        .flat_map(|w| &w.behaviours)
         .filter(|b| b.domain == "live")
         .count();
     let short: usize = want
         .values()
-        .flatten()
+        .flat_map(|w| &w.behaviours)
         .filter(|b| b.domain != "live")
         .count();
+    // The bounds are small: some users' interests summarise behaviours
+    // their sequence no longer holds (and must still match).
+    let beyond = want
+        .values()
+        .filter(|w| w.count > w.behaviours.len() as u64)
+        .count();
+    assert!(
+        beyond > 0,
+        "only {beyond} of {} users' interests summarise more than their sequence",
+        want.len()
+    );
     assert!(
         bad.is_empty(),
         "{} of {} users' sequences differ from the rebuild, e.g.:\n{}\n{}",

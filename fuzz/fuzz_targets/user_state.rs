@@ -10,7 +10,7 @@ use onair::state::sequence::{Act, Bounds, Domain, Feedback, Source, Step, UserSt
 
 fuzz_target!(|data: &[u8]| {
     let bounds = Bounds::default();
-    let Ok(mut state) = UserState::decode(data, &bounds) else {
+    let Ok(mut state) = UserState::decode(data, &bounds, None) else {
         return;
     };
     let newest = state.current().newest_ms();
@@ -41,5 +41,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = state.labels(newest.saturating_add(60_000).clamp(-(1 << 50), 1 << 50), 30_000);
     state.advance(newest.clamp(-(1 << 50), 1 << 50), &bounds);
-    let _ = UserState::decode(&state.encode(), &bounds);
+    let _ = UserState::decode(&state.encode(), &bounds, None);
 });

@@ -11,6 +11,7 @@ pub mod asr;
 pub mod batcher;
 pub mod highlight;
 pub mod image;
+pub mod interests;
 pub mod mmbee;
 pub mod onnx;
 pub mod serving;

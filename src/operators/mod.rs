@@ -38,6 +38,8 @@ pub struct Services {
     pub mmbee: Option<Arc<crate::models::mmbee::MmbeeService>>,
     /// The user stage's copy of the `room-embeddings` table.
     pub room_table: Option<Arc<crate::sources::room_table::RoomTable>>,
+    /// The compressed-interest model (None: sequences without interests).
+    pub interests: Option<Arc<crate::models::interests::InterestModel>>,
 }
 
 /// Builds the operators a pipeline enables, in the order they run.
@@ -93,10 +95,10 @@ pub fn build_users(config: &PipelineConfig, services: &Services) -> Vec<Box<dyn 
     let mut ops: Vec<Box<dyn Operator>> = Vec::new();
     let us = &config.operators.user_sequences;
     if us.enabled {
-        ops.push(Box::new(user_sequences::UserSequences::new(
-            Arc::new(us.clone()),
-            services.room_table.clone(),
-        )));
+        ops.push(Box::new(
+            user_sequences::UserSequences::new(Arc::new(us.clone()), services.room_table.clone())
+                .with_interests(services.interests.clone()),
+        ));
     }
     if let (Some(svc), Some(table)) = (&services.mmbee, &services.room_table) {
         ops.push(Box::new(gift_scoring::GiftScoring::new(

@@ -37,6 +37,7 @@ use crate::config::UserSequencesConfig;
 use crate::metrics::{
     Stage, CHANGELOG_BYTES, SEQUENCE_SNAPSHOTS, SEQUENCE_USERS, TRAINING_SAMPLES,
 };
+use crate::models::interests::InterestModel;
 use crate::runtime::{changelog_key, Context, Holds, Operator, Output, OutputTopic, Position};
 use crate::schema::{
     deterministic_id, ActionKind, Behaviour as BehaviourRecord, Event, TrainingSample,
@@ -59,6 +60,7 @@ pub struct UserSequences {
     cfg: Arc<UserSequencesConfig>,
     bounds: Bounds,
     table: Option<Arc<RoomTable>>,
+    interests: Option<Arc<InterestModel>>,
     users: HashMap<Arc<str>, UserState>,
     /// Users whose sequence changed since the last tick.
     dirty: BTreeSet<Arc<str>>,
@@ -84,6 +86,7 @@ impl UserSequences {
             bounds: cfg.bounds(),
             cfg,
             table,
+            interests: None,
             users: HashMap::new(),
             dirty: BTreeSet::new(),
             unsettled: HashSet::new(),
@@ -96,6 +99,13 @@ impl UserSequences {
             samples: counter!(TRAINING_SAMPLES, "task" => TASK),
             users_gauge: None,
         }
+    }
+
+    /// Keeps each user's compressed interests with `model` and publishes
+    /// them with the sequence.
+    pub fn with_interests(mut self, model: Option<Arc<InterestModel>>) -> Self {
+        self.interests = model;
+        self
     }
 
     /// A user's state (for tests).
@@ -140,7 +150,7 @@ impl UserSequences {
 /// The `user-sequences` snapshot of a user's state.
 fn snapshot(user: &Arc<str>, state: &UserState, as_of_ms: i64) -> Output {
     let fold = state.current();
-    let record = UserSequence {
+    let mut record = UserSequence {
         schema_version: SCHEMA_VERSION,
         id: deterministic_id(&[b"user-sequences", user.as_bytes(), &as_of_ms.to_le_bytes()]),
         user_id: user.to_string(),
@@ -151,7 +161,20 @@ fn snapshot(user: &Arc<str>, state: &UserState, as_of_ms: i64) -> Output {
             .map(behaviour_record)
             .collect(),
         as_of_ms,
+        ..Default::default()
     };
+    if let Some(i) = fold.interests() {
+        let m = i.model();
+        record.interests = i.read();
+        record.interest_rows = if record.interests.is_empty() {
+            0
+        } else {
+            m.interests() as u32
+        };
+        record.interest_dim = m.out_dim() as u32;
+        record.interest_model = m.label().to_string();
+        record.interest_behaviours = i.count();
+    }
     Output {
         topic: OutputTopic::UserSequences,
         key: user.as_bytes().to_vec(),
@@ -280,7 +303,10 @@ impl Operator for UserSequences {
             Some((k, _)) => k.clone(),
             None => Arc::from(user),
         };
-        let state = self.users.entry(user.clone()).or_default();
+        let state = self
+            .users
+            .entry(user.clone())
+            .or_insert_with(|| UserState::with_interests(self.interests.clone()));
         match state.apply(act, &self.bounds) {
             Applied::Changed => {
                 self.unflushed.hold(pos);
@@ -369,7 +395,7 @@ impl Operator for UserSequences {
             self.stage.error("changelog_key");
             return;
         };
-        match UserState::decode(value, &self.bounds) {
+        match UserState::decode(value, &self.bounds, self.interests.as_ref()) {
             Ok(state) => {
                 let user: Arc<str> = Arc::from(user);
                 if state.recent() > 0 {

@@ -352,6 +352,14 @@ fn media_stage(config: &PipelineConfig) -> Result<Media, EngineError> {
 /// partition).
 fn services(config: &PipelineConfig) -> Result<Services, EngineError> {
     let mut services = Services::default();
+    let us = &config.operators.user_sequences;
+    if us.enabled && !us.interests_model.is_empty() {
+        let m = crate::models::interests::InterestModel::load(std::path::Path::new(
+            &us.interests_model,
+        ))?;
+        info!(model = %m.label(), "compressed interests");
+        services.interests = Some(Arc::new(m));
+    }
     let sp = &config.operators.speech;
     if (sp.enabled || config.operators.features.enabled) && config.media.enabled {
         let ort = (!sp.onnxruntime.is_empty()).then(|| std::path::Path::new(&sp.onnxruntime));

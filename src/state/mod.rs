@@ -10,6 +10,7 @@
 use crate::runtime::Position;
 use crate::schema::InputKind;
 
+pub mod interests;
 pub mod sequence;
 
 /// The lowest input offset, per input stream (index = `InputKind::index`), that state still needs.

@@ -23,6 +23,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::interests::Interests;
+use crate::models::interests::{dense as interest_features, InterestModel};
 use crate::schema::{self as pb, ActionKind, ShortVideoAction, ShortVideoActionKind, ViewerAction};
 
 /// An impression leads to the visit or play that follows it within this long.
@@ -388,9 +390,36 @@ pub struct Fold {
     shown: HashMap<(Domain, Arc<str>), i64>,
     /// Newest event time folded in.
     newest_ms: i64,
+    /// The compressed interests of every behaviour folded in (None: no
+    /// interest model).
+    interests: Option<Interests>,
 }
 
 impl Fold {
+    /// An empty sequence that keeps compressed interests with `model`.
+    pub fn with_interests(model: Option<Arc<InterestModel>>) -> Self {
+        Fold {
+            interests: model.map(Interests::new),
+            ..Fold::default()
+        }
+    }
+
+    /// The compressed interests (None: no interest model).
+    pub fn interests(&self) -> Option<&Interests> {
+        self.interests.as_ref()
+    }
+
+    /// Pushes a new behaviour onto its lane; its number there.
+    fn push(&mut self, b: Behaviour) -> u64 {
+        if let Some(i) = self.interests.as_mut() {
+            i.add(&b);
+        }
+        match b.domain {
+            Domain::Live => self.live.push(b),
+            Domain::ShortVideo => self.short.push(b),
+        }
+    }
+
     /// Folds one action in (actions must come in (time, source) order).
     pub fn apply(&mut self, act: &Act, bounds: &Bounds) {
         self.newest_ms = self.newest_ms.max(act.time_ms);
@@ -410,7 +439,7 @@ impl Fold {
                 if b.impression_ms.is_some() {
                     b.mark(Feedback::Click, t);
                 }
-                let seq = self.live.push(b);
+                let seq = self.push(b);
                 self.open.insert(act.item.clone(), seq);
             }
             (Domain::Live, Step::Leave) => self.leave(&act.item, t),
@@ -441,17 +470,17 @@ impl Fold {
                 if full || i64::from(act.watch_ms) >= bounds.long_view_ms {
                     b.mark(Feedback::LongView, t);
                 }
-                let seq = self.short.push(b);
+                let seq = self.push(b);
                 self.plays.insert(act.item.clone(), seq);
             }
             (Domain::ShortVideo, Step::Feedback(f)) => {
                 let played = self.plays.get(&act.item).copied();
                 match played.and_then(|s| self.short.get_mut(s)) {
-                    Some(b) => b.mark(f, t),
+                    Some(b) => change(&mut self.interests, b, |b| b.mark(f, t)),
                     None => {
                         let mut b = Behaviour::new(act);
                         b.mark(f, t);
-                        let seq = self.short.push(b);
+                        let seq = self.push(b);
                         self.plays.insert(act.item.clone(), seq);
                     }
                 }
@@ -482,13 +511,13 @@ impl Fold {
         let seq = match self.open.get(&act.item) {
             Some(&seq) => seq,
             None => {
-                let seq = self.live.push(Behaviour::new(act));
+                let seq = self.push(Behaviour::new(act));
                 self.open.insert(act.item.clone(), seq);
                 seq
             }
         };
         if let Some(b) = self.live.get_mut(seq) {
-            f(b);
+            change(&mut self.interests, b, f);
         }
     }
 
@@ -541,6 +570,19 @@ impl Fold {
     /// Live rooms the user is inside.
     pub fn inside(&self) -> usize {
         self.open.len()
+    }
+}
+
+/// Runs `f` on a behaviour already in the sequence, replacing its interest
+/// term when its features changed.
+fn change(interests: &mut Option<Interests>, b: &mut Behaviour, f: impl FnOnce(&mut Behaviour)) {
+    match interests {
+        None => f(b),
+        Some(i) => {
+            let before = interest_features(b);
+            f(b);
+            i.changed(&before, b);
+        }
     }
 }
 
@@ -617,12 +659,17 @@ impl Default for UserState {
 }
 
 impl UserState {
-    /// An empty state.
+    /// An empty state without compressed interests.
     pub fn new() -> Self {
+        UserState::with_interests(None)
+    }
+
+    /// An empty state that keeps compressed interests with `model`.
+    pub fn with_interests(model: Option<Arc<InterestModel>>) -> Self {
         UserState {
             base: None,
             recent: BTreeMap::new(),
-            current: Fold::default(),
+            current: Fold::with_interests(model),
             horizon_ms: i64::MIN,
             reported: BTreeMap::new(),
             label_due_ms: i64::MIN,
@@ -929,10 +976,27 @@ fn fold_to(f: &Fold) -> pb::SequenceFold {
         plays: slots(&f.plays),
         shown,
         newest_ms: f.newest_ms,
+        interest_sums: f
+            .interests
+            .as_ref()
+            .map(|i| i.sums().to_vec())
+            .unwrap_or_default(),
+        interest_count: f.interests.as_ref().map_or(0, |i| i.count()),
+        interest_model: f
+            .interests
+            .as_ref()
+            .map(|i| i.model().label().to_string())
+            .unwrap_or_default(),
     }
 }
 
-fn fold_from(r: pb::SequenceFold) -> Result<Fold, StateDecodeError> {
+/// Reads a fold back; its interests with `model`: the recorded sums when the
+/// same model version wrote them, else (another version, or none) the terms
+/// of the behaviours the sequence still holds, as a model rollout starts.
+fn fold_from(
+    r: pb::SequenceFold,
+    model: Option<&Arc<InterestModel>>,
+) -> Result<Fold, StateDecodeError> {
     let lane = |items: Vec<pb::SequenceBehaviour>, first: u64| -> Result<Lane, StateDecodeError> {
         Ok(Lane {
             items: items
@@ -947,7 +1011,7 @@ fn fold_from(r: pb::SequenceFold) -> Result<Fold, StateDecodeError> {
             .map(|s| (Arc::<str>::from(s.item), s.seq))
             .collect::<HashMap<_, _>>()
     };
-    Ok(Fold {
+    let mut fold = Fold {
         live: lane(r.live, r.live_first)?,
         short: lane(r.short_videos, r.short_first)?,
         open: slots(r.open),
@@ -963,7 +1027,24 @@ fn fold_from(r: pb::SequenceFold) -> Result<Fold, StateDecodeError> {
             })
             .collect::<Result<_, StateDecodeError>>()?,
         newest_ms: r.newest_ms,
-    })
+        interests: None,
+    };
+    if let Some(m) = model {
+        fold.interests = Interests::restore(
+            m.clone(),
+            &r.interest_model,
+            r.interest_sums,
+            r.interest_count,
+        )
+        .or_else(|| {
+            let mut fresh = Interests::new(m.clone());
+            for b in fold.live.items.iter().chain(&fold.short.items) {
+                fresh.add(b);
+            }
+            Some(fresh)
+        });
+    }
+    Ok(fold)
 }
 
 fn act_to(a: &Act) -> pb::SequenceAct {
@@ -1033,12 +1114,17 @@ impl UserState {
         }
     }
 
-    /// Reads a changelog record back.
-    pub fn from_record(r: pb::UserStateRecord, bounds: &Bounds) -> Result<Self, StateDecodeError> {
+    /// Reads a changelog record back, keeping compressed interests with
+    /// `interests` (see [`Fold::with_interests`]).
+    pub fn from_record(
+        r: pb::UserStateRecord,
+        bounds: &Bounds,
+        interests: Option<&Arc<InterestModel>>,
+    ) -> Result<Self, StateDecodeError> {
         if r.schema_version != STATE_VERSION {
             return Err(StateDecodeError::Version(r.schema_version));
         }
-        let base = fold_from(r.fold.unwrap_or_default())?;
+        let base = fold_from(r.fold.unwrap_or_default(), interests)?;
         let recent: BTreeMap<(i64, Source), Act> = r
             .recent
             .into_iter()
@@ -1083,18 +1169,26 @@ impl UserState {
         prost::Message::encode_to_vec(&self.to_record())
     }
 
-    /// Reads a changelog value back.
-    pub fn decode(bytes: &[u8], bounds: &Bounds) -> Result<Self, StateDecodeError> {
-        Self::from_record(prost::Message::decode(bytes)?, bounds)
+    /// Reads a changelog value back (see [`UserState::from_record`]).
+    pub fn decode(
+        bytes: &[u8],
+        bounds: &Bounds,
+        interests: Option<&Arc<InterestModel>>,
+    ) -> Result<Self, StateDecodeError> {
+        Self::from_record(prost::Message::decode(bytes)?, bounds, interests)
     }
 }
 
 /// Rebuilds a sequence from scratch: every distinct delivery (by time and
 /// source) folded in event-time order. The reference the incremental state
-/// is tested against.
-pub fn rebuild<'a>(acts: impl IntoIterator<Item = &'a Act>, bounds: &Bounds) -> Fold {
+/// is tested against, with compressed interests when `interests` is a model.
+pub fn rebuild<'a>(
+    acts: impl IntoIterator<Item = &'a Act>,
+    bounds: &Bounds,
+    interests: Option<&Arc<InterestModel>>,
+) -> Fold {
     let sorted: BTreeMap<(i64, Source), &Act> = acts.into_iter().map(|a| (a.key(), a)).collect();
-    let mut f = Fold::default();
+    let mut f = Fold::with_interests(interests.cloned());
     for a in sorted.values() {
         f.apply(a, bounds);
     }
