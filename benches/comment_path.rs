@@ -38,7 +38,17 @@
 //! first-to-last time is then librdkafka iterating in memory (it swung from
 //! 0.57 to 1.34 M/s between runs): hence the headline from `assign`.
 //!
-//! Env: `ONAIR_BENCH_COMMENTS` (default 1,000,000), `ONAIR_BENCH_RUNS` (3),
+//! The user path (`ONAIR_BENCH_PATH=users`): the same harness with
+//! short-video actions (`ONAIR_BENCH_COMMENTS` of them, keyed by 5,000 users:
+//! impressions, plays, likes, comments and shares of 2,000 videos by 200
+//! authors, over the same 300 s) through the user stage, whose
+//! `user_sequences` operator is the one timed (compressed interests on, with
+//! the committed model); the sink writes each changed user's snapshot and
+//! changelog record per tick. Actions per second per core: the operator's
+//! count over the engine's CPU seconds, printed with the rest.
+//!
+//! Env: `ONAIR_BENCH_PATH` (`comments`, default, or `users`),
+//! `ONAIR_BENCH_COMMENTS` (default 1,000,000), `ONAIR_BENCH_RUNS` (3),
 //! `ONAIR_BENCH_SCRAPE_MS` (100), `ONAIR_WORKERS` (the engine's async
 //! threads).
 
@@ -59,6 +69,48 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+/// Which path is measured (`ONAIR_BENCH_PATH`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Comments through the room stage's room_activity operator.
+    Comments,
+    /// Short-video actions through the user stage's user_sequences operator.
+    Users,
+}
+
+fn route() -> Route {
+    match std::env::var("ONAIR_BENCH_PATH").as_deref() {
+        Ok("users") => Route::Users,
+        _ => Route::Comments,
+    }
+}
+
+impl Route {
+    /// The operator timed.
+    fn operator(self) -> &'static str {
+        match self {
+            Route::Comments => "room_activity",
+            Route::Users => "user_sequences",
+        }
+    }
+
+    /// The input topic.
+    fn topic(self, k: &KafkaConfig) -> String {
+        match self {
+            Route::Comments => k.topics.comments.clone(),
+            Route::Users => k.topics.short_video_actions.clone(),
+        }
+    }
+
+    /// What its records are.
+    fn records(self) -> &'static str {
+        match self {
+            Route::Comments => "comments",
+            Route::Users => "short-video actions",
+        }
+    }
+}
 
 /// Set in the raw-consumer child process.
 const ROLE_ENV: &str = "ONAIR_BENCH_ROLE";
@@ -117,9 +169,10 @@ fn main() {
     let start_ms = now_ms() - now_ms().rem_euclid(60_000);
     let produced = produce(&kafka, n, start_ms);
     println!(
-        "comment_path: {n} comments ({} bytes of payload) produced to {} in {:.1} s ({:.0}/s); broker {} ({})",
+        "comment_path: {n} {} ({} bytes of payload) produced to {} in {:.1} s ({:.0}/s); broker {} ({})",
+        route().records(),
         produced.bytes,
-        kafka.topics.comments,
+        route().topic(&kafka),
         produced.wall.as_secs_f64(),
         n as f64 / produced.wall.as_secs_f64(),
         brokers,
@@ -136,7 +189,7 @@ fn main() {
     for run in 1..=runs {
         let raw = raw_run(
             &brokers,
-            &kafka.topics.comments,
+            &route().topic(&kafka),
             n,
             &format!("{prefix}-raw-{run}"),
         );
@@ -197,8 +250,22 @@ fn main() {
     let raw_hwm = raws.iter().map(|r| r.hwm_kb).max().unwrap_or(0);
     let stats_written: Vec<String> = engines.iter().map(|e| e.sink_sent.to_string()).collect();
     println!();
+    if route() == Route::Users {
+        let per_core: Vec<f64> = engines
+            .iter()
+            .map(|e| e.operator_count as f64 / e.cpu_s.max(1e-9))
+            .collect();
+        println!(
+            "user path: {} actions per engine CPU second (median; the engine's whole process: source, merge, operator, snapshots, changelog, sink)",
+            k(median(&per_core))
+        );
+    }
     println!(
-        "comment path: engine {}/s vs raw consumer {}/s from assign to last record (medians); ratio {:.2} (median of {runs} paired runs: {}); aim >= 0.80: {}; engine peak RSS {} vs raw consumer {}",
+        "{} path: engine {}/s vs raw consumer {}/s from assign to last record (medians); ratio {:.2} (median of {runs} paired runs: {}); aim >= 0.80: {}; engine peak RSS {} vs raw consumer {}",
+        match route() {
+            Route::Comments => "comment",
+            Route::Users => "user",
+        },
         k(eng_assign_med),
         k(raw_assign_med),
         ratio,
@@ -384,6 +451,11 @@ fn kafka_config(brokers: &str, prefix: &str) -> KafkaConfig {
     t.short_video_actions = format!("{prefix}-short-video-actions");
     t.room_stats = format!("{prefix}-room-stats");
     t.dead_letters = format!("{prefix}-dead-letters");
+    t.user_actions = format!("{prefix}-user-actions");
+    t.user_sequences = format!("{prefix}-user-sequences");
+    t.user_state = format!("{prefix}-users-changelog");
+    t.room_embeddings = format!("{prefix}-room-embeddings");
+    t.training_samples = format!("{prefix}-training-samples");
     t.partitions = PARTITIONS;
     k
 }
@@ -435,11 +507,24 @@ actions = "{actions}"
 short_video_actions = "{sva}"
 room_stats = "{stats}"
 dead_letters = "{dl}"
+user_actions = "{ua}"
+user_sequences = "{us}"
+user_state = "{ust}"
+room_embeddings = "{re}"
+training_samples = "{ts}"
 partitions = {partitions}
 create = false
-[operators.room_activity]
-enabled = true
+{operator}
 {runtime}"#,
+        ua = t.user_actions,
+        us = t.user_sequences,
+        ust = t.user_state,
+        re = t.room_embeddings,
+        ts = t.training_samples,
+        operator = match route() {
+            Route::Comments => "[operators.room_activity]\nenabled = true",
+            Route::Users => "[operators.room_activity]\nenabled = false\n[operators.user_sequences]\nenabled = true",
+        },
         brokers = k.brokers,
         group = k.group_id,
         commit = k.commit_interval_ms,
@@ -512,7 +597,7 @@ fn produce(kafka: &KafkaConfig, n: u64, start_ms: i64) -> Produced {
         .set("queue.buffering.max.kbytes", "1048576")
         .set("message.timeout.ms", "120000");
     let producer: BaseProducer = c.create().expect("producer");
-    let topic = &kafka.topics.comments;
+    let topic = &route().topic(kafka);
     let regular = n - u64::from(ROOMS);
     let mut rng = Rng(0x0A1B_2C3D);
     let wall0 = Instant::now();
@@ -526,6 +611,15 @@ fn produce(kafka: &KafkaConfig, n: u64, start_ms: i64) -> Produced {
         } else {
             ((i - regular) as u32, start_ms + SPAN_MS + CLOSE_AFTER_MS)
         };
+        if route() == Route::Users {
+            let (key, payload) = short_video_action(&mut rng, t);
+            bytes += payload.len() as u64;
+            send(&producer, topic, &key, &payload);
+            if i % 1000 == 0 {
+                producer.poll(Duration::ZERO);
+            }
+            continue;
+        }
         text.clear();
         for w in 0..=rng.below(5) {
             if w > 0 {
@@ -544,15 +638,7 @@ fn produce(kafka: &KafkaConfig, n: u64, start_ms: i64) -> Produced {
         };
         let payload = comment.encode_to_vec();
         bytes += payload.len() as u64;
-        loop {
-            match producer.send(BaseRecord::to(topic).key(&room_id).payload(&payload)) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    producer.poll(Duration::from_millis(10));
-                }
-                Err((e, _)) => panic!("produce failed: {e}"),
-            }
-        }
+        send(&producer, topic, &room_id, &payload);
         if i % 1000 == 0 {
             producer.poll(Duration::ZERO);
         }
@@ -573,8 +659,55 @@ fn produce(kafka: &KafkaConfig, n: u64, start_ms: i64) -> Produced {
             .expect("watermarks");
         total += high - low;
     }
-    assert_eq!(total as u64, n, "the comments topic holds {total} records");
+    assert_eq!(total as u64, n, "the input topic holds {total} records");
     Produced { bytes, wall }
+}
+
+fn send(producer: &BaseProducer, topic: &str, key: &str, payload: &[u8]) {
+    loop {
+        match producer.send(BaseRecord::to(topic).key(key).payload(payload)) {
+            Ok(()) => break,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                producer.poll(Duration::from_millis(10));
+            }
+            Err((e, _)) => panic!("produce failed: {e}"),
+        }
+    }
+}
+
+/// One short-video action of the user path at event time `t`: its key (the
+/// user) and payload. Impressions 45%, plays 40% (5-60 s videos, watched
+/// 1 s to all of it), likes 9%, comments 3%, shares 3%; a busier half of the
+/// users (two draws, the smaller wins).
+fn short_video_action(rng: &mut Rng, t: i64) -> (String, Vec<u8>) {
+    use onair::schema::{ShortVideoAction, ShortVideoActionKind as K};
+    let user = format!("user-{:04}", rng.below(USERS).min(rng.below(USERS)));
+    let video = rng.below(2000);
+    let author = video % 200;
+    let duration = 5_000 + (video * 7919) % 55_000;
+    let kind = match rng.below(100) {
+        0..=44 => K::Impression,
+        45..=84 => K::Play,
+        85..=93 => K::Like,
+        94..=96 => K::Comment,
+        _ => K::Share,
+    };
+    let watch = if kind == K::Play {
+        1_000 + rng.below(duration)
+    } else {
+        0
+    };
+    let a = ShortVideoAction {
+        schema_version: 1,
+        user_id: user.clone(),
+        video_id: format!("video-{video:04}"),
+        author_id: format!("author-{author:03}"),
+        event_time_ms: t,
+        kind: kind as i32,
+        watch_ms: watch,
+        duration_ms: if kind == K::Play { duration } else { 0 },
+    };
+    (user, a.encode_to_vec())
 }
 
 // ---------------------------------------------------------------- raw consumer
@@ -772,9 +905,10 @@ impl EngineResult {
     }
 
     fn describe(&self, n: u64) -> String {
+        let op = route().operator();
         let timing = match (self.source_secs, self.operator_secs) {
             (Some(s), Some(o)) => format!(
-                "{:.3} s = {}/s from assign to the last record through room_activity; first to last record: source {} in {s:.3} s = {}/s; room_activity {} in {o:.3} s = {}/s ({:.3} s = {}/s from its own first record)",
+                "{:.3} s = {}/s from assign to the last record through {op}; first to last record: source {} in {s:.3} s = {}/s; {op} {} in {o:.3} s = {}/s ({:.3} s = {}/s from its own first record)",
                 self.from_assign_secs.unwrap_or(f64::NAN),
                 k(self.rate_since_assign(n)),
                 self.source_count,
@@ -785,7 +919,7 @@ impl EngineResult {
                 k(self.active_rate(n)),
             ),
             _ => format!(
-                "TIMED OUT: source {} and room_activity {} of {n}",
+                "TIMED OUT: source {} and {op} {} of {n}",
                 self.source_count, self.operator_count
             ),
         };
@@ -898,7 +1032,7 @@ fn engine_run(r: &EngineRun<'_>) -> EngineResult {
         let op = metric(
             &text,
             "onair_stage_received_total",
-            &[("stage", "room_activity")],
+            &[("stage", route().operator())],
         ) as u64;
         let sink = metric(&text, "onair_stage_sent_total", &[("stage", "sink")]) as u64;
         // A threshold crossed between two scrapes is dated to their midpoint.
@@ -962,7 +1096,7 @@ fn engine_run(r: &EngineRun<'_>) -> EngineResult {
         "onair_stage_dropped_total",
         &[("stage", "runtime"), ("reason", "late")],
     ) as u64;
-    for stage in ["decode", "room_activity", "runtime"] {
+    for stage in ["decode", route().operator(), "runtime"] {
         let sum = metric(
             &text,
             "onair_stage_latency_seconds_sum",
