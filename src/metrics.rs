@@ -11,7 +11,8 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Records a stage accepted.
+/// Records a stage accepted. For an operator the runtime counts it (every
+/// record handed to the operator); operators never count it themselves.
 pub const STAGE_RECEIVED: &str = "onair_stage_received_total";
 /// Records a stage passed on (or wrote, for sinks).
 pub const STAGE_SENT: &str = "onair_stage_sent_total";

@@ -282,7 +282,6 @@ impl GiftScoring {
             );
             let id = self.next_id;
             self.next_id += 1;
-            self.stage.received.increment(1);
             let room = d.room.clone();
             self.pending.insert(
                 id,

@@ -137,7 +137,6 @@ impl Operator for MmbeeFusion {
         else {
             return;
         };
-        self.stage.received.increment(1);
         let id = self.next_id;
         self.next_id += 1;
         self.pending.insert(

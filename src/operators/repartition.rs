@@ -62,7 +62,6 @@ impl Operator for Repartition {
         let Event::Action(a) = event else {
             return;
         };
-        self.stage.received.increment(1);
         let mut action = a.clone();
         action.source_partition = self.partition;
         action.source_offset = pos.offset;
