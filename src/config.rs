@@ -691,6 +691,12 @@ pub struct UserSequencesConfig {
     pub label_period_ms: i64,
     /// Whether to write the moment labels to `training-samples`.
     pub samples: bool,
+    /// How often changed users' state records go to the changelog (ms; 0:
+    /// at every tick). Between writes only the latest state of each user is
+    /// kept (as Kafka Streams' record cache does up to its commit interval)
+    /// and input offsets are not committed past what the changelog lacks, so
+    /// a longer interval writes fewer, and replays more after a crash.
+    pub changelog_interval_ms: i64,
     /// The compressed-interest model: a directory of numbered versions (the
     /// newest is loaded) or one version's directory; `""`: no compressed
     /// interests.
@@ -710,6 +716,7 @@ impl Default for UserSequencesConfig {
             reorder_ms: 120_000,
             label_period_ms: 30_000,
             samples: true,
+            changelog_interval_ms: 5_000,
             interests_model: "models/interests".into(),
         }
     }
@@ -1293,6 +1300,11 @@ impl PipelineConfig {
                 "operators.user_sequences.label_period_ms",
                 (1000..=3_600_000).contains(&us.label_period_ms),
                 "must be 1000..=3600000",
+            );
+            bad(
+                "operators.user_sequences.changelog_interval_ms",
+                (0..=600_000).contains(&us.changelog_interval_ms),
+                "must be 0..=600000",
             );
         }
         let m = &self.media;

@@ -13,10 +13,11 @@
 //! table, when the room's current segment had completed by the entry.
 //!
 //! State survives restarts and hand-overs through the user stage's changelog
-//! (`[kafka.topics] user_state`, compacted): at the end of each tick, every
-//! user whose sequence changed gets a record of their whole state
+//! (`[kafka.topics] user_state`, compacted): at the end of the first tick
+//! `changelog_interval_ms` after the previous write, every user whose
+//! sequence changed since then gets a record of their whole state
 //! ([`UserState::encode`]) on the partition that owns them, and the input
-//! positions of the actions since the previous tick are held until those
+//! positions of the actions since the previous write are held until those
 //! records are acknowledged, so offsets are never committed past an action
 //! the changelog does not have. When a partition is assigned, the runtime
 //! reads its changelog back ([`Operator::restore`]) before any record; the
@@ -70,6 +71,10 @@ pub struct UserSequences {
     labelling: HashSet<Arc<str>>,
     /// Positions of the actions taken since the last changelog records.
     unflushed: Holds,
+    /// Users whose state changed since their last changelog record.
+    unwritten: BTreeSet<Arc<str>>,
+    /// Tick end of the last changelog write (i64::MIN: none yet).
+    written_ms: i64,
     partition: i32,
     stage: Stage,
     changelog_bytes: Counter,
@@ -92,6 +97,8 @@ impl UserSequences {
             unsettled: HashSet::new(),
             labelling: HashSet::new(),
             unflushed: Holds::default(),
+            unwritten: BTreeSet::new(),
+            written_ms: i64::MIN,
             partition: 0,
             stage: Stage::new("user_sequences"),
             changelog_bytes: counter!(CHANGELOG_BYTES, "stage" => "user_sequences"),
@@ -143,6 +150,34 @@ impl UserSequences {
                 Some((s.user_id.clone(), Act::short_video(s, source)?))
             }
             _ => None,
+        }
+    }
+}
+
+impl UserSequences {
+    /// Writes the state record of every user changed since the last write,
+    /// holding the input positions taken since then until they are acknowledged.
+    fn write_changelog(&mut self, as_of: i64, ctx: &mut Context<'_>) {
+        self.written_ms = as_of;
+        let holds = std::mem::take(&mut self.unflushed);
+        for user in std::mem::take(&mut self.unwritten) {
+            let Some(state) = self.users.get(&user) else {
+                continue;
+            };
+            let payload = state.encode();
+            self.changelog_bytes.increment(payload.len() as u64);
+            ctx.emit(Output {
+                topic: OutputTopic::UserChangelog {
+                    partition: self.partition,
+                },
+                key: changelog_key("user_sequences", user.as_bytes()),
+                id: deterministic_id(&[b"user-state", user.as_bytes(), &as_of.to_le_bytes()]),
+                payload,
+                headers: Vec::new(),
+                model_version: None,
+                tick_end_ms: Some(as_of),
+                depends_on: holds,
+            });
         }
     }
 }
@@ -298,7 +333,6 @@ impl Operator for UserSequences {
         let Some((user, act)) = self.act(event, pos) else {
             return;
         };
-        self.stage.received.increment(1);
         let user: Arc<str> = match self.users.get_key_value(user.as_str()) {
             Some((k, _)) => k.clone(),
             None => Arc::from(user),
@@ -322,7 +356,6 @@ impl Operator for UserSequences {
     fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
         let as_of = tick_start_ms + ctx.tick_ms();
         let dirty = std::mem::take(&mut self.dirty);
-        let holds = std::mem::take(&mut self.unflushed);
         for user in &dirty {
             let Some(state) = self.users.get_mut(user) else {
                 continue;
@@ -331,21 +364,8 @@ impl Operator for UserSequences {
             ctx.emit(snapshot(user, state, as_of));
             self.snapshots.increment(1);
             self.stage.sent.increment(1);
-            let payload = state.encode();
-            self.changelog_bytes.increment(payload.len() as u64);
-            ctx.emit(Output {
-                topic: OutputTopic::UserChangelog {
-                    partition: self.partition,
-                },
-                key: changelog_key(self.name(), user.as_bytes()),
-                id: deterministic_id(&[b"user-state", user.as_bytes(), &as_of.to_le_bytes()]),
-                payload,
-                headers: Vec::new(),
-                model_version: None,
-                tick_end_ms: Some(as_of),
-                depends_on: holds,
-            });
         }
+        self.unwritten.extend(dirty);
         if self.cfg.samples {
             let mut done = Vec::new();
             let (period, long_view) = (self.cfg.label_period_ms, self.cfg.long_view_ms);
@@ -379,6 +399,10 @@ impl Operator for UserSequences {
         });
         if let Some(g) = &self.users_gauge {
             g.set(self.users.len() as f64);
+        }
+        // Last, so the records hold this tick's label progress and horizon.
+        if as_of.saturating_sub(self.written_ms) >= self.cfg.changelog_interval_ms {
+            self.write_changelog(as_of, ctx);
         }
     }
 
@@ -422,6 +446,8 @@ impl Operator for UserSequences {
 
     fn on_revoke(&mut self) {
         self.unflushed = Holds::default();
+        self.unwritten.clear();
+        self.written_ms = i64::MIN;
         self.users.clear();
         self.dirty.clear();
         self.unsettled.clear();
