@@ -268,39 +268,47 @@ fn bench(c: &mut Criterion) {
     let n_users = 20_000u32;
     let per_tick = 2_000u32;
     let limits = Limits::default();
-    let mut op = UserSequences::new(cfg, None).with_interests(Some(model.clone()));
-    let mut outputs: Vec<Output> = Vec::new();
-    let next = std::cell::Cell::new(0u32);
-    g.throughput(Throughput::Elements(u64::from(per_tick)));
-    g.bench_function("apply_operator", |bench| {
-        bench.iter_batched(
-            || {
-                // One tick's records, encoded (not timed).
-                let k = next.get();
-                next.set(k + 1);
-                let recs: Vec<_> = (0..per_tick)
-                    .map(|j| record(n_users, k * per_tick + j, per_tick))
-                    .collect();
-                (k, recs)
-            },
-            |(k, recs)| {
-                let mut ctx = Context::new(&mut outputs, 0, 1000);
-                for (i, (kind, key, payload)) in recs.iter().enumerate() {
-                    let ev: Event = decode_input(*kind, Some(key), Some(payload), None, &limits)
-                        .expect("valid record");
-                    let pos = Position {
-                        kind: *kind,
-                        offset: i64::from(k * per_tick) + i as i64,
-                    };
-                    op.on_record(&ev, pos, false, &mut ctx);
-                }
-                op.on_tick(T0 + i64::from(k) * 1000, &mut ctx);
-                drop(ctx);
-                outputs.clear();
-            },
-            criterion::BatchSize::PerIteration,
-        )
-    });
+    // The same stream with and without compressed interests (each operator
+    // gets fresh users and times: the streams start over).
+    for (name, interests) in [
+        ("apply_operator", Some(model.clone())),
+        ("apply_operator_without_interests", None),
+    ] {
+        let mut op = UserSequences::new(cfg.clone(), None).with_interests(interests);
+        let mut outputs: Vec<Output> = Vec::new();
+        let next = std::cell::Cell::new(0u32);
+        g.throughput(Throughput::Elements(u64::from(per_tick)));
+        g.bench_function(name, |bench| {
+            bench.iter_batched(
+                || {
+                    // One tick's records, encoded (not timed).
+                    let k = next.get();
+                    next.set(k + 1);
+                    let recs: Vec<_> = (0..per_tick)
+                        .map(|j| record(n_users, k * per_tick + j, per_tick))
+                        .collect();
+                    (k, recs)
+                },
+                |(k, recs)| {
+                    let mut ctx = Context::new(&mut outputs, 0, 1000);
+                    for (i, (kind, key, payload)) in recs.iter().enumerate() {
+                        let ev: Event =
+                            decode_input(*kind, Some(key), Some(payload), None, &limits)
+                                .expect("valid record");
+                        let pos = Position {
+                            kind: *kind,
+                            offset: i64::from(k * per_tick) + i as i64,
+                        };
+                        op.on_record(&ev, pos, false, &mut ctx);
+                    }
+                    op.on_tick(T0 + i64::from(k) * 1000, &mut ctx);
+                    drop(ctx);
+                    outputs.clear();
+                },
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
     // Reference: rebuild a full user's sequence from its raw actions on each new one.
     let full = &histories[0];
     g.throughput(Throughput::Elements(1));

@@ -106,14 +106,23 @@ pub struct InterestModel {
     key_dim: usize,
     value_dim: usize,
     out_dim: usize,
-    owner: Vec<f32>,
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    key: Vec<f32>,
-    value: Vec<f32>,
+    // The weights in f64, as every term is computed.
+    owner: Vec<f64>,
+    weight: Vec<f64>,
+    bias: Vec<f64>,
+    key: Vec<f64>,
+    value: Vec<f64>,
     /// φ(q_j), interests x key_dim.
     queries: Vec<f64>,
-    project: Vec<f32>,
+    project: Vec<f64>,
+}
+
+fn wide(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
 /// φ = elu + 1: positive, so every attention weight is.
@@ -197,13 +206,13 @@ impl InterestModel {
             key_dim: f.key_dim,
             value_dim: f.value_dim,
             out_dim: f.out_dim,
-            owner: f.owner,
-            weight: f.weight,
-            bias: f.bias,
-            key: f.key,
-            value: f.value,
+            owner: wide(&f.owner),
+            weight: wide(&f.weight),
+            bias: wide(&f.bias),
+            key: wide(&f.key),
+            value: wide(&f.value),
             queries: f.queries.iter().map(|&q| phi(f64::from(q))).collect(),
-            project: f.project,
+            project: wide(&f.project),
         };
         for (i, c) in f.checks.iter().enumerate() {
             model
@@ -269,32 +278,22 @@ impl InterestModel {
     /// One behaviour's key and value, from its features and owner bucket.
     pub fn term(&self, x: &[f32; DENSE], bucket: usize) -> Term {
         let row = bucket.min(self.buckets - 1) * self.dim;
-        let e: Vec<f64> = (0..self.dim)
-            .map(|i| {
-                let w = &self.weight[i * DENSE..(i + 1) * DENSE];
-                let lin: f64 = w
-                    .iter()
-                    .zip(x)
-                    .map(|(&w, &x)| f64::from(w) * f64::from(x))
-                    .sum();
-                f64::from(self.owner[row + i]) + f64::from(self.bias[i]) + lin
-            })
+        let x = x.map(f64::from);
+        let owner = &self.owner[row..row + self.dim];
+        let e: Vec<f64> = (self.weight.chunks_exact(DENSE).zip(owner).zip(&self.bias))
+            .map(|((w, o), b)| o + b + dot(w, &x))
             .collect();
-        let mat = |m: &[f32], rows: usize| -> Vec<f64> {
-            (0..rows)
-                .map(|r| {
-                    m[r * self.dim..(r + 1) * self.dim]
-                        .iter()
-                        .zip(&e)
-                        .map(|(&w, &e)| f64::from(w) * e)
-                        .sum()
-                })
-                .collect()
-        };
-        let key = mat(&self.key, self.key_dim).into_iter().map(phi).collect();
         Term {
-            key,
-            value: mat(&self.value, self.value_dim),
+            key: self
+                .key
+                .chunks_exact(self.dim)
+                .map(|k| phi(dot(k, &e)))
+                .collect(),
+            value: self
+                .value
+                .chunks_exact(self.dim)
+                .map(|v| dot(v, &e))
+                .collect(),
         }
     }
 
@@ -325,10 +324,8 @@ impl InterestModel {
                     num / den.max(1e-9)
                 })
                 .collect();
-            for r in 0..self.out_dim {
-                let p = &self.project[r * self.value_dim..(r + 1) * self.value_dim];
-                let v: f64 = p.iter().zip(&h).map(|(&p, &h)| f64::from(p) * h).sum();
-                out.push(v as f32);
+            for p in self.project.chunks_exact(self.value_dim) {
+                out.push(dot(p, &h) as f32);
             }
         }
         out

@@ -32,7 +32,9 @@ const SCALE: f64 = (1u64 << FRACTION_BITS) as f64;
 
 /// A real value as a fixed-point term (saturating far outside any term).
 fn fixed(v: f64) -> i64 {
-    (v * SCALE).round().clamp(-(2f64.powi(62)), 2f64.powi(62)) as i64
+    // Round half away from zero (without libm's `round`); the cast saturates.
+    let x = v * SCALE;
+    (x + 0.5f64.copysign(x)) as i64
 }
 
 /// One user's sums under one model.
