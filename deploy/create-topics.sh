@@ -5,21 +5,26 @@
 #   image, which has bash and /opt/kafka/bin), or by hand against any cluster whose
 #   Kafka tools are on KAFKA_BIN.
 # Not for: changing the partition count of an existing topic (that breaks the
-#   co-partitioning of the room-keyed inputs: it fails instead), or onair's own output
-#   topics created by later stages (onair creates those itself when `create = true`).
+#   co-partitioning of the room-keyed inputs: it fails instead).
 #
-# Topics (names as in pipelines/kafka.toml):
+# Topics (names as in pipelines/kafka.toml; the same set and settings as
+# `onair run` creates with `kafka.topics.create`, src/kafka.rs pipeline_topics):
 #   room-keyed inputs, co-partitioned: video, audio, comments, actions
 #   user-keyed input:                  short-video-actions
-#   outputs:                           room-stats, dead-letters
-# video, audio and dead-letters (which carries the original payload) get
-# max.message.bytes=67108864, as onair itself would create them.
+#   outputs:                           room-stats, transcripts, room-features,
+#                                      training-samples, highlight-scores, highlights,
+#                                      gift-predictions, dead-letters
+#   compacted outputs:                 room-embeddings, user-sequences
+#   internal:                          user-actions (the user stage's input),
+#                                      onair-users-changelog (compacted state)
+# video, audio, dead-letters (which carries the original payload) and the changelog
+# get max.message.bytes=67108864, as onair itself would create them.
 #
 # Environment (all optional):
 #   BOOTSTRAP_SERVERS   default kafka:9092
 #   PARTITIONS          default 4
 #   REPLICATION_FACTOR  default 1
-#   BIG_MESSAGE_BYTES   default 67108864 (video, audio, dead-letters)
+#   BIG_MESSAGE_BYTES   default 67108864 (video, audio, dead-letters, the changelog)
 #   MEDIA_RETENTION_MS  retention.ms for video and audio; unset = the broker's default.
 #                       Kafka judges retention by the records' timestamps (event time):
 #                       records stamped far in the past are deleted early.
@@ -39,7 +44,9 @@ wait_seconds="${WAIT_SECONDS:-120}"
 
 log() { printf 'create-topics: %s\n' "$*" >&2; }
 
-topics=(video audio comments actions short-video-actions room-stats dead-letters)
+topics=(video audio comments actions short-video-actions room-stats transcripts
+  room-features training-samples highlight-scores highlights user-actions room-embeddings
+  gift-predictions user-sequences onair-users-changelog dead-letters)
 
 # Per-topic configs, one `key=value` a line.
 topic_configs() {
@@ -49,6 +56,13 @@ topic_configs() {
       if [[ -n "$media_retention" ]]; then echo "retention.ms=$media_retention"; fi
       ;;
     dead-letters)
+      echo "max.message.bytes=$big"
+      ;;
+    room-embeddings | user-sequences)
+      echo "cleanup.policy=compact"
+      ;;
+    onair-users-changelog)
+      echo "cleanup.policy=compact"
       echo "max.message.bytes=$big"
       ;;
     *) ;; # broker defaults
