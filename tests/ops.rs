@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
@@ -43,20 +41,6 @@ fn prometheus_config_and_alert_rules_pass_promtool() {
     }
 }
 
-/// GET `path` over plain HTTP/1.0; the body of a 200 answer.
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.split(' ')
-        .nth(1)
-        .is_some_and(|code| code == "200")
-        .then(|| body.to_string())
-}
-
 /// The samples of an instant query: (labels, value) per series.
 fn query(port: u16, promql: &str) -> Vec<(serde_json::Value, f64)> {
     let mut q = String::new();
@@ -66,7 +50,7 @@ fn query(port: u16, promql: &str) -> Vec<(serde_json::Value, f64)> {
             _ => q.push_str(&format!("%{b:02X}")),
         }
     }
-    let Some(body) = get(port, &format!("/api/v1/query?query={q}")) else {
+    let Some(body) = common::get(port, &format!("/api/v1/query?query={q}")) else {
         return Vec::new();
     };
     let v: serde_json::Value = serde_json::from_str(&body).expect("Prometheus answers JSON");

@@ -159,6 +159,7 @@ impl UserSequences {
     /// holding the input positions taken since then until they are acknowledged.
     fn write_changelog(&mut self, as_of: i64, ctx: &mut Context<'_>) {
         self.written_ms = as_of;
+        let name = self.name();
         let holds = std::mem::take(&mut self.unflushed);
         for user in std::mem::take(&mut self.unwritten) {
             let Some(state) = self.users.get(&user) else {
@@ -170,7 +171,7 @@ impl UserSequences {
                 topic: OutputTopic::UserChangelog {
                     partition: self.partition,
                 },
-                key: changelog_key("user_sequences", user.as_bytes()),
+                key: changelog_key(name, user.as_bytes()),
                 id: deterministic_id(&[b"user-state", user.as_bytes(), &as_of.to_le_bytes()]),
                 payload,
                 headers: Vec::new(),
