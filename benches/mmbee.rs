@@ -96,8 +96,7 @@ fn main() {
         frames: 3,
         comment_tokens: 8,
         transcript_tokens: 2,
-        streamer_index: 0,
-        streamer_graph: vec![0.1; dim],
+        streamer_id: Arc::from("streamer-1"),
     };
     // MFQ per room.
     for b in [1usize, 32] {

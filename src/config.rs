@@ -626,9 +626,13 @@ pub struct MmbeeConfig {
     /// room side writes its samples only).
     pub model: String,
     /// The graph tables directory (`onair graph --out`): the version the
-    /// serving model names in its `mmbee.json` is loaded (missing: the model
-    /// runs without graph rows, and a warning says so).
+    /// serving model names in its `mmbee.json` is loaded with it (a version
+    /// whose graph tables cannot be read does not serve).
     pub graph: String,
+    /// How often the model directory is checked for a new version (ms); the
+    /// new version swaps in with its graph tables. 0: never (the version
+    /// loaded at start serves until restart).
+    pub reload_interval_ms: u64,
     /// Batching of MFQ and the ranker (one batcher serves both).
     pub batch: BatchSettings,
 }
@@ -638,6 +642,7 @@ impl Default for MmbeeConfig {
         MmbeeConfig {
             model: String::new(),
             graph: "graph".into(),
+            reload_interval_ms: 5000,
             batch: BatchSettings {
                 max_batch: 256,
                 max_delay_ms: 5,

@@ -37,14 +37,14 @@ fn service() -> Arc<MmbeeService> {
 }
 
 fn content(svc: &MmbeeService, streamer: &str, start_ms: i64, x: f32) -> RoomContent {
-    let d = svc.spec.dims;
+    let d = svc.dims();
     RoomContent {
         streamer_id: Arc::from(streamer),
         start_ms,
         at_ms: start_ms + 13_000,
         tokens: vec![x; d.queries * d.d].into(),
         dim: d.d as u32,
-        model: Arc::from("mmbee@test"),
+        model: svc.label(),
     }
 }
 
@@ -105,6 +105,16 @@ impl Harness {
             );
         }
         got
+    }
+
+    /// Closes the ticks up to `end_ms`; the one prediction that scored, as
+    /// (model version, graph version, content segment start).
+    fn versions(&mut self, end_ms: i64) -> (String, u64, i64) {
+        self.close(end_ms);
+        let p = self.predictions();
+        assert_eq!(p.len(), 1, "{p:?}");
+        let p = &p[0];
+        (p.model_version.clone(), p.graph_version, p.content_start_ms)
     }
 
     /// Polls until nothing is pending and returns the predictions written.
@@ -249,4 +259,97 @@ fn a_gift_changes_the_gifting_viewers_score() {
         first, last.probability,
         "six gifts later the viewer's score is the same"
     );
+}
+
+/// Copies every file of `from` into `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+/// A copy of the committed version 1 as version `v` naming graph version `graph`.
+fn add_version(root: &Path, v: u64, graph: u64) {
+    let dir = root.join("mmbee").join(format!("staging-{v}"));
+    copy_dir(&root.join("mmbee/1"), &dir);
+    let path = dir.join("mmbee.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("mmbee.json")).expect("json");
+    spec["graph"]["version"] = graph.into();
+    std::fs::write(&path, serde_json::to_vec(&spec).expect("json")).expect("write");
+    // Whole, then visible (as a deploy would rename it into place).
+    std::fs::rename(&dir, root.join("mmbee").join(v.to_string())).expect("rename");
+}
+
+fn wait_for_label(svc: &MmbeeService, want: &str) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while &*svc.label() != want {
+        assert!(Instant::now() < until, "still serving {}", svc.label());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_new_version_swaps_in_with_its_graph_tables() {
+    onair::models::onnx::init_onnx_runtime(None).expect("ONNX Runtime (run scripts/models)");
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mmbee");
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "mmbee-swap-{}-{}",
+        std::process::id(),
+        T0
+    ));
+    let _ = std::fs::remove_dir_all(&root);
+    copy_dir(&committed.join("1"), &root.join("mmbee/1"));
+    copy_dir(&committed.join("graph/1"), &root.join("graph/1"));
+    let cfg = MmbeeConfig {
+        enabled: true,
+        model: root.join("mmbee").display().to_string(),
+        graph: root.join("graph").display().to_string(),
+        reload_interval_ms: 50,
+        ..MmbeeConfig::default()
+    };
+    let svc = Arc::new(MmbeeService::start(&cfg).expect("version 1 loads"));
+    assert_eq!((&*svc.label(), svc.graph_version()), ("mmbee@1", 1));
+    let table = RoomTable::new();
+    table.put("r1", content(&svc, "streamer-of-r1", T0, 0.1));
+    let mut h = Harness {
+        op: GiftScoring::new(svc.clone(), table.clone()),
+        offset: 0,
+    };
+    h.record(action(T0 + 14_000, "r1", "a", ActionKind::Enter, 0));
+    assert_eq!(h.versions(T0 + 15_000), ("mmbee@1".into(), 1, T0));
+
+    // Version 3 names graph tables that are not there: it does not serve.
+    add_version(&root, 3, 9);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        &*svc.label(),
+        "mmbee@1",
+        "a version without its graph swapped in"
+    );
+
+    // Version 4 with graph version 2 (another copy of the tables, with the
+    // embeddings scaled: another space as far as the engine can tell).
+    copy_dir(&root.join("graph/1"), &root.join("graph/2"));
+    let emb = root.join("graph/2/embeddings.f32");
+    let scaled: Vec<u8> = std::fs::read(&emb)
+        .expect("embeddings")
+        .chunks_exact(4)
+        .flat_map(|b| (f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * -2.0).to_le_bytes())
+        .collect();
+    std::fs::write(&emb, scaled).expect("write");
+    add_version(&root, 4, 2);
+    wait_for_label(&svc, "mmbee@4");
+    assert_eq!(svc.graph_version(), 2);
+
+    // The room's tokens are version 1's: the new ranker scores the gift
+    // without them (content -1), with graph 2's rows.
+    h.record(action(T0 + 16_000, "r1", "a", ActionKind::Gift, 10));
+    assert_eq!(h.versions(T0 + 17_000), ("mmbee@4".into(), 2, -1));
+    // The room's next segment from version 4's MFQ is read again.
+    table.put("r1", content(&svc, "streamer-of-r1", T0 + 10_000, 0.3));
+    assert_eq!(h.versions(T0 + 24_000), ("mmbee@4".into(), 2, T0 + 10_000));
+    let _ = std::fs::remove_dir_all(&root);
 }

@@ -7,25 +7,35 @@
 //!   `mmbee-content-v1` row, see `operators::mmbee_content`) and its streamer ->
 //!   the room's content tokens `[queries, d]`. Viewer-independent: once per room
 //!   and segment.
-//! - **Ranker** ([`Request::Pair`]): one (viewer, room) pair's inputs ->
+//! - **Ranker** ([`Request::Pair`]): one (viewer, room) pair ->
 //!   P(the viewer gifts in the room within the horizon). [`PairFeatures::build`]
-//!   assembles them exactly as `mmbee.json` defines them (and
+//!   assembles its inputs exactly as `mmbee.json` defines them (and
 //!   `models/mmbee/data.py` does for training) from the content tokens, the
 //!   viewer's session, the viewer's gifting history and the graph tables.
+//!
+//! A version holds the graph tables it was trained with (`mmbee.json`
+//! `graph.version`), and the inputs that depend on the graph or the
+//! vocabulary are assembled inside the version that runs them, so a hot swap
+//! (a new version directory, picked up every `reload_interval_ms`) replaces
+//! the graphs, the vocabulary and the graph tables as one unit: no request is
+//! ever run with another version's tables. Content tokens made by another
+//! version's MFQ are not read by this version's ranker: such a pair is scored
+//! as a room without content until the room's next segment.
 //!
 //! Not for: training (models/mmbee/), keeping histories or sessions (operators and
 //! user state do), or graph tables of another version than the one a model
 //! version names (its embeddings are another space).
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
 use ort::session::Session;
 use ort::value::TensorRef;
 use serde::Deserialize;
 
 use super::batcher::{BatchModel, Batcher, Submit};
-use super::serving::{ModelSlot, Servable};
+use super::serving::{ModelSlot, Servable, Watch};
 use super::ModelError;
 use crate::graph::{GraphTables, NodeKind};
 use crate::operators::mmbee_content::{
@@ -147,10 +157,44 @@ pub struct ContentInput {
     pub comment_tokens: usize,
     /// See `frames`.
     pub transcript_tokens: usize,
-    /// The streamer's vocabulary index.
-    pub streamer_index: i64,
-    /// The streamer's graph embedding (zeros when not in the graph).
-    pub streamer_graph: Vec<f32>,
+    /// The room's streamer (the version looks up its vocabulary index and
+    /// graph embedding).
+    pub streamer_id: Arc<str>,
+}
+
+impl ContentInput {
+    /// MFQ's input for a room's completed content segment.
+    pub fn new(content: &crate::operators::mmbee_content::ContentRow, streamer_id: &str) -> Self {
+        ContentInput {
+            row: content.row.clone().into(),
+            frames: content.frames,
+            comment_tokens: content.comment_tokens,
+            transcript_tokens: content.transcript_tokens,
+            streamer_id: streamer_id.into(),
+        }
+    }
+}
+
+/// One (viewer, room) pair as the scoring operator knows it at the prediction
+/// time; the serving version assembles the ranker's inputs from it
+/// ([`PairFeatures::build`]) with its own spec and graph tables.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PairInput {
+    /// The room's content tokens.
+    pub tokens: Arc<[f32]>,
+    /// `name@version` of the MFQ that made `tokens`: another version's are
+    /// not read (the pair is scored as a room without content).
+    pub tokens_model: Arc<str>,
+    /// The room's streamer.
+    pub streamer_id: Arc<str>,
+    /// The viewer.
+    pub user_id: Arc<str>,
+    /// The viewer's gifts (those at or after `t_ms` are left out).
+    pub history: Vec<Gift>,
+    /// The viewer's session in the room.
+    pub session: SessionRow,
+    /// The prediction time.
+    pub t_ms: i64,
 }
 
 /// One gift in a viewer's history.
@@ -310,23 +354,47 @@ pub enum Request {
     /// MFQ over a room's content segment.
     Content(ContentInput),
     /// The ranker over one pair.
-    Pair(Box<PairFeatures>),
+    Pair(Box<PairInput>),
 }
 
 /// One result.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
-    /// A room's content tokens, `[queries * d]`.
-    Tokens(Arc<[f32]>),
-    /// A pair's gift probability.
-    Probability(f32),
+    /// A room's content tokens, `[rows * dim]`.
+    Tokens {
+        /// The tokens, row-major.
+        tokens: Arc<[f32]>,
+        /// Width of a row (the version's `d`).
+        dim: u32,
+    },
+    /// A pair's score.
+    Pair(Scored),
 }
 
-/// A loaded version: both graphs and their spec.
+/// A pair's gift probability and what the version read to get it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scored {
+    /// P(the viewer gifts in the room within the horizon).
+    pub probability: f32,
+    /// Whether the room's content tokens were read (false: they came from
+    /// another version's MFQ, and the room was scored as without content).
+    pub content: bool,
+    /// The graph version whose tables the inputs came from (0: none).
+    pub graph_version: u64,
+}
+
+/// A loaded version: both graphs, their spec, and the graph tables the spec
+/// names.
 pub struct MmbeeModel {
     mfq: Session,
     ranker: Session,
     spec: Spec,
+    graph: Option<Arc<GraphTables>>,
+    /// `name@version`, as the serving slot labels it.
+    label: Arc<str>,
+    /// MFQ over an empty segment of an unknown streamer: the tokens of a room
+    /// without content.
+    empty: Arc<[f32]>,
 }
 
 impl std::fmt::Debug for MmbeeModel {
@@ -379,7 +447,8 @@ fn check_io(
 }
 
 impl MmbeeModel {
-    /// Loads a version directory.
+    /// Loads a version directory, without graph tables (their rows read as
+    /// zeros, "not in the graph"; see [`Self::with_graph`]).
     pub fn load(dir: &Path, threads: usize) -> Result<Self, ModelError> {
         let spec = Spec::load(&dir.join("mmbee.json"))?;
         let (mp, rp) = (dir.join("mfq.onnx"), dir.join("ranker.onnx"));
@@ -387,12 +456,70 @@ impl MmbeeModel {
         check_io(&mfq, &mp, &MFQ_INPUTS, "tokens")?;
         let ranker = super::onnx::session(&rp, threads)?;
         check_io(&ranker, &rp, &RANKER_INPUTS, "probability")?;
-        Ok(MmbeeModel { mfq, ranker, spec })
+        let mut model = MmbeeModel {
+            mfq,
+            ranker,
+            spec,
+            graph: None,
+            label: super::serving::version_label(dir),
+            empty: Arc::from(Vec::new()),
+        };
+        model.empty = model.run_empty()?;
+        Ok(model)
+    }
+
+    /// The version with the graph tables it names (the caller reads the
+    /// version `spec().graph_version`).
+    pub fn with_graph(mut self, graph: Option<Arc<GraphTables>>) -> Result<Self, ModelError> {
+        self.graph = graph;
+        self.empty = self.run_empty()?;
+        Ok(self)
     }
 
     /// The version's spec.
     pub fn spec(&self) -> &Spec {
         &self.spec
+    }
+
+    /// The graph version whose tables this version reads (0: none).
+    pub fn graph_version(&self) -> u64 {
+        self.graph.as_ref().map_or(0, |_| self.spec.graph_version)
+    }
+
+    fn run_empty(&mut self) -> Result<Arc<[f32]>, ModelError> {
+        let empty = ContentInput {
+            row: vec![0.0; CONTENT_WIDTH].into(),
+            frames: 0,
+            comment_tokens: 0,
+            transcript_tokens: 0,
+            streamer_id: Arc::from(""),
+        };
+        self.content(&[&empty])?
+            .pop()
+            .ok_or_else(|| ModelError::Runtime("MMBee MFQ gave no tokens".into()))
+    }
+
+    /// Ranker inputs for a pair, with this version's spec and tables. The
+    /// second value says whether the room's tokens were read.
+    pub fn features(&self, p: &PairInput) -> (PairFeatures, bool) {
+        let width = self.spec.dims.queries * self.spec.dims.d;
+        let own = *p.tokens_model == *self.label && p.tokens.len() == width;
+        let tokens = if own {
+            p.tokens.clone()
+        } else {
+            self.empty.clone()
+        };
+        let f = PairFeatures::build(
+            &self.spec,
+            self.graph.as_deref(),
+            tokens,
+            &p.streamer_id,
+            &p.user_id,
+            &p.history,
+            &p.session,
+            p.t_ms,
+        );
+        (f, own)
     }
 
     /// MFQ over rooms' content segments.
@@ -413,11 +540,10 @@ impl MmbeeModel {
         let mut index = Vec::with_capacity(b);
         let mut sg = Vec::with_capacity(b * g);
         for (i, c) in inputs.iter().enumerate() {
-            if c.row.len() != CONTENT_WIDTH || c.streamer_graph.len() != g {
+            if c.row.len() != CONTENT_WIDTH {
                 return Err(ModelError::Input(format!(
-                    "content row of {} values and streamer embedding of {}",
+                    "content row of {} values, not {CONTENT_WIDTH}",
                     c.row.len(),
-                    c.streamer_graph.len()
                 )));
             }
             if c.row.iter().any(|v| !v.is_finite()) {
@@ -437,8 +563,11 @@ impl MmbeeModel {
             for j in 0..c.transcript_tokens.min(TRANSCRIPTS) {
                 tm[i * TRANSCRIPTS + j] = 1.0;
             }
-            index.push(c.streamer_index);
-            sg.extend_from_slice(&c.streamer_graph);
+            index.push(self.spec.streamer_index(&c.streamer_id));
+            match graph_row(self.graph.as_deref(), NodeKind::Streamer, &c.streamer_id, g) {
+                Some(e) => sg.extend_from_slice(&e),
+                None => sg.resize(sg.len() + g, 0.0),
+            }
         }
         let runtime = |e: ort::Error| ModelError::Runtime(format!("MMBee MFQ: {e}"));
         let out = self
@@ -537,26 +666,16 @@ impl MmbeeModel {
     /// The smoke inputs: an empty segment of an unknown streamer, and a pair of
     /// an unknown viewer with no history over its tokens.
     fn smoke_run(&mut self) -> Result<(), ModelError> {
-        let spec = self.spec.clone();
-        let content = ContentInput {
-            row: vec![0.0; CONTENT_WIDTH].into(),
-            frames: 0,
-            comment_tokens: 0,
-            transcript_tokens: 0,
-            streamer_index: 0,
-            streamer_graph: vec![0.0; spec.dims.graph],
-        };
-        let tokens = self.content(&[&content])?;
-        let pair = PairFeatures::build(
-            &spec,
-            None,
-            tokens[0].clone(),
-            "",
-            "",
-            &[],
-            &SessionRow::default(),
-            0,
-        );
+        let tokens = self.run_empty()?;
+        let (pair, _) = self.features(&PairInput {
+            tokens,
+            tokens_model: self.label.clone(),
+            streamer_id: Arc::from(""),
+            user_id: Arc::from(""),
+            history: Vec::new(),
+            session: SessionRow::default(),
+            t_ms: 0,
+        });
         match self.rank(&[&pair])?.first() {
             Some(p) if (0.0..=1.0).contains(p) => Ok(()),
             _ => Err(ModelError::Runtime(
@@ -576,77 +695,101 @@ impl Servable for MmbeeModel {
     }
 }
 
-/// MMBee as the operators of both stages share it: the serving version's
-/// batcher (MFQ and the ranker), its spec, and the graph tables of the version
-/// it was trained with. One per process.
-///
-/// The version is fixed for the life of the process: a new one (which may name
-/// another graph version) is picked up by a restart, so a prediction's model
-/// and graph always match.
+/// Graph tables by version, read once and shared by every replica and version
+/// that names them while any of them holds them.
+struct GraphCache {
+    root: PathBuf,
+    loaded: Mutex<HashMap<u64, Weak<GraphTables>>>,
+}
+
+impl GraphCache {
+    /// The tables of `version` (None for version 0: a model without a graph).
+    /// A version the model names but that cannot be read fails the load, so
+    /// the version serving before stays.
+    fn get(&self, version: u64) -> Result<Option<Arc<GraphTables>>, ModelError> {
+        if version == 0 {
+            return Ok(None);
+        }
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loaded.retain(|_, t| t.strong_count() > 0);
+        if let Some(t) = loaded.get(&version).and_then(Weak::upgrade) {
+            return Ok(Some(t));
+        }
+        let dir = self.root.join(version.to_string());
+        let tables = GraphTables::read(&dir).map_err(|e| ModelError::Missing {
+            path: dir.display().to_string(),
+            reason: format!("the graph version the MMBee model names: {e}"),
+        })?;
+        let tables = Arc::new(tables);
+        loaded.insert(version, Arc::downgrade(&tables));
+        Ok(Some(tables))
+    }
+}
+
+/// MMBee as the operators of both stages share it: the batcher of the serving
+/// version (MFQ, the ranker and the graph tables they were trained with, as
+/// one unit). One per process. With `reload_interval_ms` set, a new version
+/// directory is loaded (with the graph version it names) and swapped in;
+/// a version that fails to load, or whose graph tables are missing, leaves
+/// the serving one in place.
 pub struct MmbeeService {
     /// The batcher of both graphs.
     pub model: Box<dyn Submit<Request, Reply>>,
-    /// The serving version's spec.
-    pub spec: Spec,
-    /// The graph tables the version names (None: not found; rows are zeros).
-    pub graph: Option<Arc<GraphTables>>,
+    slot: Arc<ModelSlot<MmbeeModel>>,
+    _watch: Option<Watch>,
 }
 
 impl std::fmt::Debug for MmbeeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MmbeeService")
-            .field("model", &self.model.label())
+            .field("model", &self.label())
             .field("graph", &self.graph_version())
             .finish_non_exhaustive()
     }
 }
 
 impl MmbeeService {
-    /// Loads the highest working version under `cfg.model`, the graph
-    /// version it names under `cfg.graph`, and starts the batcher.
+    /// Loads the highest working version under `cfg.model` with the graph
+    /// version it names under `cfg.graph`, and starts the batcher (and the
+    /// reload watch).
     pub fn start(cfg: &crate::config::MmbeeConfig) -> Result<Self, ModelError> {
-        let slot = ModelSlot::<MmbeeModel>::open(
+        let graphs = Arc::new(GraphCache {
+            root: PathBuf::from(&cfg.graph),
+            loaded: Mutex::new(HashMap::new()),
+        });
+        let loader: super::serving::Loader<MmbeeModel> = Arc::new(move |dir: &Path, threads| {
+            let model = MmbeeModel::load(dir, threads)?;
+            let graph = graphs.get(model.spec.graph_version)?;
+            model.with_graph(graph)
+        });
+        let slot = ModelSlot::open_with(
             Path::new(&cfg.model),
             cfg.batch.workers,
             cfg.batch.threads,
+            loader,
         )?;
-        let spec = slot.current().replica(0).spec().clone();
-        let dir = Path::new(&cfg.graph).join(spec.graph_version.to_string());
-        let graph = match GraphTables::read(&dir) {
-            Ok(t) => Some(Arc::new(t)),
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "the graph version the MMBee model names is not readable: it scores without graph rows");
-                None
-            }
-        };
+        let watch = (cfg.reload_interval_ms > 0)
+            .then(|| slot.watch(std::time::Duration::from_millis(cfg.reload_interval_ms)));
         Ok(MmbeeService {
-            model: Box::new(Batcher::start(slot, cfg.batch.batch_config())),
-            spec,
-            graph,
+            model: Box::new(Batcher::start(slot.clone(), cfg.batch.batch_config())),
+            slot,
+            _watch: watch,
         })
     }
 
-    /// The graph version in use (0: none).
-    pub fn graph_version(&self) -> u64 {
-        self.graph.as_ref().map_or(0, |_| self.spec.graph_version)
+    /// `name@version` of the serving version.
+    pub fn label(&self) -> Arc<str> {
+        self.slot.label()
     }
 
-    /// MFQ's input for a room's completed content segment.
-    pub fn content_input(
-        &self,
-        content: &crate::operators::mmbee_content::ContentRow,
-        streamer_id: &str,
-    ) -> ContentInput {
-        let g = self.spec.dims.graph;
-        ContentInput {
-            row: content.row.clone().into(),
-            frames: content.frames,
-            comment_tokens: content.comment_tokens,
-            transcript_tokens: content.transcript_tokens,
-            streamer_index: self.spec.streamer_index(streamer_id),
-            streamer_graph: graph_row(self.graph.as_deref(), NodeKind::Streamer, streamer_id, g)
-                .unwrap_or_else(|| vec![0.0; g]),
-        }
+    /// The graph version the serving version reads (0: none).
+    pub fn graph_version(&self) -> u64 {
+        self.slot.current().replica(0).graph_version()
+    }
+
+    /// The serving version's widths.
+    pub fn dims(&self) -> Dims {
+        self.slot.current().replica(0).spec.dims
     }
 }
 
@@ -663,21 +806,32 @@ impl BatchModel for MmbeeModel {
                 Request::Pair(_) => None,
             })
             .collect();
-        let pairs: Vec<&PairFeatures> = inputs
+        let (pairs, own): (Vec<PairFeatures>, Vec<bool>) = inputs
             .iter()
             .filter_map(|r| match r {
-                Request::Pair(p) => Some(&**p),
+                Request::Pair(p) => Some(self.features(p)),
                 Request::Content(_) => None,
             })
-            .collect();
+            .unzip();
+        let refs: Vec<&PairFeatures> = pairs.iter().collect();
+        let dim = self.spec.dims.d as u32;
+        let graph_version = self.graph_version();
         let mut tokens = self.content(&contents)?.into_iter();
-        let mut probs = self.rank(&pairs)?.into_iter();
+        let mut probs = self.rank(&refs)?.into_iter().zip(own);
         inputs
             .iter()
             .map(|r| {
                 let out = match r {
-                    Request::Content(_) => tokens.next().map(Reply::Tokens),
-                    Request::Pair(_) => probs.next().map(Reply::Probability),
+                    Request::Content(_) => {
+                        tokens.next().map(|tokens| Reply::Tokens { tokens, dim })
+                    }
+                    Request::Pair(_) => probs.next().map(|(probability, content)| {
+                        Reply::Pair(Scored {
+                            probability,
+                            content,
+                            graph_version,
+                        })
+                    }),
                 };
                 out.ok_or_else(|| ModelError::Runtime("MMBee batch lost a result".into()))
             })

@@ -68,12 +68,18 @@ impl<M> Served<M> {
 /// What a version's files looked like when it failed: retried when they change.
 type Stamp = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
+/// How a slot loads one version directory with some intra-op threads:
+/// [`Servable::load`] unless the slot was opened with another
+/// ([`ModelSlot::open_with`], for models that need more than their directory).
+pub type Loader<M> = Arc<dyn Fn(&Path, usize) -> Result<M, ModelError> + Send + Sync>;
+
 /// The serving version of one model, swapped atomically on reload.
 pub struct ModelSlot<M> {
     name: Arc<str>,
     dir: PathBuf,
     replicas: usize,
     threads: usize,
+    loader: Loader<M>,
     current: ArcSwap<Served<M>>,
     failed: Mutex<HashMap<u64, Stamp>>,
 }
@@ -92,6 +98,22 @@ impl<M: Servable> ModelSlot<M> {
     /// model) and loads the highest version that works, with `replicas`
     /// copies of `threads` intra-op threads each. Fails when no version works.
     pub fn open(dir: &Path, replicas: usize, threads: usize) -> Result<Arc<Self>, ModelError> {
+        Self::open_with(
+            dir,
+            replicas,
+            threads,
+            Arc::new(|d: &Path, t| M::load(d, t)),
+        )
+    }
+
+    /// As [`Self::open`], loading every version (the first and each reload)
+    /// with `loader`.
+    pub fn open_with(
+        dir: &Path,
+        replicas: usize,
+        threads: usize,
+        loader: Loader<M>,
+    ) -> Result<Arc<Self>, ModelError> {
         let name: Arc<str> = dir
             .file_name()
             .and_then(|n| n.to_str())
@@ -110,13 +132,14 @@ impl<M: Servable> ModelSlot<M> {
         let mut failed = HashMap::new();
         let mut last_error = None;
         for &v in versions.iter().rev() {
-            match load_version::<M>(&name, dir, v, replicas, threads) {
+            match load_version::<M>(&name, dir, v, replicas, threads, &loader) {
                 Ok(served) => {
                     let slot = Arc::new(ModelSlot {
                         name,
                         dir: dir.to_path_buf(),
                         replicas,
                         threads,
+                        loader,
                         current: ArcSwap::from_pointee(served),
                         failed: Mutex::new(failed),
                     });
@@ -173,7 +196,14 @@ impl<M: Servable> ModelSlot<M> {
         }
         let vdir = self.dir.join(want.to_string());
         let before = stamp(&vdir);
-        match load_version::<M>(&self.name, &self.dir, want, self.replicas, self.threads) {
+        match load_version::<M>(
+            &self.name,
+            &self.dir,
+            want,
+            self.replicas,
+            self.threads,
+            &self.loader,
+        ) {
             Ok(served) => {
                 failed.remove(&want);
                 let old = self.current.swap(Arc::new(served));
@@ -261,12 +291,13 @@ fn load_version<M: Servable>(
     version: u64,
     replicas: usize,
     threads: usize,
+    loader: &Loader<M>,
 ) -> Result<Served<M>, ModelError> {
     let vdir = dir.join(version.to_string());
     let result = (|| {
         let mut models = Vec::with_capacity(replicas.max(1));
         for _ in 0..replicas.max(1) {
-            let mut model = M::load(&vdir, threads)?;
+            let mut model = loader(&vdir, threads)?;
             model.smoke()?;
             models.push(Mutex::new(model));
         }
@@ -281,6 +312,22 @@ fn load_version<M: Servable>(
     metrics::counter!(m::MODEL_LOADS, "model" => name.to_string(), "result" => outcome)
         .increment(1);
     result
+}
+
+/// `name@version` for a version directory `<models>/<name>/<version>`: the
+/// label its slot gives it (for a model that needs to know its own).
+pub fn version_label(vdir: &Path) -> Arc<str> {
+    let name = |p: Option<&Path>| {
+        p.and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+    };
+    format!(
+        "{}@{}",
+        name(vdir.parent()).unwrap_or_else(|| "model".into()),
+        name(Some(vdir)).unwrap_or_default()
+    )
+    .into()
 }
 
 /// The highest numbered version directory under `dir` (whether or not it

@@ -35,7 +35,7 @@ use prost::Message;
 use super::mmbee_scoring::{Due, Reason, ScoringState};
 use crate::metrics::{Stage, GIFT_PREDICTIONS, MMBEE_USERS};
 use crate::models::batcher::{Done, Outbox, ReplyTo};
-use crate::models::mmbee::{Gift, MmbeeService, PairFeatures, Reply, Request};
+use crate::models::mmbee::{MmbeeService, PairInput, Reply, Request};
 use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
 use crate::schema::{
     deterministic_id, ActionKind, Event, GiftPrediction, ViewerAction, SCHEMA_VERSION,
@@ -61,8 +61,9 @@ pub struct GiftScoring {
     state: ScoringState,
     /// Event time of the last action handled.
     action_ms: i64,
-    /// When each room's content in the state completed.
-    content_at: HashMap<Arc<str>, i64>,
+    /// When each room's content in the state completed, and the MFQ version
+    /// that made its tokens.
+    content_at: HashMap<Arc<str>, (i64, Arc<str>)>,
     /// Content read from the table that completed after this partition's
     /// event time: applied once the ticks pass it.
     waiting: HashMap<Arc<str>, RoomContent>,
@@ -137,7 +138,8 @@ impl GiftScoring {
         {
             return false;
         }
-        self.content_at.insert(room.clone(), c.at_ms);
+        self.content_at
+            .insert(room.clone(), (c.at_ms, c.model.clone()));
         self.state.content(room, c.start_ms, c.tokens);
         true
     }
@@ -244,11 +246,7 @@ impl GiftScoring {
         }
         for d in due {
             let t = match d.reason {
-                Reason::Content => self
-                    .content_at
-                    .get(&d.room)
-                    .copied()
-                    .unwrap_or(self.action_ms),
+                Reason::Content => self.content_at.get(&d.room).map_or(self.action_ms, |c| c.0),
                 Reason::Enter | Reason::Gift => self.action_ms,
             };
             let Some(enter_ms) = self
@@ -269,17 +267,18 @@ impl GiftScoring {
                 self.stage.dropped("no_content_yet", 1);
                 continue;
             };
-            let history: Vec<Gift> = view.history.iter().cloned().collect();
-            let features = PairFeatures::build(
-                &self.svc.spec,
-                self.svc.graph.as_deref(),
+            let input = PairInput {
                 tokens,
-                &view.streamer,
-                &d.user,
-                &history,
-                &view.session,
-                t,
-            );
+                tokens_model: self
+                    .content_at
+                    .get(&d.room)
+                    .map_or_else(|| Arc::from(""), |c| c.1.clone()),
+                streamer_id: view.streamer.clone(),
+                user_id: d.user.clone(),
+                history: view.history.iter().cloned().collect(),
+                session: view.session,
+                t_ms: t,
+            };
             let id = self.next_id;
             self.next_id += 1;
             let room = d.room.clone();
@@ -293,7 +292,7 @@ impl GiftScoring {
                     holds,
                 },
             );
-            let req = Request::Pair(Box::new(features));
+            let req = Request::Pair(Box::new(input));
             if !self
                 .outbox
                 .send(self.svc.model.as_ref(), &room, id, req, &self.reply)
@@ -309,9 +308,9 @@ impl GiftScoring {
             let Some(p) = self.pending.remove(&done.id) else {
                 continue;
             };
-            let probability = match done.result {
-                Ok(Reply::Probability(x)) => x,
-                Ok(Reply::Tokens(_)) => {
+            let scored = match done.result {
+                Ok(Reply::Pair(x)) => x,
+                Ok(Reply::Tokens { .. }) => {
                     self.stage.error("wrong_reply");
                     continue;
                 }
@@ -338,11 +337,17 @@ impl GiftScoring {
                 user_id: p.due.user.to_string(),
                 streamer_id: p.streamer_id.to_string(),
                 event_time_ms: p.t_ms,
-                probability,
+                probability: scored.probability,
                 model_version: model.clone(),
                 trigger: trig.to_owned(),
-                graph_version: self.svc.graph_version(),
-                content_start_ms: p.content_start_ms,
+                graph_version: scored.graph_version,
+                // -1: the room's tokens came from another version's MFQ (a
+                // version change) and were not read.
+                content_start_ms: if scored.content {
+                    p.content_start_ms
+                } else {
+                    -1
+                },
             };
             self.by_trigger[p.due.reason as usize].increment(1);
             self.stage.sent.increment(1);

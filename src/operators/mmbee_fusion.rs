@@ -18,7 +18,7 @@ use prost::Message;
 
 use crate::metrics::Stage;
 use crate::models::batcher::{Done, Outbox, ReplyTo};
-use crate::models::mmbee::{MmbeeService, Reply, Request};
+use crate::models::mmbee::{ContentInput, MmbeeService, Reply, Request};
 use crate::runtime::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
 use crate::schema::{deterministic_id, Event, RoomEmbedding, SCHEMA_VERSION};
 
@@ -65,9 +65,9 @@ impl MmbeeFusion {
             let Some(p) = self.pending.remove(&done.id) else {
                 continue;
             };
-            let tokens = match done.result {
-                Ok(Reply::Tokens(t)) => t,
-                Ok(Reply::Probability(_)) => {
+            let (tokens, d) = match done.result {
+                Ok(Reply::Tokens { tokens, dim }) => (tokens, dim.max(1)),
+                Ok(Reply::Pair(_)) => {
                     self.stage.error("wrong_reply");
                     continue;
                 }
@@ -77,7 +77,6 @@ impl MmbeeFusion {
                     continue;
                 }
             };
-            let d = self.svc.spec.dims.d;
             let model = done.model.to_string();
             let id = deterministic_id(&[
                 b"room-embedding",
@@ -91,8 +90,8 @@ impl MmbeeFusion {
                 room_id: p.room_id.to_string(),
                 streamer_id: p.streamer_id.to_string(),
                 event_time_ms: p.at_ms,
-                rows: (tokens.len() / d.max(1)) as u32,
-                dim: d as u32,
+                rows: tokens.len() as u32 / d,
+                dim: d,
                 embedding: tokens.to_vec(),
                 model_version: model.clone(),
                 segment_start_ms: p.start_ms,
@@ -150,7 +149,7 @@ impl Operator for MmbeeFusion {
                 holds: *holds,
             },
         );
-        let req = Request::Content(self.svc.content_input(content, streamer_id));
+        let req = Request::Content(ContentInput::new(content, streamer_id));
         if !self
             .outbox
             .send(self.svc.model.as_ref(), room_id, id, req, &self.reply)

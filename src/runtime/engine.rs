@@ -383,7 +383,7 @@ fn services(config: &PipelineConfig) -> Result<Services, EngineError> {
         }
         if config.user_stage() {
             let svc = crate::models::mmbee::MmbeeService::start(&config.operators.mmbee)?;
-            info!(model = %svc.model.label(), graph = svc.graph_version(), "MMBee serving");
+            info!(model = %svc.label(), graph = svc.graph_version(), "MMBee serving");
             services.mmbee = Some(Arc::new(svc));
         }
     }
