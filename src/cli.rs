@@ -1,4 +1,5 @@
-//! The command line: `run`, `demo`, `simulate`, `validate`, `tail` and `graph`.
+//! The command line: `run`, `demo`, `simulate`, `topics`, `validate`, `tail`,
+//! `graph` and `sequences`.
 //! Runtime behaviour (addresses, durations, log level) is set here by flags;
 //! what the pipeline does is in its TOML file.
 //!
@@ -19,7 +20,10 @@ use tracing::{error, info};
 
 use crate::config::{PipelineConfig, SinkKind, SourceKind};
 use crate::error::chain;
-use crate::kafka::{client_config, ensure_topics, pipeline_topics};
+use crate::kafka::{
+    check_topics, client_config, ensure_topics, ensure_topics_replicated, partition_counts,
+    pipeline_topics, TopicCheck,
+};
 use crate::runtime::Engine;
 use crate::schema::{self, RoomStats};
 use crate::simulator::publish::{publish, PublishOptions};
@@ -50,6 +54,10 @@ enum Command {
     Demo(DemoArgs),
     /// Generate simulated live rooms into Kafka, with their ground truth.
     Simulate(SimulateArgs),
+    /// Create every topic of a pipeline that does not exist yet, then check
+    /// each one's partition count and configs against the pipeline (a table;
+    /// fails when any topic differs).
+    Topics(TopicsArgs),
     /// Check pipeline files and report every problem at once.
     Validate {
         /// Pipeline files.
@@ -256,6 +264,32 @@ struct SimulateArgs {
 }
 
 #[derive(Args, Debug)]
+struct TopicsArgs {
+    /// Pipeline file whose `[kafka]` and `[kafka.topics]` to use.
+    #[arg(long, default_value = "pipelines/kafka.toml")]
+    pipeline: PathBuf,
+    /// Override `kafka.brokers`.
+    #[arg(long, env = "ONAIR_BROKERS")]
+    brokers: Option<String>,
+    /// Partitions of every topic (default: `[kafka.topics] partitions`). An
+    /// existing topic with another count is reported, never altered (that
+    /// would move keys between partitions).
+    #[arg(long)]
+    partitions: Option<i32>,
+    /// Replicas of each partition of the topics created now.
+    #[arg(long, default_value_t = 1)]
+    replication_factor: i32,
+    /// `retention.ms` of the video and audio topics (default, or empty: the
+    /// broker's). Kafka judges retention by the records' timestamps, their
+    /// event time.
+    #[arg(long, env = "ONAIR_MEDIA_RETENTION_MS", value_parser = optional_ms)]
+    media_retention_ms: Option<String>,
+    /// How long to wait for the cluster to answer, e.g. `120s`.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    wait: Duration,
+}
+
+#[derive(Args, Debug)]
 struct TailArgs {
     /// Topic to read.
     topic: String,
@@ -299,6 +333,7 @@ pub fn main() -> ExitCode {
             Command::Run(a) => run(a).await,
             Command::Demo(a) => demo(a).await,
             Command::Simulate(a) => simulate(a).await,
+            Command::Topics(a) => topics(a).await,
             Command::Validate { files } => validate(&files),
             Command::Tail(a) => tail(a).await,
             Command::Sequences(a) => tokio::task::spawn_blocking(move || sequences(a))
@@ -720,6 +755,144 @@ async fn simulate(a: SimulateArgs) -> CliResult {
         write_truth(sim.truth(), &path)?;
     }
     Ok(())
+}
+
+/// `onair topics`: create what is missing, then compare every topic with the
+/// pipeline.
+async fn topics(a: TopicsArgs) -> CliResult {
+    let mut config = load(&a.pipeline)?;
+    if let Some(b) = a.brokers {
+        config.kafka.brokers = b;
+    }
+    if let Some(p) = a.partitions {
+        config.kafka.topics.partitions = p;
+    }
+    let retention = a.media_retention_ms.filter(|ms| !ms.is_empty());
+    let mut specs = pipeline_topics(&config.kafka);
+    if let Some(r) = &retention {
+        let t = &config.kafka.topics;
+        for s in specs
+            .iter_mut()
+            .filter(|s| s.name == t.video || s.name == t.audio)
+        {
+            s.configs.push(("retention.ms", r));
+        }
+    }
+    let counts = || {
+        let kafka = config.kafka.clone();
+        async move {
+            tokio::task::spawn_blocking(move || partition_counts(&kafka, Duration::from_secs(5)))
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    let deadline = Instant::now() + a.wait;
+    while let Err(e) = counts().await? {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no answer from {} within {}: {}",
+                config.kafka.brokers,
+                humantime::format_duration(a.wait),
+                chain(&e)
+            ));
+        }
+        info!(brokers = %config.kafka.brokers, error = %e, "waiting for the cluster");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    ensure_topics_replicated(&config.kafka, &specs, a.replication_factor)
+        .await
+        .map_err(|e| chain(&e))?;
+    // A topic just created may take a moment to show in the metadata.
+    let settle = Instant::now() + Duration::from_secs(10);
+    let checks = loop {
+        let counts = counts().await?.map_err(|e| chain(&e))?;
+        let checks = check_topics(&config.kafka, &specs, &counts)
+            .await
+            .map_err(|e| chain(&e))?;
+        if checks.iter().all(|c| c.partitions.is_some()) || Instant::now() >= settle {
+            break checks;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    print!("{}", topics_table(&checks));
+    let differ: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok())
+        .map(|c| c.name.as_str())
+        .collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} of {} topics differ from {}: {} (a partition count cannot be changed in place: \
+         recreate the topic; configs can be set with the cluster's tools)",
+        differ.len(),
+        checks.len(),
+        a.pipeline.display(),
+        differ.join(", ")
+    ))
+}
+
+/// Milliseconds, or empty for none (an unset setting passed on as an empty
+/// variable, as docker-compose.yml does).
+fn optional_ms(s: &str) -> Result<String, std::num::ParseIntError> {
+    if !s.is_empty() {
+        s.parse::<i64>()?;
+    }
+    Ok(s.to_string())
+}
+
+/// What `onair topics` prints: one row per topic, each stated value as the
+/// cluster holds it, with the stated one beside it where they differ.
+fn topics_table(checks: &[TopicCheck]) -> String {
+    let rows: Vec<[String; 4]> = checks
+        .iter()
+        .map(|c| {
+            let partitions = match c.partitions {
+                Some(n) if n == c.want_partitions => n.to_string(),
+                Some(n) => format!("{n} (want {})", c.want_partitions),
+                None => format!("missing (want {})", c.want_partitions),
+            };
+            let configs: Vec<String> = c
+                .configs
+                .iter()
+                .map(|(k, want, got)| match got {
+                    Some(g) if g == want => format!("{k}={g}"),
+                    Some(g) => format!("{k}={g} (want {want})"),
+                    None => format!("{k}=? (want {want})"),
+                })
+                .collect();
+            let status = match &c.error {
+                Some(e) => format!("configs unreadable: {e}"),
+                None if c.ok() => "ok".into(),
+                None => "DIFFERS".into(),
+            };
+            [c.name.clone(), partitions, configs.join(" "), status]
+        })
+        .collect();
+    let head = ["TOPIC", "PARTITIONS", "CONFIGS", "STATUS"].map(String::from);
+    let mut width = [0usize; 3];
+    for row in std::iter::once(&head).chain(&rows) {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&head).chain(&rows) {
+        let line = format!(
+            "{:w0$}  {:w1$}  {:w2$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2]
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// Writes a simulated run's ground truth as JSON lines.

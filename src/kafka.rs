@@ -1,13 +1,18 @@
 //! Shared Kafka plumbing: client configuration from a pipeline, topic
-//! creation through the admin API, and the error type for both.
+//! creation through the admin API and the check of what the cluster holds
+//! (partition counts from metadata, topic configs from DescribeConfigs), and
+//! the error type for them.
 //!
 //! Not for: consuming (see `sources::kafka`) or producing outputs (see
 //! `sinks::kafka`).
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use std::collections::HashMap;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
 
@@ -76,22 +81,35 @@ pub struct TopicSpec<'a> {
     pub configs: Vec<(&'a str, &'a str)>,
 }
 
-/// Creates the topics that do not exist yet; existing ones are left alone.
+/// Creates the topics that do not exist yet (replication factor 1); existing
+/// ones are left alone.
 pub async fn ensure_topics(
     cfg: &KafkaConfig,
     topics: &[TopicSpec<'_>],
 ) -> Result<(), KafkaFailure> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(cfg)
-            .create()
-            .map_err(|source| KafkaFailure::Client {
-                what: "admin client",
-                source,
-            })?;
+    ensure_topics_replicated(cfg, topics, 1).await
+}
+
+fn admin_client(cfg: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, KafkaFailure> {
+    client_config(cfg)
+        .create()
+        .map_err(|source| KafkaFailure::Client {
+            what: "admin client",
+            source,
+        })
+}
+
+/// As [`ensure_topics`], with `replication` replicas of every partition.
+pub async fn ensure_topics_replicated(
+    cfg: &KafkaConfig,
+    topics: &[TopicSpec<'_>],
+    replication: i32,
+) -> Result<(), KafkaFailure> {
+    let admin = admin_client(cfg)?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            let mut n = NewTopic::new(t.name, t.partitions, TopicReplication::Fixed(1));
+            let mut n = NewTopic::new(t.name, t.partitions, TopicReplication::Fixed(replication));
             for (k, v) in &t.configs {
                 n = n.set(k, v);
             }
@@ -117,6 +135,119 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+/// The partition count of every topic in the cluster. Blocking. Asks for all
+/// topics rather than naming some: a metadata request that names an unknown
+/// topic creates it with one partition on brokers that auto-create topics.
+pub fn partition_counts(
+    cfg: &KafkaConfig,
+    timeout: Duration,
+) -> Result<HashMap<String, i32>, KafkaFailure> {
+    let consumer: BaseConsumer = client_config(cfg)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(|source| KafkaFailure::Client {
+            what: "metadata client",
+            source,
+        })?;
+    let metadata =
+        consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|source| KafkaFailure::Operation {
+                what: "metadata request",
+                source,
+            })?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// One topic as the cluster holds it, against its spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicCheck {
+    /// The topic.
+    pub name: String,
+    /// Partitions stated.
+    pub want_partitions: i32,
+    /// Partitions the cluster reports (None: no such topic).
+    pub partitions: Option<i32>,
+    /// Each stated config: key, stated value, the cluster's value (None: not
+    /// reported).
+    pub configs: Vec<(String, String, Option<String>)>,
+    /// Why the configs could not be read, if they could not.
+    pub error: Option<String>,
+}
+
+impl TopicCheck {
+    /// Whether the topic is as stated.
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+            && self.partitions == Some(self.want_partitions)
+            && self
+                .configs
+                .iter()
+                .all(|(_, want, got)| got.as_deref() == Some(want.as_str()))
+    }
+}
+
+/// Compares every topic of `topics` with what the cluster holds: partition
+/// counts as [`partition_counts`] read them, configs from DescribeConfigs.
+pub async fn check_topics(
+    cfg: &KafkaConfig,
+    topics: &[TopicSpec<'_>],
+    counts: &HashMap<String, i32>,
+) -> Result<Vec<TopicCheck>, KafkaFailure> {
+    let admin = admin_client(cfg)?;
+    let specifiers: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(t.name))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = admin
+        .describe_configs(specifiers.iter(), &opts)
+        .await
+        .map_err(|source| KafkaFailure::Operation {
+            what: "describe configs",
+            source,
+        })?;
+    Ok(topics
+        .iter()
+        .zip(described)
+        .map(|(t, d)| {
+            let (entries, error) = match d {
+                Ok(resource) => (
+                    resource
+                        .entries
+                        .into_iter()
+                        .map(|e| (e.name, e.value))
+                        .collect::<HashMap<_, _>>(),
+                    None,
+                ),
+                Err(code) => (HashMap::new(), Some(code.to_string())),
+            };
+            TopicCheck {
+                name: t.name.to_string(),
+                want_partitions: t.partitions,
+                partitions: counts.get(t.name).copied(),
+                configs: t
+                    .configs
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            v.to_string(),
+                            entries.get(*k).cloned().flatten(),
+                        )
+                    })
+                    .collect(),
+                error,
+            }
+        })
+        .collect())
 }
 
 /// Every topic of a pipeline, with onair's partition counts and policies.

@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
@@ -170,4 +171,382 @@ fn a_real_prometheus_scrapes_the_engine() {
         );
     }
     drop(prometheus);
+}
+
+/// `onair topics` against a pipeline: (exit status, stdout, stderr).
+fn onair_topics(pipeline: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_onair"))
+        .args(["topics", "--brokers", &common::brokers(), "--pipeline"])
+        .arg(pipeline)
+        .args(extra)
+        .output()
+        .expect("run onair topics");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What the broker itself says, read with rdkafka's own clients (not
+/// onair's): every topic's partition count from metadata (all topics asked
+/// for: naming an unknown one would create it on noida), and the configs of
+/// `names` from DescribeConfigs.
+fn broker_view(
+    names: &[String],
+) -> (
+    HashMap<String, usize>,
+    HashMap<String, HashMap<String, String>>,
+) {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut cfg = rdkafka::ClientConfig::new();
+    cfg.set("bootstrap.servers", common::brokers());
+    let consumer: BaseConsumer = cfg.create().expect("metadata client");
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata");
+    let partitions = metadata
+        .topics()
+        .iter()
+        .map(|t| (t.name().to_string(), t.partitions().len()))
+        .collect();
+    if names.is_empty() {
+        return (partitions, HashMap::new());
+    }
+    let admin: AdminClient<DefaultClientContext> = cfg.create().expect("admin client");
+    let specs: Vec<ResourceSpecifier<'_>> =
+        names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+    let described = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(admin.describe_configs(specs.iter(), &AdminOptions::new()))
+        .expect("describe configs");
+    let configs = names
+        .iter()
+        .zip(described)
+        .map(|(name, d)| {
+            let resource = d.unwrap_or_else(|e| panic!("describe configs of {name}: {e}"));
+            let entries = resource
+                .entries
+                .into_iter()
+                .filter_map(|e| Some((e.name, e.value?)))
+                .collect();
+            (name.clone(), entries)
+        })
+        .collect();
+    (partitions, configs)
+}
+
+/// Creates one topic with rdkafka's admin client, as something other than
+/// onair might have.
+fn create_topic(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .create()
+        .expect("admin client");
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        topic = topic.set(k, v);
+    }
+    let results = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(admin.create_topics([&topic], &AdminOptions::new()))
+        .expect("create topic");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create {t}: {e}"));
+    }
+}
+
+/// `onair topics` (what docker-compose.yml's `topics` service runs) on the
+/// local broker: every topic of the pipeline exists afterwards with the
+/// stated partitions and configs, as the broker's own answers (metadata,
+/// DescribeConfigs) show; a second run changes nothing and passes; a topic
+/// that already exists with another partition count or cleanup policy makes
+/// it fail and names the difference. (noida-db 0.2.3 answers DescribeConfigs
+/// per topic with the configs it was created with, and the defaults,
+/// `cleanup.policy=delete` among them, for the rest.)
+#[test]
+fn topics_command_creates_every_topic_with_its_settings() {
+    let dir = common::scratch("topics");
+    let topics = Topics {
+        prefix: common::unique("topics"),
+    };
+    let pipeline = common::pipeline(&dir, &topics, "");
+    // The stated settings, as docs/OPERATIONS.md and docs/SCHEMAS.md give them.
+    let big = "67108864";
+    let want: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        (
+            "video",
+            vec![("max.message.bytes", big), ("retention.ms", "86400000")],
+        ),
+        (
+            "audio",
+            vec![("max.message.bytes", big), ("retention.ms", "86400000")],
+        ),
+        ("comments", vec![]),
+        ("actions", vec![]),
+        ("short-video-actions", vec![]),
+        ("room-stats", vec![]),
+        ("transcripts", vec![]),
+        ("room-features", vec![]),
+        ("training-samples", vec![]),
+        ("highlight-scores", vec![]),
+        ("highlights", vec![]),
+        ("user-actions", vec![]),
+        ("room-embeddings", vec![("cleanup.policy", "compact")]),
+        ("gift-predictions", vec![]),
+        ("user-sequences", vec![("cleanup.policy", "compact")]),
+        (
+            "user-state",
+            vec![("cleanup.policy", "compact"), ("max.message.bytes", big)],
+        ),
+        ("dead-letters", vec![("max.message.bytes", big)]),
+    ];
+    let names: Vec<String> = want.iter().map(|(t, _)| topics.name(t)).collect();
+    // Every topic the pipeline names is in that list.
+    let text = std::fs::read_to_string(&pipeline).expect("pipeline");
+    let parsed: toml::Table = text.parse().expect("pipeline is TOML");
+    let mut named: Vec<String> = parsed["kafka"]["topics"]
+        .as_table()
+        .expect("[kafka.topics]")
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    named.sort();
+    let mut listed = names.clone();
+    listed.sort();
+    assert_eq!(named, listed, "the topics the pipeline names");
+
+    let retention = ["--media-retention-ms", "86400000"];
+    let (ok, first, err) = onair_topics(&pipeline, &retention);
+    assert!(ok, "onair topics failed:\n{first}{err}");
+    for name in &names {
+        let row = first
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{first}"));
+        assert!(row.ends_with(" ok"), "{row}");
+    }
+
+    let check = |when: &str| {
+        let (partitions, configs) = broker_view(&names);
+        for ((topic, stated), name) in want.iter().zip(&names) {
+            assert_eq!(
+                partitions.get(name),
+                Some(&4),
+                "{when}: partitions of {name}"
+            );
+            let got = &configs[name];
+            for (k, v) in stated {
+                assert_eq!(
+                    got.get(*k).map(String::as_str),
+                    Some(*v),
+                    "{when}: {name} {k}"
+                );
+            }
+            if !stated.iter().any(|(k, _)| *k == "cleanup.policy") {
+                assert_eq!(
+                    got.get("cleanup.policy").map(String::as_str),
+                    Some("delete"),
+                    "{when}: {topic} is not compacted"
+                );
+            }
+        }
+    };
+    check("after the first run");
+    let (ok, second, err) = onair_topics(&pipeline, &retention);
+    assert!(ok, "second run failed:\n{second}{err}");
+    assert_eq!(second, first, "a second run reports the same");
+    check("after the second run");
+
+    // Topics made beforehand by someone else, one with 2 partitions, one not
+    // compacted: the run creates the rest, then fails and says what differs.
+    let other = Topics {
+        prefix: common::unique("topics-wrong"),
+    };
+    let pipeline = common::pipeline(&common::scratch("topics-wrong"), &other, "");
+    create_topic(&other.name("comments"), 2, &[]);
+    create_topic(
+        &other.name("room-embeddings"),
+        4,
+        &[("cleanup.policy", "delete")],
+    );
+    let (ok, table, err) = onair_topics(&pipeline, &[]);
+    assert!(!ok, "a wrong topic passed:\n{table}");
+    let row = |t: &str| {
+        let name = other.name(t);
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{table}"))
+            .to_string()
+    };
+    assert!(row("comments").contains("2 (want 4)"), "{table}");
+    assert!(row("comments").ends_with("DIFFERS"), "{table}");
+    assert!(
+        row("room-embeddings").contains("cleanup.policy=delete (want compact)"),
+        "{table}"
+    );
+    assert!(row("actions").ends_with(" ok"), "{table}");
+    assert!(
+        err.contains("2 of 17 topics differ") && err.contains(&other.name("comments")),
+        "{err}"
+    );
+    let (partitions, _) = broker_view(&[]);
+    assert_eq!(
+        partitions.get(&other.name("comments")),
+        Some(&2),
+        "left as it was"
+    );
+    assert_eq!(
+        partitions.get(&other.name("video")),
+        Some(&4),
+        "the rest created"
+    );
+}
+
+/// Docker Compose's binary, where scripts/setup links it.
+fn docker_compose() -> std::path::PathBuf {
+    let cache = std::env::var_os("ONAIR_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/onair")
+        });
+    let bin = cache.join("bin/docker-compose");
+    assert!(
+        bin.exists(),
+        "{} is missing: scripts/setup installs Docker Compose",
+        bin.display()
+    );
+    bin
+}
+
+/// `docker compose <args>` on docker-compose.yml with none of its settings
+/// set (so the defaults are what is checked): (success, stdout, stderr).
+fn compose(args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(docker_compose());
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--file", "docker-compose.yml"])
+        .args(args);
+    for var in [
+        "ONAIR_TAG",
+        "ONAIR_LOG",
+        "ONAIR_BIND",
+        "ONAIR_PARTITIONS",
+        "ONAIR_MEDIA_RETENTION_MS",
+        "KAFKA_CLUSTER_ID",
+        "GRAFANA_ADMIN_USER",
+        "GRAFANA_ADMIN_PASSWORD",
+        "COMPOSE_PROFILES",
+        "COMPOSE_FILE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().expect("run docker-compose");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `docker compose config` accepts docker-compose.yml without a warning and
+/// finds every service (the simulator under the `load` profile); the one-shot
+/// `topics` service runs the onair image's `onair topics`, and that very
+/// command (its broker and pipeline swapped for the local broker and a test
+/// pipeline, its environment as compose sets it) succeeds here.
+#[test]
+fn docker_compose_config_passes() {
+    let (ok, out, err) = compose(&["config", "--quiet"]);
+    assert!(ok && err.trim().is_empty(), "compose config:\n{out}{err}");
+    let services = |profile: &[&str]| {
+        let mut args = profile.to_vec();
+        args.extend(["config", "--services"]);
+        let (ok, out, err) = compose(&args);
+        assert!(ok, "compose config --services:\n{err}");
+        let mut s: Vec<String> = out.lines().map(String::from).collect();
+        s.sort();
+        s
+    };
+    assert_eq!(
+        services(&[]),
+        ["grafana", "kafka", "onair", "prometheus", "topics"]
+    );
+    assert_eq!(
+        services(&["--profile", "load"]),
+        [
+            "grafana",
+            "kafka",
+            "onair",
+            "prometheus",
+            "simulator",
+            "topics"
+        ]
+    );
+
+    let (ok, json, err) = compose(&["config", "--format", "json"]);
+    assert!(ok, "{err}");
+    let config: serde_json::Value = serde_json::from_str(&json).expect("compose JSON");
+    let topics = &config["services"]["topics"];
+    let onair = &config["services"]["onair"];
+    assert_eq!(
+        topics["image"], onair["image"],
+        "topics runs the onair image"
+    );
+    assert_eq!(topics["build"], onair["build"]);
+    assert!(
+        topics["entrypoint"].is_null(),
+        "the image's entrypoint (onair)"
+    );
+    let dockerfile = std::fs::read_to_string("Dockerfile").expect("Dockerfile");
+    assert!(
+        dockerfile.contains("ENTRYPOINT [\"onair\"]"),
+        "Dockerfile entrypoint"
+    );
+    assert_eq!(
+        onair["depends_on"]["topics"]["condition"],
+        "service_completed_successfully"
+    );
+    let mut args: Vec<String> = topics["command"]
+        .as_array()
+        .expect("topics command")
+        .iter()
+        .map(|a| a.as_str().expect("string argument").to_string())
+        .collect();
+    assert_eq!(args[0], "topics", "{args:?}");
+    let dir = common::scratch("compose-topics");
+    let prefix = Topics {
+        prefix: common::unique("compose-topics"),
+    };
+    let pipeline = common::pipeline(&dir, &prefix, "");
+    for (flag, value) in [
+        ("--brokers", common::brokers()),
+        ("--pipeline", pipeline.display().to_string()),
+    ] {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+        assert!(
+            flag != "--pipeline" || std::path::Path::new(&args[i + 1]).exists(),
+            "{} is not in the repo (the image copies pipelines/)",
+            args[i + 1]
+        );
+        args[i + 1] = value;
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_onair"));
+    cmd.args(&args);
+    for (k, v) in topics["environment"].as_object().expect("environment") {
+        cmd.env(k, v.as_str().unwrap_or_default());
+    }
+    let out = cmd.output().expect("run onair topics");
+    assert!(
+        out.status.success(),
+        "the topics service's command failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
