@@ -419,6 +419,7 @@ async fn run(a: RunArgs) -> CliResult {
     }
     crate::metrics::install(a.metrics_addr)
         .map_err(|e| format!("metrics endpoint on {}: {e}", a.metrics_addr))?;
+    crate::metrics::register(&config);
     info!(metrics = %a.metrics_addr, "serving /metrics");
     let stop = stop_on_signal();
     Engine::new(config)
@@ -454,6 +455,7 @@ async fn demo(a: DemoArgs) -> CliResult {
     }
     crate::metrics::install(a.metrics_addr)
         .map_err(|e| format!("metrics endpoint on {}: {e}", a.metrics_addr))?;
+    crate::metrics::register(&config);
     let start = a.start_ms.unwrap_or_else(default_start_ms);
     let sim_cfg = sim_config(
         &config.simulator,

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+use crate::config::{PipelineConfig, SourceKind};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Records a stage accepted. For an operator the runtime counts it (every
@@ -121,7 +123,7 @@ pub const SEQUENCE_USERS: &str = "onair_sequence_users";
 pub const SEQUENCE_SNAPSHOTS: &str = "onair_sequence_snapshots_total";
 
 /// Seconds a partition took to read its state back from the changelog
-/// when assigned, labelled `partition`.
+/// when assigned (a histogram), labelled `partition`.
 pub const STATE_RESTORE_SECONDS: &str = "onair_state_restore_seconds";
 /// Changelog records read back, labelled `partition`.
 pub const STATE_RESTORED_RECORDS: &str = "onair_state_restored_records_total";
@@ -133,9 +135,116 @@ pub const CHANGELOG_BYTES: &str = "onair_changelog_bytes_total";
 /// Records a partition's restore from its changelog.
 pub fn state_restored(partition: i32, seconds: f64, records: u64, bytes: u64) {
     let p = partition.to_string();
-    metrics::gauge!(STATE_RESTORE_SECONDS, "partition" => p.clone()).set(seconds);
+    metrics::histogram!(STATE_RESTORE_SECONDS, "partition" => p.clone()).record(seconds);
     metrics::counter!(STATE_RESTORED_RECORDS, "partition" => p.clone()).increment(records);
     metrics::counter!(STATE_RESTORED_BYTES, "partition" => p).increment(bytes);
+}
+
+/// The stages every partition task runs around its operators.
+pub mod stage {
+    /// Records parsed from their wire format.
+    pub const DECODE: &str = "decode";
+    /// Media payloads decoded.
+    pub const MEDIA: &str = "media";
+    /// Records refused, written to the dead-letter topic.
+    pub const DEAD_LETTERS: &str = "dead_letters";
+    /// The event-time merge and ticks.
+    pub const RUNTIME: &str = "runtime";
+    /// Outputs written to Kafka.
+    pub const SINK: &str = "sink";
+}
+
+/// Why those stages drop records (`STAGE_DROPPED`'s `reason`).
+pub mod dropped {
+    /// decode: a record of a partition the task does not own.
+    pub const UNROUTABLE: &str = "unroutable";
+    /// dead_letters: over the dead-letter rate limit.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// runtime: behind the allowed lateness (lasting state still updated).
+    pub const LATE: &str = "late";
+    /// sink: written before the checkpoint's emitted-through time.
+    pub const ALREADY_WRITTEN: &str = "already_written";
+}
+
+/// The results `ASR_WINDOWS` is labelled with.
+pub const ASR_RESULTS: [&str; 4] = ["ok", "skipped", "error", "dropped"];
+
+/// Registers at zero the series this pipeline's engine can emit whose label
+/// values are known before anything happens, so that they are on `/metrics`
+/// from the start: `rate()` and `increase()` then count the first event, and
+/// every dashboard panel and alert finds its series on an idle engine. The
+/// instance gauges; dead letters and decode errors by reason and input
+/// topic; the runtime stages' drops by reason; ASR windows by result; failed
+/// loads of each served model. Series labelled by partition appear when a
+/// partition is assigned (its operators register theirs then).
+pub fn register(config: &PipelineConfig) {
+    use crate::decode::MediaError;
+    use crate::schema::DecodeError;
+    if config.source.kind == SourceKind::Kafka {
+        gauge!(PARTITIONS_ASSIGNED).set(0.0);
+        gauge!(PARTITIONS_PAUSED).set(0.0);
+        let t = &config.kafka.topics;
+        // (topic, whether it carries media)
+        let mut inputs = vec![
+            (&t.video, true),
+            (&t.audio, true),
+            (&t.comments, false),
+            (&t.actions, false),
+        ];
+        if config.user_stage() {
+            inputs.extend([(&t.short_video_actions, false), (&t.user_actions, false)]);
+        }
+        for (topic, media) in inputs {
+            let media = media && config.media.enabled;
+            let reasons = DecodeError::REASONS
+                .iter()
+                .chain(media.then_some(&MediaError::REASONS).into_iter().flatten());
+            for reason in reasons {
+                counter!(DEAD_LETTERS, "reason" => *reason, "topic" => topic.clone()).absolute(0);
+            }
+        }
+    }
+    for reason in DecodeError::REASONS {
+        counter!(STAGE_ERRORS, "stage" => stage::DECODE, "kind" => reason).absolute(0);
+    }
+    if config.media.enabled {
+        for reason in MediaError::REASONS {
+            counter!(STAGE_ERRORS, "stage" => stage::MEDIA, "kind" => reason).absolute(0);
+        }
+    }
+    for (s, reason) in [
+        (stage::DECODE, dropped::UNROUTABLE),
+        (stage::DEAD_LETTERS, dropped::RATE_LIMITED),
+        (stage::RUNTIME, dropped::LATE),
+        (stage::SINK, dropped::ALREADY_WRITTEN),
+    ] {
+        counter!(STAGE_DROPPED, "stage" => s, "reason" => reason).absolute(0);
+    }
+    let ops = &config.operators;
+    if ops.speech.enabled {
+        for result in ASR_RESULTS {
+            counter!(ASR_WINDOWS, "result" => result).absolute(0);
+        }
+    }
+    // Served models are named after their directory (`models/image` is `image`).
+    let mut served = Vec::new();
+    if ops.features.enabled {
+        served.extend([&ops.features.image_model, &ops.features.text_model]);
+    }
+    if ops.highlight.enabled {
+        served.push(&ops.highlight.model);
+    }
+    if ops.mmbee.enabled && !ops.mmbee.model.is_empty() {
+        served.push(&ops.mmbee.model);
+    }
+    for dir in served {
+        let name = std::path::Path::new(dir)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model")
+            .to_string();
+        counter!(MODEL_LOADS, "model" => name, "result" => "failed").absolute(0);
+    }
 }
 
 /// Handles of one stage's metric family, created once and cloned cheaply.

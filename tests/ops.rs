@@ -4,15 +4,22 @@
 //!   (`deploy/alerts_test.yml`);
 //! - a real Prometheus (Debian's package, which `scripts/setup` installs)
 //!   scrapes a running engine on loopback, and its HTTP API returns the
-//!   engine's series with the values the engine reports.
+//!   engine's series with the values the engine reports;
+//! - every metric the Grafana dashboard's panels and the alert rules query is
+//!   on a running engine's `/metrics` (the shipped pipeline, both stages);
+//! - `onair topics` creates every topic on the local broker with the stated
+//!   partitions and configs, as the broker's own answers show;
+//! - `docker compose config` accepts docker-compose.yml, and its `topics`
+//!   service's command works here.
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{Proc, Topics};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 fn tool(name: &str, args: &[&str]) -> Output {
     Command::new(name)
@@ -548,5 +555,318 @@ fn docker_compose_config_passes() {
         "the topics service's command failed:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The metric names a PromQL expression reads: its identifiers, less
+/// functions (followed by `(`), aggregations, keywords, the label lists of
+/// `by`/`without`/`on`/`ignoring`/`group_left`/`group_right`, label matchers
+/// (`{...}`), ranges (`[...]`), strings, numbers and Grafana's `$variables`.
+fn promql_metrics(expr: &str) -> BTreeSet<String> {
+    // Operators, numbers, and the aggregations (whose `(` may follow a `by` list).
+    const KEYWORDS: [&str; 22] = [
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "inf",
+        "nan",
+        "atan2",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+    ];
+    const LISTS: [&str; 6] = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+    let c: Vec<char> = expr.chars().collect();
+    let ident = |ch: char| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':';
+    // Index just past the bracket that closes the one at `i`.
+    let close = |mut i: usize, open: char, shut: char| {
+        let mut depth = 0;
+        let mut quote = None;
+        while i < c.len() {
+            match (quote, c[i]) {
+                (Some(_), '\\') => i += 1,
+                (Some(q), ch) if ch == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'' | '`') => quote = Some(c[i]),
+                (None, ch) if ch == open => depth += 1,
+                (None, ch) if ch == shut => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return i + 1;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        i
+    };
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    while i < c.len() {
+        match c[i] {
+            '{' => i = close(i, '{', '}'),
+            '[' => i = close(i, '[', ']'),
+            '"' | '\'' | '`' => {
+                let q = c[i];
+                i += 1;
+                while i < c.len() && c[i] != q {
+                    i += if c[i] == '\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            ch if ch == '$' || ch.is_ascii_digit() || ch == '.' => {
+                i += 1;
+                while i < c.len() && (ident(c[i]) || c[i] == '.') {
+                    i += 1;
+                }
+            }
+            ch if ident(ch) => {
+                let start = i;
+                while i < c.len() && ident(c[i]) {
+                    i += 1;
+                }
+                let word: String = c[start..i].iter().collect();
+                let mut j = i;
+                while j < c.len() && c[j].is_whitespace() {
+                    j += 1;
+                }
+                let call = j < c.len() && c[j] == '(';
+                if LISTS.contains(&word.as_str()) {
+                    if call {
+                        i = close(j, '(', ')');
+                    }
+                } else if !call && !KEYWORDS.contains(&word.to_lowercase().as_str()) {
+                    names.insert(word);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    names
+}
+
+#[test]
+fn promql_metric_names_are_found() {
+    let names = |e: &str| promql_metrics(e).into_iter().collect::<Vec<_>>();
+    assert_eq!(
+        names("histogram_quantile(0.95, sum by (stage, le) (rate(onair_stage_latency_seconds_bucket{stage!~\"a|b\"}[$__rate_interval])))"),
+        ["onair_stage_latency_seconds_bucket"]
+    );
+    assert_eq!(
+        names("sum by (instance) (rate(a_total[5m])) > 0\n  unless on(instance) sum by (instance) (b_total offset 1h) > 1e3"),
+        ["a_total", "b_total"]
+    );
+    assert_eq!(names("max by (model, version) (x) == 1"), ["x"]);
+}
+
+/// Every PromQL expression of the Grafana dashboard (its panels' targets,
+/// rows included) and of the alert rules (`expr:` in deploy/alerts.yml).
+fn dashboard_and_alert_queries() -> Vec<(String, String)> {
+    fn panels(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        for p in v.as_array().into_iter().flatten() {
+            let title = p["title"].as_str().unwrap_or("?");
+            for t in p["targets"].as_array().into_iter().flatten() {
+                if let Some(e) = t["expr"].as_str() {
+                    out.push((format!("panel {title:?}"), e.to_string()));
+                }
+            }
+            panels(&p["panels"], out);
+        }
+    }
+    let text = std::fs::read_to_string("deploy/grafana/provisioning/dashboards/onair.json")
+        .expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let mut out = Vec::new();
+    panels(&dashboard["panels"], &mut out);
+    let panels_found = out.len();
+    assert!(panels_found >= 20, "{panels_found} panel queries");
+    // The rules file's `expr:` values, inline or as block scalars.
+    let rules = std::fs::read_to_string("deploy/alerts.yml").expect("alert rules");
+    let lines: Vec<&str> = rules.lines().collect();
+    let mut alert = String::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let t = lines[i].trim_start();
+        if let Some(name) = t.strip_prefix("- alert:") {
+            alert = name.trim().to_string();
+        }
+        if let Some(rest) = t.strip_prefix("expr:") {
+            let indent = lines[i].len() - t.len();
+            let rest = rest.trim();
+            let mut expr = String::new();
+            if rest.starts_with('|') || rest.starts_with('>') {
+                while i + 1 < lines.len()
+                    && (lines[i + 1].trim().is_empty()
+                        || lines[i + 1].len() - lines[i + 1].trim_start().len() > indent)
+                {
+                    i += 1;
+                    expr.push_str(lines[i].trim());
+                    expr.push('\n');
+                }
+            } else {
+                expr.push_str(rest);
+            }
+            out.push((format!("alert {alert}"), expr));
+        }
+        i += 1;
+    }
+    assert_eq!(out.len() - panels_found, 5, "the five alert rules");
+    out
+}
+
+/// The sample names a `/metrics` page holds (histograms as their `_bucket`,
+/// `_sum` and `_count` series).
+fn exposed(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(String::from)
+        .collect()
+}
+
+/// The shipped pipeline (pipelines/kafka.toml: every operator on, the
+/// committed models) with a test's broker, topics and runtime settings, and
+/// `simulator` for `onair simulate`.
+fn shipped_pipeline(dir: &std::path::Path, topics: &Topics, simulator: &str) -> std::path::PathBuf {
+    let path = common::pipeline(dir, topics, simulator);
+    let test: toml::Table = std::fs::read_to_string(&path)
+        .expect("test pipeline")
+        .parse()
+        .expect("TOML");
+    let mut full: toml::Table = std::fs::read_to_string("pipelines/kafka.toml")
+        .expect("pipelines/kafka.toml")
+        .parse()
+        .expect("TOML");
+    for table in ["kafka", "simulator"] {
+        full.insert(table.into(), test[table].clone());
+    }
+    let runtime = full["runtime"].as_table_mut().expect("[runtime]");
+    for (k, v) in test["runtime"].as_table().expect("[runtime]") {
+        runtime.insert(k.clone(), v.clone());
+    }
+    std::fs::write(&path, full.to_string()).expect("write pipeline");
+    path
+}
+
+/// Every metric the dashboard's panels and the alert rules query exists on a
+/// running engine: the shipped pipeline (both stages, every operator and
+/// model) reads simulated rooms and users and one poison record through the
+/// local broker, and once it has written outputs, `/metrics` must hold every
+/// name the queries read. The poison record's dead letter counts in the
+/// series registered at zero at start (the same labels, not a second series).
+#[test]
+fn every_dashboard_and_alert_metric_exists_on_a_running_engine() {
+    let started = Instant::now();
+    let queries = dashboard_and_alert_queries();
+    let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (place, expr) in &queries {
+        let names = promql_metrics(expr);
+        assert!(!names.is_empty(), "{place}: no metric in {expr:?}");
+        for n in names {
+            wanted.entry(n).or_default().push(place.clone());
+        }
+    }
+
+    let dir = common::scratch("dashboard");
+    let topics = Topics {
+        prefix: common::unique("dashboard"),
+    };
+    let pipeline = shipped_pipeline(
+        &dir,
+        &topics,
+        "[simulator]\nshort_videos = true\nvideo_width = 256\nvideo_height = 144\nvideo_fps = 5\nsegment_ms = 2000\n",
+    );
+    common::create_topics(&pipeline);
+    let comments = topics.name("comments");
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .create()
+        .expect("producer");
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(
+            producer.send(
+                FutureRecord::to(&comments)
+                    .key("room-0001")
+                    .payload(&[0xffu8, 0xff, 0xff, 0x0f][..]),
+                Duration::from_secs(10),
+            ),
+        )
+        .expect("produce the poison record");
+    let engine = Proc::engine(&dir, &pipeline, "engine");
+    let sim = Proc::simulate(
+        &dir,
+        &pipeline,
+        &["--rooms", "4", "--duration", "30s", "--speed", "0"],
+    );
+
+    let dead = [("reason", "malformed"), ("topic", comments.as_str())];
+    let deadline = Instant::now() + Duration::from_secs(100);
+    let (missing, text) = loop {
+        let text = engine.scrape().unwrap_or_default();
+        let have = exposed(&text);
+        let missing: Vec<&String> = wanted.keys().filter(|n| !have.contains(*n)).collect();
+        let dead_letter = common::metric(&text, "onair_dead_letters_total", &dead);
+        let written = common::metric(&text, "onair_stage_sent_total", &[("stage", "sink")]);
+        let running = dead_letter == Some(1.0) && written.is_some_and(|n| n > 0.0);
+        if (missing.is_empty() && running) || Instant::now() > deadline {
+            break (missing, text);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    std::fs::write(dir.join("metrics.txt"), &text).expect("keep the scrape");
+    let listed: Vec<String> = missing
+        .iter()
+        .map(|n| format!("{n} (in {})", wanted[*n].join(", ")))
+        .collect();
+    assert!(
+        listed.is_empty(),
+        "not on /metrics after {:?}:\n  {}\nengine log:\n{}",
+        started.elapsed(),
+        listed.join("\n  "),
+        engine.log_tail()
+    );
+    let series = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("onair_dead_letters_total{")
+                && dead
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .count();
+    assert_eq!(series, 1, "one dead-letter series for the poison's labels");
+    assert_eq!(
+        common::metric(&text, "onair_dead_letters_total", &dead),
+        Some(1.0),
+        "the poison record's dead letter"
+    );
+    drop(sim);
+    eprintln!(
+        "{} metrics of {} queries found in {:?}",
+        wanted.len(),
+        queries.len(),
+        started.elapsed()
     );
 }

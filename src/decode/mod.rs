@@ -81,6 +81,20 @@ pub enum MediaError {
 }
 
 impl MediaError {
+    /// Every reason [`Self::reason`] gives.
+    pub const REASONS: [&'static str; 10] = [
+        "media_empty",
+        "oversized",
+        "media_unsupported",
+        "media_corrupt",
+        "media_truncated",
+        "media_missing_init",
+        "media_geometry",
+        "media_too_slow",
+        "media_too_large",
+        "media_library",
+    ];
+
     /// Short machine-readable reason (dead-letter header, metric label).
     pub fn reason(&self) -> &'static str {
         match self {
@@ -166,5 +180,33 @@ fn input_error(what: &str, e: ffmpeg_next::Error) -> MediaError {
         }
         E::Exit => MediaError::Corrupt(format!("{what}: interrupted")),
         other => MediaError::Corrupt(format!("{what}: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MediaError;
+
+    #[test]
+    fn every_reason_is_listed() {
+        let s = || String::new();
+        let all = [
+            MediaError::Empty,
+            MediaError::Oversized { size: 0, limit: 0 },
+            MediaError::Unsupported(s()),
+            MediaError::Corrupt(s()),
+            MediaError::Truncated(s()),
+            MediaError::MissingInit,
+            MediaError::Geometry {
+                width: 0,
+                height: 0,
+                max_pixels: 0,
+            },
+            MediaError::TooSlow(std::time::Duration::ZERO),
+            MediaError::TooLarge(s()),
+            MediaError::Library(s()),
+        ];
+        let reasons: Vec<&str> = all.iter().map(MediaError::reason).collect();
+        assert_eq!(reasons, MediaError::REASONS);
     }
 }

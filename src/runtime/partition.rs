@@ -312,11 +312,11 @@ impl PartitionTask {
             outputs: Vec::new(),
             late: 0,
             dlq_limit: RateLimit::new(&spec.dead_letters),
-            decode_stage: Stage::new("decode"),
-            sink_stage: Stage::new("sink"),
-            dlq_stage: Stage::new("dead_letters"),
-            media_stage: Stage::new("media"),
-            runtime_stage: Stage::new("runtime"),
+            decode_stage: Stage::new(m::stage::DECODE),
+            sink_stage: Stage::new(m::stage::SINK),
+            dlq_stage: Stage::new(m::stage::DEAD_LETTERS),
+            media_stage: Stage::new(m::stage::MEDIA),
+            runtime_stage: Stage::new(m::stage::RUNTIME),
             depth: m::queue_depth(partition),
             rooms_gauge: m::rooms_active(partition),
             cfg: spec.runtime,
@@ -556,7 +556,7 @@ impl PartitionTask {
                 kind = rec.kind.name(),
                 "stream kind not handled by room tasks"
             );
-            self.decode_stage.dropped("unroutable", 1);
+            self.decode_stage.dropped(m::dropped::UNROUTABLE, 1);
             return;
         };
         *slot = Some(slot.map_or(rec.offset + 1, |n| n.max(rec.offset + 1)));
@@ -624,7 +624,7 @@ impl PartitionTask {
             self.outputs.push(out);
             self.dlq_stage.sent.increment(1);
         } else {
-            self.dlq_stage.dropped("rate_limited", 1);
+            self.dlq_stage.dropped(m::dropped::RATE_LIMITED, 1);
             error!(
                 partition = self.partition,
                 topic = %r.topic,
@@ -836,7 +836,7 @@ impl PartitionTask {
         let late = tick < next_tick;
         if late {
             self.late += 1;
-            self.runtime_stage.dropped("late", 1);
+            self.runtime_stage.dropped(m::dropped::LATE, 1);
             debug!(
                 partition = self.partition,
                 kind = b.pos.kind.name(),
@@ -915,7 +915,7 @@ impl PartitionTask {
         for out in outputs {
             if let (Some(t), Some(r)) = (out.tick_end_ms, self.replayed_through) {
                 if t <= r {
-                    self.sink_stage.dropped("already_written", 1);
+                    self.sink_stage.dropped(m::dropped::ALREADY_WRITTEN, 1);
                     continue;
                 }
             }

@@ -173,6 +173,9 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Every reason [`Self::reason`] gives.
+    pub const REASONS: [&'static str; 4] = ["oversized", "content_type", "malformed", "schema"];
+
     /// The machine-readable reason written to the dead-letter record.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -427,6 +430,25 @@ mod tests {
     use super::*;
 
     const T: i64 = 1_767_225_600_000;
+
+    #[test]
+    fn every_reason_is_listed() {
+        let all = [
+            DecodeError::Oversized {
+                size: 0,
+                limit: 0,
+                kind: "",
+            },
+            DecodeError::ContentType(String::new()),
+            DecodeError::Malformed {
+                encoding: "",
+                detail: String::new(),
+            },
+            DecodeError::Schema(String::new()),
+        ];
+        let reasons: Vec<&str> = all.iter().map(DecodeError::reason).collect();
+        assert_eq!(reasons, DecodeError::REASONS);
+    }
 
     fn comment() -> Comment {
         Comment {
