@@ -633,6 +633,10 @@ pub struct MmbeeConfig {
     /// new version swaps in with its graph tables. 0: never (the version
     /// loaded at start serves until restart).
     pub reload_interval_ms: u64,
+    /// How often the user stage's scoring state (viewers' sessions and
+    /// gifting histories) of changed users goes to the changelog (ms; 0: at
+    /// every tick), as `user_sequences.changelog_interval_ms`.
+    pub changelog_interval_ms: i64,
     /// Batching of MFQ and the ranker (one batcher serves both).
     pub batch: BatchSettings,
 }
@@ -643,6 +647,7 @@ impl Default for MmbeeConfig {
             model: String::new(),
             graph: "graph".into(),
             reload_interval_ms: 5000,
+            changelog_interval_ms: 5_000,
             batch: BatchSettings {
                 max_batch: 256,
                 max_delay_ms: 5,
@@ -1267,6 +1272,11 @@ impl PipelineConfig {
                 "must be 1..=10000000",
             );
             check_batch("operators.mmbee.batch", &mb.batch, &mut bad);
+            bad(
+                "operators.mmbee.changelog_interval_ms",
+                (0..=600_000).contains(&mb.changelog_interval_ms),
+                "must be 0..=600000",
+            );
         }
         let us = &self.operators.user_sequences;
         if us.enabled {

@@ -9,7 +9,7 @@
 //!
 //! Needs ONNX Runtime (`scripts/models`) and the committed `models/mmbee`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use onair::config::MmbeeConfig;
 use onair::models::mmbee::MmbeeService;
 use onair::operators::gift_scoring::GiftScoring;
-use onair::runtime::{Context, Operator, Output, OutputTopic, Position};
+use onair::runtime::{split_changelog_key, Context, Operator, Output, OutputTopic, Position};
 use onair::schema::{ActionKind, Event, GiftPrediction, InputKind, ViewerAction};
 use onair::sources::room_table::{RoomContent, RoomTable};
+use onair::state::Holds;
 use prost::Message;
 
 const T0: i64 = 1_767_225_600_000;
@@ -92,7 +93,11 @@ impl Harness {
         self.op.poll(&mut ctx);
         self.op.on_tick(end_ms - 1000, &mut ctx);
         drop(ctx);
-        assert!(out.is_empty(), "scores come back through poll");
+        assert!(
+            out.iter()
+                .all(|o| matches!(o.topic, OutputTopic::UserChangelog { .. })),
+            "scores come back through poll"
+        );
     }
 
     /// Polls until nothing is pending and returns the (user, room, trigger) scored.
@@ -352,4 +357,215 @@ fn a_new_version_swaps_in_with_its_graph_tables() {
     table.put("r1", content(&svc, "streamer-of-r1", T0 + 10_000, 0.3));
     assert_eq!(h.versions(T0 + 24_000), ("mmbee@4".into(), 2, T0 + 10_000));
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// One step of a scripted user-stage partition.
+#[derive(Clone, Debug)]
+enum Item {
+    /// An action read at the next input offset.
+    Action(Event),
+    /// A room's segment reaching the `room-embeddings` table.
+    Content(&'static str, i64),
+    /// Ticks closed up to this end.
+    Tick(i64),
+}
+
+/// A few minutes of five viewers moving between three rooms, liking and
+/// gifting, with a content segment per room every 10 s (in the table when it
+/// completes) and a tick every second.
+fn script() -> Vec<Item> {
+    const ROOMS: [&str; 3] = ["r1", "r2", "r3"];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut items = Vec::new();
+    let mut inside: Vec<Option<usize>> = vec![None; 5];
+    for s in 0..180i64 {
+        let t = T0 + 14_000 + s * 1000;
+        if s % 10 == 0 {
+            for (i, room) in ROOMS.iter().enumerate() {
+                // In the table before the ticks reach its completion (13 s
+                // after its start), as a room stage that keeps up puts it.
+                let start = t + 1000 * i as i64 - 13_000;
+                items.push(Item::Content(room, start));
+            }
+        }
+        for _ in 0..2 {
+            let u = next(5) as usize;
+            let user = format!("u{u}");
+            let dt = next(1000) as i64;
+            let (room, kind, value) = match inside[u] {
+                None => {
+                    let r = next(3) as usize;
+                    inside[u] = Some(r);
+                    (ROOMS[r], ActionKind::Enter, 0)
+                }
+                Some(r) => match next(10) {
+                    0 => {
+                        inside[u] = None;
+                        (ROOMS[r], ActionKind::Leave, 0)
+                    }
+                    1 | 2 => (ROOMS[r], ActionKind::Gift, 1 + next(50)),
+                    3 => (ROOMS[r], ActionKind::Comment, 0),
+                    _ => (ROOMS[r], ActionKind::Like, 0),
+                },
+            };
+            items.push(Item::Action(action(t + dt, room, &user, kind, value)));
+        }
+        items.push(Item::Tick(t + 1000));
+    }
+    items
+}
+
+/// Runs `items` through a scoring operator; with `crash_at`, the operator is
+/// dropped before that item, a new one restores the changelog records written
+/// so far and the input is replayed from the last committed offset (the
+/// lowest position the operator held at the last commit). Returns every
+/// prediction written, by id (a second write of an id must be identical).
+fn run(
+    svc: &Arc<MmbeeService>,
+    items: &[Item],
+    crash_at: Option<usize>,
+) -> BTreeMap<String, GiftPrediction> {
+    let table = RoomTable::new();
+    let new_op = || GiftScoring::new(svc.clone(), table.clone()).with_changelog_interval(3000);
+    let mut op = new_op();
+    let mut changelog: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut got: BTreeMap<String, GiftPrediction> = BTreeMap::new();
+    let mut offsets = Vec::new(); // the input offset of each item (actions)
+    let mut offset = 0i64;
+    for it in items {
+        offsets.push(offset);
+        if matches!(it, Item::Action(_)) {
+            offset += 1;
+        }
+    }
+    let feed = |op: &mut GiftScoring, it: &Item, at: i64, replay: bool| -> Vec<Output> {
+        let mut out: Vec<Output> = Vec::new();
+        let mut ctx = Context::new(&mut out, 0, 1000);
+        match it {
+            Item::Action(e) => {
+                let pos = Position {
+                    kind: InputKind::UserActions,
+                    offset: at,
+                };
+                op.on_record(e, pos, false, &mut ctx);
+            }
+            Item::Content(room, start) if !replay => {
+                table.put(
+                    room,
+                    content(svc, &format!("streamer-of-{room}"), *start, 0.1),
+                );
+            }
+            Item::Content(..) => {}
+            Item::Tick(end) => op.on_tick(end - 1000, &mut ctx),
+        }
+        drop(ctx);
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ctx = Context::new(&mut out, 0, 1000);
+            op.poll(&mut ctx);
+            drop(ctx);
+            if op.pending() == 0 {
+                break;
+            }
+            assert!(Instant::now() < until, "scores did not come back");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        out
+    };
+    let mut collect = |out: Vec<Output>, changelog: &mut BTreeMap<Vec<u8>, Vec<u8>>| {
+        for o in out {
+            match o.topic {
+                OutputTopic::GiftPredictions => {
+                    let p = GiftPrediction::decode(&o.payload[..]).expect("prediction");
+                    if let Some(old) = got.insert(p.id.clone(), p.clone()) {
+                        assert!(
+                            (old.probability - p.probability).abs() < 1e-5,
+                            "written again with another score: {old:?} then {p:?}"
+                        );
+                    }
+                }
+                OutputTopic::UserChangelog { .. } => {
+                    changelog.insert(o.key, o.payload);
+                }
+                other => panic!("unexpected output {other:?}"),
+            }
+        }
+    };
+    // Offsets are committed now and then (every 17 items here), each time up
+    // to the lowest position the operator holds: the replay after a crash
+    // starts there, usually before the last changelog write.
+    let mut committed = 0;
+    for (i, it) in items.iter().enumerate() {
+        if i % 17 == 0 {
+            let mut holds = Holds::default();
+            op.holds(&mut holds);
+            committed = holds.get(InputKind::UserActions).unwrap_or(offsets[i]);
+        }
+        if crash_at == Some(i) {
+            op = new_op();
+            let mut out: Vec<Output> = Vec::new();
+            let mut ctx = Context::new(&mut out, 0, 1000);
+            op.on_start(&mut ctx);
+            drop(ctx);
+            for (k, v) in &changelog {
+                let (name, key) = split_changelog_key(k).expect("changelog key");
+                assert_eq!(name, b"gift_scoring");
+                op.restore(key, v, None);
+            }
+            let from = offsets.iter().position(|&o| o >= committed).unwrap_or(i);
+            // The replay: every action from the committed offset, and the
+            // ticks between them (the table already has the content).
+            for j in from..i {
+                if matches!(items[j], Item::Action(_)) && offsets[j] < committed {
+                    continue;
+                }
+                collect(feed(&mut op, &items[j], offsets[j], true), &mut changelog);
+            }
+        }
+        collect(feed(&mut op, it, offsets[i], false), &mut changelog);
+    }
+    got
+}
+
+#[test]
+fn a_restart_from_the_changelog_writes_what_a_clean_run_writes() {
+    let svc = service();
+    let items = script();
+    let clean = run(&svc, &items, None);
+    assert!(clean.len() > 150, "too few predictions: {}", clean.len());
+    let mut crashes = 0;
+    for at in (7..items.len()).step_by(23) {
+        let crashed = run(&svc, &items, Some(at));
+        let missing: Vec<&String> = clean.keys().filter(|k| !crashed.contains_key(*k)).collect();
+        let extra: Vec<&String> = crashed.keys().filter(|k| !clean.contains_key(*k)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "crash before item {at}: missing {:?}, not in the clean run {:?}",
+            missing
+                .iter()
+                .take(3)
+                .map(|k| &clean[*k])
+                .collect::<Vec<_>>(),
+            extra
+                .iter()
+                .take(3)
+                .map(|k| &crashed[*k])
+                .collect::<Vec<_>>(),
+        );
+        for (id, p) in &crashed {
+            let c = &clean[id];
+            assert!(
+                (c.probability - p.probability).abs() < 1e-5,
+                "crash before item {at}: {p:?} after the crash, {c:?} in the clean run"
+            );
+        }
+        crashes += 1;
+    }
+    assert!(crashes >= 10);
 }

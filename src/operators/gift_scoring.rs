@@ -17,28 +17,39 @@
 //! has content tokens: a viewer who enters a room before its first segment
 //! completes is scored when it does.
 //!
-//! State lives in memory: after a restart or a hand-over, users' histories
-//! and presence start empty (the changelog that restores them is the user
-//! stage's next step, with the behaviour sequences).
+//! State survives restarts and hand-overs through the user stage's changelog
+//! (the same topic as the behaviour sequences'): every
+//! `changelog_interval_ms`, each user whose state changed gets a record of
+//! their sessions, gifting history and the actions read but still waiting
+//! for the watermark, with the partition's next input offset then; each room
+//! whose content segment changed gets a record of it (start, tokens), since the
+//! `room-embeddings` table keeps only a room's latest. The input positions
+//! read since the previous write are held until those records are
+//! acknowledged. On assignment the records are read back before any input
+//! ([`Operator::restore`]); a replayed action of a restored user below that
+//! offset is already in the state and is skipped (`dropped{reason="replayed"}`),
+//! and a restored room's viewers are not re-scored on the segment they had.
 //!
 //! Not for: MFQ (the room stage runs it once per segment, see
 //! [`super::mmbee_fusion`]), labels, or training data (the room stage's
 //! `gift_labels`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::mpsc;
 use std::sync::Arc;
 
 use metrics::{counter, gauge, Counter, Gauge};
 use prost::Message;
 
-use super::mmbee_scoring::{Due, Reason, ScoringState};
-use crate::metrics::{Stage, GIFT_PREDICTIONS, MMBEE_USERS};
+use super::mmbee_scoring::{Due, Reason, ScoringState, SessionRecord};
+use crate::metrics::{Stage, CHANGELOG_BYTES, GIFT_PREDICTIONS, MMBEE_USERS};
 use crate::models::batcher::{Done, Outbox, ReplyTo};
-use crate::models::mmbee::{MmbeeService, PairInput, Reply, Request};
-use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
+use crate::models::mmbee::{Gift, MmbeeService, PairInput, Reply, Request, SessionRow};
+use crate::runtime::{changelog_key, Context, Holds, Operator, Output, OutputTopic, Position};
 use crate::schema::{
-    deterministic_id, ActionKind, Event, GiftPrediction, ViewerAction, SCHEMA_VERSION,
+    deterministic_id, ActionKind, Event, GiftPrediction, GiftScoringGift, GiftScoringPending,
+    GiftScoringRecord, GiftScoringRoom, GiftScoringSession, InputKind, ViewerAction,
+    SCHEMA_VERSION,
 };
 use crate::sources::room_table::{RoomContent, RoomTable};
 
@@ -85,6 +96,25 @@ pub struct GiftScoring {
     stage: Stage,
     by_trigger: [Counter; 3],
     users: Option<Gauge>,
+    /// The partition (its changelog records go to the same one).
+    partition: i32,
+    /// Users whose record changed since the last changelog write.
+    unwritten: HashSet<Arc<str>>,
+    /// Rooms whose content segment changed since the last write.
+    rooms_unwritten: HashSet<Arc<str>>,
+    /// Input positions read since the last write, held until it is acknowledged.
+    unflushed: Holds,
+    /// Tick end of the last write.
+    written_ms: i64,
+    changelog_interval_ms: i64,
+    /// The partition's next input offset (after the last action read).
+    received_through: i64,
+    /// After a restore: per restored user, the input offset below which an
+    /// action is one the state already has; cleared once the input passes
+    /// `replay_end`.
+    replayed_below: HashMap<Arc<str>, i64>,
+    replay_end: i64,
+    changelog_bytes: Counter,
 }
 
 fn trigger(r: Reason) -> &'static str {
@@ -120,7 +150,24 @@ impl GiftScoring {
             by_trigger: [Reason::Enter, Reason::Content, Reason::Gift]
                 .map(|r| counter!(GIFT_PREDICTIONS, "trigger" => trigger(r))),
             users: None,
+            partition: 0,
+            unwritten: HashSet::new(),
+            rooms_unwritten: HashSet::new(),
+            unflushed: Holds::default(),
+            written_ms: i64::MIN,
+            changelog_interval_ms: 5_000,
+            received_through: 0,
+            replayed_below: HashMap::new(),
+            replay_end: 0,
+            changelog_bytes: counter!(CHANGELOG_BYTES, "stage" => "gift_scoring"),
         }
+    }
+
+    /// Writes changed users' state to the changelog at most every `ms` (0:
+    /// every tick).
+    pub fn with_changelog_interval(mut self, ms: i64) -> Self {
+        self.changelog_interval_ms = ms;
+        self
     }
 
     /// The state (for tests of which pairs are scored).
@@ -141,6 +188,7 @@ impl GiftScoring {
         self.content_at
             .insert(room.clone(), (c.at_ms, c.model.clone()));
         self.state.content(room, c.start_ms, c.tokens);
+        self.rooms_unwritten.insert(room.clone());
         true
     }
 
@@ -211,6 +259,7 @@ impl GiftScoring {
         let t = a.event_time_ms;
         self.action_ms = t;
         self.last_pos = Some(pos);
+        self.unwritten.insert(Arc::from(a.user_id.as_str()));
         match kind {
             ActionKind::Enter => {
                 self.sync_room(&a.room_id, t);
@@ -246,7 +295,13 @@ impl GiftScoring {
         }
         for d in due {
             let t = match d.reason {
-                Reason::Content => self.content_at.get(&d.room).map_or(self.action_ms, |c| c.0),
+                // As of its completion, or of the partition's event time when
+                // the segment reached the table after later actions were
+                // handled (the state has them by now).
+                Reason::Content => self
+                    .content_at
+                    .get(&d.room)
+                    .map_or(self.action_ms, |c| c.0.max(self.action_ms)),
                 Reason::Enter | Reason::Gift => self.action_ms,
             };
             let Some(enter_ms) = self
@@ -303,6 +358,105 @@ impl GiftScoring {
         }
     }
 
+    /// Writes the record of every user changed since the last write (and the
+    /// rooms' content starts, when they changed), holding the input positions
+    /// read since then until they are acknowledged.
+    fn write_changelog(&mut self, as_of: i64, ctx: &mut Context<'_>) {
+        self.written_ms = as_of;
+        let name = self.name();
+        let holds = std::mem::take(&mut self.unflushed);
+        let mut pending: HashMap<&str, Vec<GiftScoringPending>> = HashMap::new();
+        for (a, pos) in self.buffered.values() {
+            if self.unwritten.contains(a.user_id.as_str()) {
+                pending
+                    .entry(a.user_id.as_str())
+                    .or_default()
+                    .push(GiftScoringPending {
+                        action: Some(a.clone()),
+                        offset: pos.offset,
+                    });
+            }
+        }
+        let mut users: Vec<Arc<str>> = self.unwritten.drain().collect();
+        users.sort();
+        let mut records = Vec::with_capacity(users.len() + 1);
+        for user in users {
+            let (sessions, history) = self.state.user_record(&user);
+            let rec = GiftScoringRecord {
+                schema_version: SCHEMA_VERSION,
+                sessions: sessions
+                    .into_iter()
+                    .map(|s| GiftScoringSession {
+                        room_id: s.room.to_string(),
+                        streamer_id: s.streamer.to_string(),
+                        enter_ms: s.enter_ms,
+                        likes: s.session.likes,
+                        comments: s.session.comments,
+                        gifts: s.session.gifts,
+                        gift_value: s.session.gift_value,
+                        followed: s.session.followed,
+                    })
+                    .collect(),
+                history: history
+                    .into_iter()
+                    .map(|g| GiftScoringGift {
+                        streamer_id: g.streamer_id.to_string(),
+                        t_ms: g.t_ms,
+                        value: g.value,
+                    })
+                    .collect(),
+                pending: pending.remove(&*user).unwrap_or_default(),
+                received_through: self.received_through,
+                room: None,
+            };
+            records.push((user.as_bytes().to_vec(), rec));
+        }
+        let mut rooms: Vec<Arc<str>> = self.rooms_unwritten.drain().collect();
+        rooms.sort();
+        for room in rooms {
+            let (Some((start, tokens)), Some((at_ms, model))) =
+                (self.state.room_content(&room), self.content_at.get(&room))
+            else {
+                continue;
+            };
+            let rec = GiftScoringRecord {
+                schema_version: SCHEMA_VERSION,
+                room: Some(GiftScoringRoom {
+                    content_start_ms: *start,
+                    at_ms: *at_ms,
+                    model: model.to_string(),
+                    tokens: tokens.to_vec(),
+                }),
+                ..GiftScoringRecord::default()
+            };
+            // NUL, then the room: no user id starts with NUL.
+            let mut key = vec![0u8];
+            key.extend_from_slice(room.as_bytes());
+            records.push((key, rec));
+        }
+        for (key, rec) in records {
+            let payload = rec.encode_to_vec();
+            self.changelog_bytes.increment(payload.len() as u64);
+            ctx.emit(Output {
+                topic: OutputTopic::UserChangelog {
+                    partition: self.partition,
+                },
+                id: deterministic_id(&[
+                    b"gift-scoring-state",
+                    &self.partition.to_le_bytes(),
+                    &key,
+                    &as_of.to_le_bytes(),
+                ]),
+                key: changelog_key(name, &key),
+                payload,
+                headers: Vec::new(),
+                model_version: None,
+                tick_end_ms: Some(as_of),
+                depends_on: holds,
+            });
+        }
+    }
+
     fn drain(&mut self, ctx: &mut Context<'_>) {
         while let Ok(done) = self.rx.try_recv() {
             let Some(p) = self.pending.remove(&done.id) else {
@@ -322,6 +476,13 @@ impl GiftScoring {
             };
             let model = done.model.to_string();
             let trig = trigger(p.due.reason);
+            // -1: the room's tokens came from another version's MFQ (a
+            // version change) and were not read.
+            let content_start_ms = if scored.content {
+                p.content_start_ms
+            } else {
+                -1
+            };
             let id = deterministic_id(&[
                 b"gift-prediction",
                 p.due.user.as_bytes(),
@@ -329,6 +490,7 @@ impl GiftScoring {
                 &p.t_ms.to_le_bytes(),
                 trig.as_bytes(),
                 model.as_bytes(),
+                &content_start_ms.to_le_bytes(),
             ]);
             let rec = GiftPrediction {
                 schema_version: SCHEMA_VERSION,
@@ -341,13 +503,7 @@ impl GiftScoring {
                 model_version: model.clone(),
                 trigger: trig.to_owned(),
                 graph_version: scored.graph_version,
-                // -1: the room's tokens came from another version's MFQ (a
-                // version change) and were not read.
-                content_start_ms: if scored.content {
-                    p.content_start_ms
-                } else {
-                    -1
-                },
+                content_start_ms,
             };
             self.by_trigger[p.due.reason as usize].increment(1);
             self.stage.sent.increment(1);
@@ -376,6 +532,7 @@ impl Operator for GiftScoring {
             self.table.subscribe(w);
         }
         self.users = Some(gauge!(MMBEE_USERS, "partition" => ctx.partition().to_string()));
+        self.partition = ctx.partition();
     }
 
     fn on_record(&mut self, event: &Event, pos: Position, _late: bool, _ctx: &mut Context<'_>) {
@@ -391,7 +548,20 @@ impl Operator for GiftScoring {
                 | ActionKind::Follow
                 | ActionKind::Gift)
         );
-        if relevant {
+        if relevant && pos.kind == InputKind::UserActions {
+            if pos.offset >= self.replay_end {
+                self.replayed_below.clear();
+            } else if self
+                .replayed_below
+                .get(a.user_id.as_str())
+                .is_some_and(|&below| pos.offset < below)
+            {
+                self.stage.dropped("replayed", 1);
+                return;
+            }
+            self.received_through = self.received_through.max(pos.offset + 1);
+            self.unflushed.hold(pos);
+            self.unwritten.insert(Arc::from(a.user_id.as_str()));
             self.arrivals += 1;
             self.buffered
                 .insert((a.event_time_ms, self.arrivals), (a.clone(), pos));
@@ -406,6 +576,10 @@ impl Operator for GiftScoring {
         self.content_at.retain(|room, _| state.viewers(room) > 0);
         if let Some(g) = &self.users {
             g.set(self.state.users() as f64);
+        }
+        let as_of = tick_start_ms + ctx.tick_ms();
+        if as_of.saturating_sub(self.written_ms) >= self.changelog_interval_ms {
+            self.write_changelog(as_of, ctx);
         }
     }
 
@@ -438,6 +612,69 @@ impl Operator for GiftScoring {
         for (_, pos) in self.buffered.values() {
             holds.hold(*pos);
         }
+        holds.merge(&self.unflushed);
+    }
+
+    fn restore(&mut self, key: &[u8], value: &[u8], _emitted_through_ms: Option<i64>) {
+        let (Ok(user), Ok(rec)) = (std::str::from_utf8(key), GiftScoringRecord::decode(value))
+        else {
+            self.stage.error("changelog_record");
+            tracing::warn!(
+                key = %String::from_utf8_lossy(key),
+                "a gift-scoring changelog record could not be read back; it is skipped"
+            );
+            return;
+        };
+        if let Some(room) = user.strip_prefix('\0') {
+            if let Some(r) = rec.room {
+                let room: Arc<str> = Arc::from(room);
+                self.state
+                    .restore_content(&room, r.content_start_ms, Arc::from(r.tokens));
+                self.content_at.insert(room, (r.at_ms, Arc::from(r.model)));
+            }
+            return;
+        }
+        let sessions = rec
+            .sessions
+            .into_iter()
+            .map(|s| SessionRecord {
+                room: Arc::from(s.room_id),
+                streamer: Arc::from(s.streamer_id),
+                enter_ms: s.enter_ms,
+                session: SessionRow {
+                    present_ms: 0.0,
+                    likes: s.likes,
+                    comments: s.comments,
+                    gifts: s.gifts,
+                    gift_value: s.gift_value,
+                    followed: s.followed,
+                },
+            })
+            .collect();
+        let history = rec
+            .history
+            .into_iter()
+            .map(|g| Gift {
+                streamer_id: Arc::from(g.streamer_id),
+                t_ms: g.t_ms,
+                value: g.value,
+            })
+            .collect();
+        self.state.restore_user(user, sessions, history);
+        for p in rec.pending {
+            let Some(a) = p.action else { continue };
+            self.arrivals += 1;
+            let pos = Position {
+                kind: InputKind::UserActions,
+                offset: p.offset,
+            };
+            self.buffered
+                .insert((a.event_time_ms, self.arrivals), (a, pos));
+        }
+        self.replayed_below
+            .insert(Arc::from(user), rec.received_through);
+        self.replay_end = self.replay_end.max(rec.received_through);
+        self.received_through = self.received_through.max(rec.received_through);
     }
 
     fn rooms(&self) -> usize {
@@ -447,6 +684,10 @@ impl Operator for GiftScoring {
     fn on_revoke(&mut self) {
         self.pending.clear();
         self.outbox.clear();
+        self.unwritten.clear();
+        self.rooms_unwritten.clear();
+        self.unflushed = Holds::default();
+        self.replayed_below.clear();
         self.state = ScoringState::new();
         self.content_at.clear();
         self.waiting.clear();

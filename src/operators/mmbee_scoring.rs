@@ -68,6 +68,19 @@ struct UserState {
     history: VecDeque<Gift>,
 }
 
+/// One session of a user, as the changelog keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionRecord {
+    /// The room.
+    pub room: Arc<str>,
+    /// Its streamer.
+    pub streamer: Arc<str>,
+    /// When the session began.
+    pub enter_ms: i64,
+    /// Its counters (`present_ms` unused).
+    pub session: SessionRow,
+}
+
 /// What one pair's features are built from.
 #[derive(Debug)]
 pub struct PairView<'a> {
@@ -242,6 +255,72 @@ impl ScoringState {
     /// Users with state (present somewhere or with a gifting history).
     pub fn users(&self) -> usize {
         self.users.len()
+    }
+
+    /// The rooms `user` is in, with the session in each, and the user's
+    /// gifts (oldest first): what the changelog keeps of the user.
+    pub fn user_record(&self, user: &str) -> (Vec<SessionRecord>, Vec<Gift>) {
+        let Some(us) = self.users.get(user) else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut sessions: Vec<SessionRecord> = us
+            .rooms
+            .iter()
+            .map(|(room, p)| SessionRecord {
+                room: room.clone(),
+                streamer: self
+                    .rooms
+                    .get(room)
+                    .map_or_else(|| Arc::from(""), |r| r.streamer.clone()),
+                enter_ms: p.enter_ms,
+                session: p.session,
+            })
+            .collect();
+        sessions.sort_by(|a, b| a.room.cmp(&b.room));
+        (sessions, us.history.iter().cloned().collect())
+    }
+
+    /// Puts back a user as [`Self::user_record`] gave it, marking nothing due.
+    pub fn restore_user(&mut self, user: &str, sessions: Vec<SessionRecord>, history: Vec<Gift>) {
+        let u = key(&self.users, user);
+        for s in &sessions {
+            let rs = self.rooms.entry(s.room.clone()).or_default();
+            if rs.streamer.is_empty() {
+                rs.streamer = s.streamer.clone();
+            }
+            rs.viewers.insert(u.clone());
+        }
+        let us = self.users.entry(u).or_default();
+        us.rooms = sessions
+            .into_iter()
+            .map(|s| {
+                let p = Presence {
+                    enter_ms: s.enter_ms,
+                    session: s.session,
+                };
+                (s.room, p)
+            })
+            .collect();
+        us.history = history.into_iter().collect();
+        while us.history.len() > HISTORY_KEPT {
+            us.history.pop_front();
+        }
+    }
+
+    /// The content segment the state holds for `room` (start and tokens).
+    pub fn room_content(&self, room: &str) -> Option<&(i64, Arc<[f32]>)> {
+        self.rooms.get(room)?.content.as_ref()
+    }
+
+    /// Puts back `room`'s content segment, marking nothing due: its viewers
+    /// were scored on it before the state was written. A newer one the state
+    /// already holds stays.
+    pub fn restore_content(&mut self, room: &str, start_ms: i64, tokens: Arc<[f32]>) {
+        let r = key(&self.rooms, room);
+        let rs = self.rooms.entry(r).or_default();
+        if rs.content.as_ref().is_none_or(|(s, _)| *s < start_ms) {
+            rs.content = Some((start_ms, tokens));
+        }
     }
 
     /// Forgets users in no room without a gifting history, and rooms nobody

@@ -101,10 +101,10 @@ pub fn build_users(config: &PipelineConfig, services: &Services) -> Vec<Box<dyn 
         ));
     }
     if let (Some(svc), Some(table)) = (&services.mmbee, &services.room_table) {
-        ops.push(Box::new(gift_scoring::GiftScoring::new(
-            svc.clone(),
-            table.clone(),
-        )));
+        ops.push(Box::new(
+            gift_scoring::GiftScoring::new(svc.clone(), table.clone())
+                .with_changelog_interval(config.operators.mmbee.changelog_interval_ms),
+        ));
     }
     ops
 }

@@ -166,8 +166,8 @@ impl Engine {
             checkpoint_every: Duration::from_millis(
                 u64::from(config.kafka.commit_interval_ms).max(50),
             ),
-            // The user stage's state is changelogged (user sequences).
-            changelog: config.operators.user_sequences.enabled.then(|| {
+            // The user stage's state is changelogged (user sequences, MMBee scoring).
+            changelog: config.user_stage().then(|| {
                 Box::new(crate::sources::changelog::KafkaChangelog::new(
                     &config.kafka,
                     &config.kafka.topics.user_state,
