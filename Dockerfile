@@ -86,6 +86,13 @@ COPY --from=build /src/models/onnxruntime/ /app/models/onnxruntime/
 # /app/models/image or /app/models/text to roll out new versions (hot reload).
 COPY --from=build /src/models/image/ /app/models/image/
 COPY --from=build /src/models/text/ /app/models/text/
+# The project's own trained models, committed in the repository: the highlight model,
+# MMBee (MFQ and the ranker) with the graph tables it was trained with, and the
+# compressed-interest model. Their version directories only, not their Python.
+COPY --from=build /src/models/highlight/1/ /app/models/highlight/1/
+COPY --from=build /src/models/mmbee/1/ /app/models/mmbee/1/
+COPY --from=build /src/models/mmbee/graph/ /app/models/mmbee/graph/
+COPY --from=build /src/models/interests/1/ /app/models/interests/1/
 
 USER 10001:10001
 

@@ -226,7 +226,6 @@ pub fn register(config: &PipelineConfig) {
             counter!(ASR_WINDOWS, "result" => result).absolute(0);
         }
     }
-    // Served models are named after their directory (`models/image` is `image`).
     let mut served = Vec::new();
     if ops.features.enabled {
         served.extend([&ops.features.image_model, &ops.features.text_model]);
@@ -238,11 +237,7 @@ pub fn register(config: &PipelineConfig) {
         served.push(&ops.mmbee.model);
     }
     for dir in served {
-        let name = std::path::Path::new(dir)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("model")
-            .to_string();
+        let name = crate::models::serving::model_name(std::path::Path::new(dir)).to_string();
         counter!(MODEL_LOADS, "model" => name, "result" => "failed").absolute(0);
     }
 }

@@ -870,3 +870,105 @@ fn every_dashboard_and_alert_metric_exists_on_a_running_engine() {
         started.elapsed()
     );
 }
+
+/// `*` within one path segment; everything else literally.
+fn glob(pattern: &str, path: &str) -> bool {
+    let (p, s): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), path.split('/').collect());
+    p.len() == s.len()
+        && p.iter().zip(&s).all(|(p, s)| {
+            let parts: Vec<&str> = p.split('*').collect();
+            let (first, last) = (parts[0], parts[parts.len() - 1]);
+            if parts.len() == 1 {
+                return p == s;
+            }
+            let mut rest = match s.strip_prefix(first) {
+                Some(r) => r,
+                None => return false,
+            };
+            for mid in &parts[1..parts.len() - 1] {
+                match rest.find(mid) {
+                    Some(i) => rest = &rest[i + mid.len()..],
+                    None => return false,
+                }
+            }
+            rest.len() >= last.len() && rest.ends_with(last)
+        })
+}
+
+#[test]
+fn the_image_carries_every_model_the_shipped_pipeline_names() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = onair::config::PipelineConfig::load(&root.join("pipelines/kafka.toml"))
+        .expect("pipelines/kafka.toml");
+    let ops = &cfg.operators;
+    let models = [
+        &ops.speech.whisper_model,
+        &ops.speech.vad_model,
+        &ops.features.image_model,
+        &ops.features.text_model,
+        &ops.highlight.model,
+        &ops.mmbee.model,
+        &ops.mmbee.graph,
+        &ops.user_sequences.interests_model,
+    ];
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    // The runtime stage's destinations under /app.
+    let runtime = dockerfile
+        .split("AS runtime")
+        .nth(1)
+        .expect("a runtime stage");
+    let copied: Vec<&str> = runtime
+        .lines()
+        .filter(|l| l.starts_with("COPY"))
+        .filter_map(|l| l.split_whitespace().last()?.strip_prefix("/app/"))
+        .collect();
+    for m in models.iter().filter(|m| !m.is_empty()) {
+        assert!(
+            copied
+                .iter()
+                .any(|d| d.starts_with(m.as_str()) || m.starts_with(d.trim_end_matches('/'))),
+            "{m} (named in pipelines/kafka.toml) is not copied into the runtime image: {copied:?}"
+        );
+    }
+    // Committed model files the build context must not leave out.
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).expect(".dockerignore");
+    let listed = Command::new("git")
+        .args(["ls-files", "models"])
+        .current_dir(root)
+        .output()
+        .expect("git ls-files");
+    let files = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let mut checked = 0;
+    for f in files
+        .lines()
+        .filter(|f| f.ends_with(".onnx") || f.ends_with(".jsonl"))
+    {
+        // The last matching line decides, as Docker reads .dockerignore.
+        let mut ignored = false;
+        for line in ignore.lines().map(str::trim) {
+            let (negate, pat) = match line.strip_prefix('!') {
+                Some(p) => (true, p),
+                None => (false, line),
+            };
+            if pat.is_empty() || pat.starts_with('#') {
+                continue;
+            }
+            let hit = match pat.strip_prefix("**/") {
+                Some(tail) => (0..f.matches('/').count() + 1).any(|skip| {
+                    let rest: Vec<&str> = f.split('/').skip(skip).collect();
+                    glob(tail, &rest.join("/"))
+                }),
+                None => glob(pat, f),
+            };
+            if hit {
+                ignored = !negate;
+            }
+        }
+        assert!(
+            !ignored,
+            "{f} is committed but .dockerignore leaves it out of the image"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} committed model files found");
+}

@@ -114,11 +114,7 @@ impl<M: Servable> ModelSlot<M> {
         threads: usize,
         loader: Loader<M>,
     ) -> Result<Arc<Self>, ModelError> {
-        let name: Arc<str> = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("model")
-            .into();
+        let name = model_name(dir);
         let missing = |reason: String| ModelError::Missing {
             path: dir.display().to_string(),
             reason,
@@ -317,17 +313,18 @@ fn load_version<M: Servable>(
 /// `name@version` for a version directory `<models>/<name>/<version>`: the
 /// label its slot gives it (for a model that needs to know its own).
 pub fn version_label(vdir: &Path) -> Arc<str> {
-    let name = |p: Option<&Path>| {
-        p.and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .map(str::to_owned)
-    };
-    format!(
-        "{}@{}",
-        name(vdir.parent()).unwrap_or_else(|| "model".into()),
-        name(Some(vdir)).unwrap_or_default()
-    )
-    .into()
+    let version = vdir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let root = vdir.parent().unwrap_or(Path::new(""));
+    format!("{}@{version}", model_name(root)).into()
+}
+
+/// The name a model directory serves under (and labels its metrics with):
+/// its last path component, `model` when it has none.
+pub fn model_name(dir: &Path) -> Arc<str> {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .into()
 }
 
 /// The highest numbered version directory under `dir` (whether or not it
