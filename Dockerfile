@@ -19,6 +19,7 @@ FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 # pkg-config, clang/libclang and cmake: bindgen and C builds (ffmpeg-next, whisper-rs).
 # FFmpeg dev libraries: for ffmpeg-next (the in-process decoder).
 # protobuf-compiler: protoc for prost-build (build.rs compiles proto/).
+# libssl-dev: librdkafka's TLS and SASL (SCRAM) support (rdkafka's `ssl` feature).
 # rdkafka builds its bundled librdkafka with gcc and make (in the base image) and links
 # the system zlib (zlib1g-dev is in the base image).
 # Versions are not pinned: Debian stable's point releases replace them (security fixes).
@@ -28,6 +29,7 @@ RUN apt-get update \
         pkg-config clang libclang-dev cmake \
         libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev \
         protobuf-compiler \
+        libssl-dev \
         python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 
@@ -66,7 +68,7 @@ FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        ca-certificates \
+        ca-certificates libssl3 \
         ffmpeg espeak-ng \
         libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 \
     && rm -rf /var/lib/apt/lists/*

@@ -357,7 +357,13 @@ pub fn main() -> ExitCode {
 type CliResult = Result<(), String>;
 
 fn load(path: &Path) -> Result<PipelineConfig, String> {
-    PipelineConfig::load(path).map_err(|e| format!("{}: {e}", path.display()))
+    let config = PipelineConfig::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // Secrets named by reference must be there before anything connects.
+    config
+        .kafka
+        .check_properties()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(config)
 }
 
 /// Sets `stop` on the first SIGINT/SIGTERM; exits at once on the second.

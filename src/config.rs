@@ -57,7 +57,7 @@ pub struct SourceConfig {
 }
 
 /// `[kafka]`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port[,host:port]`. The `--brokers` flag overrides it.
@@ -83,8 +83,123 @@ pub struct KafkaConfig {
     pub message_max_bytes: u32,
     /// Topic names.
     pub topics: TopicsConfig,
-    /// Extra librdkafka properties applied to every client (free-form).
+    /// Extra librdkafka properties applied to every client (free-form), e.g.
+    /// TLS (`security.protocol = "SSL"`, `ssl.ca.location`) and SASL
+    /// (`sasl.mechanism`, `sasl.username`, `sasl.password`). A value may be
+    /// `${env:NAME}` (an environment variable) or `${file:PATH}` (a file's
+    /// contents, without the trailing newline), read when a client is made,
+    /// so secrets stay out of pipeline files; secret values are never logged.
     pub properties: BTreeMap<String, String>,
+}
+
+/// Whether a librdkafka property holds a secret (its value is never printed).
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k.ends_with("jaas.config")
+        || k.ends_with("oauthbearer.config")
+        || k == "ssl.key.pem"
+        || k == "ssl_key"
+}
+
+/// What a `[kafka.properties]` value refers to.
+enum PropertySource<'a> {
+    Literal(&'a str),
+    Env(&'a str),
+    File(&'a str),
+}
+
+fn property_source(value: &str) -> Result<PropertySource<'_>, String> {
+    let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else {
+        return Ok(PropertySource::Literal(value));
+    };
+    if let Some(name) = inner.strip_prefix("env:") {
+        let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        return if ok {
+            Ok(PropertySource::Env(name))
+        } else {
+            Err(format!("{value:?}: not an environment variable name"))
+        };
+    }
+    if let Some(path) = inner.strip_prefix("file:") {
+        return if path.is_empty() {
+            Err("${file:}: no path".into())
+        } else {
+            Ok(PropertySource::File(path))
+        };
+    }
+    Err(format!(
+        "{value:?}: only ${{env:NAME}} and ${{file:PATH}} are understood"
+    ))
+}
+
+/// The value a `[kafka.properties]` entry stands for. The error names the
+/// variable or file, never a value.
+pub fn resolve_property(value: &str) -> Result<String, String> {
+    match property_source(value)? {
+        PropertySource::Literal(v) => Ok(v.to_owned()),
+        PropertySource::Env(name) => std::env::var(name)
+            .map_err(|_| format!("environment variable {name} is not set (or not UTF-8)")),
+        PropertySource::File(path) => std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+            .map_err(|e| format!("cannot read {path}: {e}")),
+    }
+}
+
+impl KafkaConfig {
+    /// Resolves every property reference (`${env:...}`, `${file:...}`), so a
+    /// missing secret fails at start with the property's name rather than as
+    /// an authentication error later.
+    pub fn check_properties(&self) -> Result<(), ConfigError> {
+        let problems: Vec<Problem> = self
+            .properties
+            .iter()
+            .filter_map(|(k, v)| {
+                resolve_property(v).err().map(|message| Problem {
+                    path: format!("kafka.properties.{k}"),
+                    message,
+                })
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// Secret property values are shown as `<redacted>` (references such as
+/// `${env:NAME}` are not secrets and are shown).
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let literal = matches!(property_source(v), Ok(PropertySource::Literal(_)));
+                let shown = if is_secret_property(k) && literal {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("max_poll_interval_ms", &self.max_poll_interval_ms)
+            .field("commit_interval_ms", &self.commit_interval_ms)
+            .field("statistics_interval_ms", &self.statistics_interval_ms)
+            .field("linger_ms", &self.linger_ms)
+            .field("message_max_bytes", &self.message_max_bytes)
+            .field("topics", &self.topics)
+            .field("properties", &properties)
+            .finish()
+    }
 }
 
 impl Default for KafkaConfig {
@@ -921,6 +1036,16 @@ impl PipelineConfig {
     }
 
     fn check(&self, p: &mut Vec<Problem>) {
+        // Property references must be well formed (whether they resolve is
+        // checked when the engine starts: `KafkaConfig::check_properties`).
+        for (k, v) in &self.kafka.properties {
+            if let Err(message) = property_source(v) {
+                p.push(Problem {
+                    path: format!("kafka.properties.{k}"),
+                    message,
+                });
+            }
+        }
         let mut bad = |path: &str, ok: bool, message: &str| {
             if !ok {
                 p.push(Problem {
@@ -1475,6 +1600,54 @@ fn shape(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_resolve_from_the_environment_and_files_and_secrets_are_not_shown() {
+        let dir = std::env::temp_dir().join(format!("onair-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "hunter2-from-file\n").unwrap();
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(resolve_property("${env:PATH}").unwrap(), path);
+        assert_eq!(
+            resolve_property(&format!("${{file:{}}}", file.display())).unwrap(),
+            "hunter2-from-file"
+        );
+        assert_eq!(resolve_property("plain").unwrap(), "plain");
+        let missing = resolve_property("${env:ONAIR_SURELY_UNSET_7C1}").unwrap_err();
+        assert!(missing.contains("ONAIR_SURELY_UNSET_7C1"), "{missing}");
+        assert!(resolve_property("${vault:x}").is_err());
+        assert!(resolve_property("${env:A-B}").is_err());
+
+        let mut cfg = PipelineConfig::default();
+        cfg.kafka
+            .properties
+            .insert("sasl.password".into(), "literal-hunter2".into());
+        cfg.kafka.properties.insert(
+            "ssl.key.password".into(),
+            "${env:ONAIR_SURELY_UNSET_7C1}".into(),
+        );
+        cfg.kafka
+            .properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("literal-hunter2"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("SASL_SSL"),
+            "{shown}"
+        );
+        // A reference is fine to show, and the check names what is missing.
+        assert!(shown.contains("${env:ONAIR_SURELY_UNSET_7C1}"), "{shown}");
+        let err = cfg.kafka.check_properties().unwrap_err().to_string();
+        assert!(err.contains("kafka.properties.ssl.key.password"), "{err}");
+        assert!(!err.contains("literal-hunter2"), "{err}");
+        // A malformed reference is a validation problem.
+        let bad = PipelineConfig::parse("[kafka.properties]\n\"sasl.password\" = \"${env:}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("kafka.properties.sasl.password"), "{bad}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn defaults_are_valid_and_roundtrip() {

@@ -11,7 +11,8 @@ use std::time::Duration;
 use std::collections::HashMap;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
@@ -66,7 +67,16 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.brokers);
     c.set("client.id", "onair");
     for (k, v) in &cfg.properties {
-        c.set(k, v);
+        match crate::config::resolve_property(v) {
+            Ok(v) => {
+                c.set(k, v);
+            }
+            // Checked at start (`check_properties`); a secret removed since
+            // then leaves the property unset, and the broker says why.
+            Err(reason) => {
+                tracing::error!(property = %k, %reason, "a Kafka property could not be resolved")
+            }
+        }
     }
     c
 }
@@ -90,9 +100,45 @@ pub async fn ensure_topics(
     ensure_topics_replicated(cfg, topics, 1).await
 }
 
-fn admin_client(cfg: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, KafkaFailure> {
+/// librdkafka's log lines as `tracing` events (target `librdkafka`): errors
+/// as errors, warnings as warnings, the rest at debug. (librdkafka prints
+/// sensitive properties such as `sasl.password` as `[redacted]`.)
+pub fn forward_log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+/// A client context that only forwards librdkafka's logs ([`forward_log`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogContext;
+
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        forward_log(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        forward_error(&error, reason);
+    }
+}
+
+/// A client-level error librdkafka reports (a broker down, a TLS handshake
+/// refused, authentication failed) as a `tracing` warning: the client retries.
+pub fn forward_error(error: &KafkaError, reason: &str) {
+    tracing::warn!(target: "librdkafka", %error, reason, "Kafka client error");
+}
+
+impl rdkafka::consumer::ConsumerContext for LogContext {}
+
+fn admin_client(cfg: &KafkaConfig) -> Result<AdminClient<LogContext>, KafkaFailure> {
     client_config(cfg)
-        .create()
+        .create_with_context(LogContext)
         .map_err(|source| KafkaFailure::Client {
             what: "admin client",
             source,
@@ -144,9 +190,9 @@ pub fn partition_counts(
     cfg: &KafkaConfig,
     timeout: Duration,
 ) -> Result<HashMap<String, i32>, KafkaFailure> {
-    let consumer: BaseConsumer = client_config(cfg)
+    let consumer: BaseConsumer<LogContext> = client_config(cfg)
         .set("allow.auto.create.topics", "false")
-        .create()
+        .create_with_context(LogContext)
         .map_err(|source| KafkaFailure::Client {
             what: "metadata client",
             source,
