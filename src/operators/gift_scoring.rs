@@ -358,8 +358,8 @@ impl GiftScoring {
         }
     }
 
-    /// Writes the record of every user changed since the last write (and the
-    /// rooms' content starts, when they changed), holding the input positions
+    /// Writes the record of every user changed since the last write, and of
+    /// every room whose content segment changed, holding the input positions
     /// read since then until they are acknowledged.
     fn write_changelog(&mut self, as_of: i64, ctx: &mut Context<'_>) {
         self.written_ms = as_of;
