@@ -1526,6 +1526,11 @@ impl PipelineConfig {
             "must be at least 64",
         );
         bad(
+            "limits.max_future_ms",
+            self.limits.max_future_ms >= 0,
+            "must not be negative (0: no bound)",
+        );
+        bad(
             "kafka.message_max_bytes",
             k.message_max_bytes as usize
                 > self.limits.max_video_bytes.max(self.limits.max_audio_bytes),

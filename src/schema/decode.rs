@@ -130,6 +130,11 @@ pub struct Limits {
     pub max_event_bytes: usize,
     /// Longest accepted comment text, in characters.
     pub max_comment_chars: usize,
+    /// Largest lead of an event time over this machine's clock (ms); a record
+    /// further in the future is refused (`schema`): it would carry its
+    /// partition's watermark past every record that follows, making them all
+    /// late. 0: no bound.
+    pub max_future_ms: i64,
 }
 
 impl Default for Limits {
@@ -139,6 +144,7 @@ impl Default for Limits {
             max_audio_bytes: 1 << 20,
             max_event_bytes: 16 << 10,
             max_comment_chars: 2000,
+            max_future_ms: 86_400_000,
         }
     }
 }
@@ -325,12 +331,24 @@ fn check_room(room: &str, key: Option<&[u8]>) -> Result<(), DecodeError> {
     Ok(())
 }
 
-fn check_time(t: i64, field: &str) -> Result<(), DecodeError> {
+fn check_time(t: i64, field: &str, limits: &Limits) -> Result<(), DecodeError> {
     // 2000-01-01 .. 2200-01-01: catches seconds-for-milliseconds and garbage.
     if !(946_684_800_000..7_258_118_400_000).contains(&t) {
         return Err(schema(format!(
             "{field} {t} is not a plausible epoch time in ms"
         )));
+    }
+    if limits.max_future_ms > 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        if t.saturating_sub(now) > limits.max_future_ms {
+            return Err(schema(format!(
+                "{field} {t} is {} ms ahead of this machine's clock (limits.max_future_ms {})",
+                t - now,
+                limits.max_future_ms
+            )));
+        }
     }
     Ok(())
 }
@@ -340,7 +358,7 @@ fn check(event: &Event, key: Option<&[u8]>, limits: &Limits) -> Result<(), Decod
         Event::Video(v) => {
             check_version(v.schema_version)?;
             check_room(&v.room_id, key)?;
-            check_time(v.start_time_ms, "start_time_ms")?;
+            check_time(v.start_time_ms, "start_time_ms", limits)?;
             if VideoFormat::try_from(v.format).unwrap_or(VideoFormat::Unspecified)
                 == VideoFormat::Unspecified
             {
@@ -353,7 +371,7 @@ fn check(event: &Event, key: Option<&[u8]>, limits: &Limits) -> Result<(), Decod
         Event::Audio(a) => {
             check_version(a.schema_version)?;
             check_room(&a.room_id, key)?;
-            check_time(a.start_time_ms, "start_time_ms")?;
+            check_time(a.start_time_ms, "start_time_ms", limits)?;
             let format = AudioFormat::try_from(a.format).unwrap_or(AudioFormat::Unspecified);
             if format == AudioFormat::Unspecified {
                 return Err(schema(format!("unknown audio format {}", a.format)));
@@ -377,7 +395,7 @@ fn check(event: &Event, key: Option<&[u8]>, limits: &Limits) -> Result<(), Decod
         Event::Comment(c) => {
             check_version(c.schema_version)?;
             check_room(&c.room_id, key)?;
-            check_time(c.event_time_ms, "event_time_ms")?;
+            check_time(c.event_time_ms, "event_time_ms", limits)?;
             if c.user_id.is_empty() {
                 return Err(schema("user_id is empty"));
             }
@@ -391,7 +409,7 @@ fn check(event: &Event, key: Option<&[u8]>, limits: &Limits) -> Result<(), Decod
         Event::Action(a) => {
             check_version(a.schema_version)?;
             check_room(&a.room_id, key)?;
-            check_time(a.event_time_ms, "event_time_ms")?;
+            check_time(a.event_time_ms, "event_time_ms", limits)?;
             if a.user_id.is_empty() {
                 return Err(schema("user_id is empty"));
             }
@@ -403,7 +421,7 @@ fn check(event: &Event, key: Option<&[u8]>, limits: &Limits) -> Result<(), Decod
         }
         Event::ShortVideo(s) => {
             check_version(s.schema_version)?;
-            check_time(s.event_time_ms, "event_time_ms")?;
+            check_time(s.event_time_ms, "event_time_ms", limits)?;
             if s.user_id.is_empty() || s.video_id.is_empty() {
                 return Err(schema("user_id and video_id are required"));
             }
@@ -428,6 +446,45 @@ fn check(event: &Event, key: Option<&[u8]>, limits: &Limits) -> Result<(), Decod
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_time_far_ahead_of_the_clock_is_refused() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let at =
+            |t: i64| format!(r#"{{"room_id":"r","user_id":"u","event_time_ms":{t},"text":"hi"}}"#);
+        let decode = |t: i64, limits: &Limits| {
+            decode_input(
+                InputKind::Comments,
+                Some(b"r"),
+                Some(at(t).as_bytes()),
+                Some("application/json"),
+                limits,
+            )
+        };
+        let limits = Limits::default();
+        assert!(
+            decode(now + 60_000, &limits).is_ok(),
+            "a minute ahead is clock skew"
+        );
+        assert!(
+            decode(now - 365 * 86_400_000, &limits).is_ok(),
+            "the past is a replay"
+        );
+        let err = decode(now + 2 * 86_400_000, &limits).unwrap_err();
+        assert_eq!(err.reason(), "schema", "{err}");
+        assert!(
+            err.to_string().contains("ahead of this machine's clock"),
+            "{err}"
+        );
+        let unbounded = Limits {
+            max_future_ms: 0,
+            ..Limits::default()
+        };
+        assert!(decode(now + 2 * 86_400_000, &unbounded).is_ok());
+    }
 
     const T: i64 = 1_767_225_600_000;
 
