@@ -64,6 +64,12 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// Consumer group shared by every instance of this pipeline.
     pub group_id: String,
+    /// How the group assigns partitions to members: `cooperative-sticky`
+    /// (the default: a rebalance moves only the partitions that change
+    /// owner, the others keep working) or the eager `range` / `roundrobin`
+    /// (every member gives up all its partitions, drains and commits them,
+    /// then gets its new set). All members of a group must agree.
+    pub assignment: Assignment,
     /// Consumer session timeout (ms). A revoked partition is drained within
     /// `runtime.drain_timeout_ms`, which must be shorter.
     pub session_timeout_ms: u32,
@@ -90,6 +96,32 @@ pub struct KafkaConfig {
     /// contents, without the trailing newline), read when a client is made,
     /// so secrets stay out of pipeline files; secret values are never logged.
     pub properties: BTreeMap<String, String>,
+}
+
+/// `[kafka] assignment`: the consumer group's partition assignment strategy.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Assignment {
+    /// Incremental (KIP-429): only moved partitions are revoked.
+    #[default]
+    #[serde(rename = "cooperative-sticky")]
+    CooperativeSticky,
+    /// Eager, contiguous ranges per member.
+    #[serde(rename = "range")]
+    Range,
+    /// Eager, partitions dealt out in turn.
+    #[serde(rename = "roundrobin")]
+    RoundRobin,
+}
+
+impl Assignment {
+    /// librdkafka's `partition.assignment.strategy` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Assignment::CooperativeSticky => "cooperative-sticky",
+            Assignment::Range => "range",
+            Assignment::RoundRobin => "roundrobin",
+        }
+    }
 }
 
 /// Whether a librdkafka property holds a secret (its value is never printed).
@@ -190,6 +222,7 @@ impl fmt::Debug for KafkaConfig {
         f.debug_struct("KafkaConfig")
             .field("brokers", &self.brokers)
             .field("group_id", &self.group_id)
+            .field("assignment", &self.assignment)
             .field("session_timeout_ms", &self.session_timeout_ms)
             .field("max_poll_interval_ms", &self.max_poll_interval_ms)
             .field("commit_interval_ms", &self.commit_interval_ms)
@@ -207,6 +240,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             group_id: "onair".into(),
+            assignment: Assignment::CooperativeSticky,
             session_timeout_ms: 10_000,
             max_poll_interval_ms: 20_000,
             commit_interval_ms: 1_000,
@@ -1046,6 +1080,18 @@ impl PipelineConfig {
                 });
             }
         }
+        if self
+            .kafka
+            .properties
+            .contains_key("partition.assignment.strategy")
+        {
+            p.push(Problem {
+                path: "kafka.properties.partition.assignment.strategy".into(),
+                message:
+                    "set kafka.assignment instead: the source handles a rebalance by its protocol"
+                        .into(),
+            });
+        }
         let mut bad = |path: &str, ok: bool, message: &str| {
             if !ok {
                 p.push(Problem {
@@ -1652,6 +1698,24 @@ mod tests {
             .to_string();
         assert!(bad.contains("kafka.properties.sasl.password"), "{bad}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_assignment_strategy_is_a_field_not_a_property() {
+        let eager = PipelineConfig::parse("[kafka]\nassignment = \"range\"\n").unwrap();
+        assert_eq!(eager.kafka.assignment, Assignment::Range);
+        assert_eq!(eager.kafka.assignment.as_str(), "range");
+        assert_eq!(
+            PipelineConfig::default().kafka.assignment.as_str(),
+            "cooperative-sticky"
+        );
+        assert!(PipelineConfig::parse("[kafka]\nassignment = \"sticky\"\n").is_err());
+        let err = PipelineConfig::parse(
+            "[kafka.properties]\n\"partition.assignment.strategy\" = \"range\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kafka.assignment"), "{err}");
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! room topics and starts one partition task per partition number.
 //!
 //! Co-partitioning: the group subscribes to one topic (the comments topic,
-//! the "group topic") with `cooperative-sticky` assignment; when partition
-//! `p` of it is assigned, partition `p` of every other room topic is assigned
-//! with it, and revoked with it. So one member always owns all of a room's
+//! the "group topic") with `cooperative-sticky` (or, if configured, eager)
+//! assignment; when partition `p` of it is assigned, partition `p` of every
+//! other room topic is assigned with it, and revoked with it. So one member always owns all of a room's
 //! streams, which is what Kafka Streams achieves with its own assignor.
 //!
 //! Records do not pass through this module's thread: before a partition is
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
@@ -199,6 +199,12 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// Whether the group runs an eager protocol (`range`, `roundrobin`), whose
+/// rebalances revoke and assign whole assignments.
+fn eager(consumer: &BaseConsumer<SourceContext>) -> bool {
+    matches!(consumer.rebalance_protocol(), RebalanceProtocol::Eager)
+}
+
 impl SourceContext {
     fn assign(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
         let Some(shared) = self.consumer.get().and_then(Weak::upgrade) else {
@@ -283,8 +289,15 @@ impl SourceContext {
             }
             info!(partition = p, ?replayed_through, "partition assigned");
         }
-        if let Err(e) = consumer.incremental_assign(&assign) {
-            error!(error = %e, "incremental assign failed");
+        // Eager protocols hand over the whole new assignment at once;
+        // cooperative-sticky only the partitions added.
+        let assigned = if eager(consumer) {
+            consumer.assign(&assign)
+        } else {
+            consumer.incremental_assign(&assign)
+        };
+        if let Err(e) = assigned {
+            error!(error = %e, "assign failed");
         }
         drop(assign);
         self.publish_assigned();
@@ -314,8 +327,15 @@ impl SourceContext {
             }
             info!(partition = p, lost, "partition revoked");
         }
-        if let Err(e) = consumer.incremental_unassign(&unassign) {
-            error!(error = %e, "incremental unassign failed");
+        // Eager protocols revoke every partition, cooperative ones only
+        // those that move.
+        let unassigned = if eager(consumer) {
+            consumer.unassign()
+        } else {
+            consumer.incremental_unassign(&unassign)
+        };
+        if let Err(e) = unassigned {
+            error!(error = %e, "unassign failed");
         }
         drop(unassign);
         self.publish_assigned();
@@ -515,7 +535,7 @@ impl KafkaSource {
         };
         let mut c = client_config(k);
         c.set("group.id", &topics.group_id)
-            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("partition.assignment.strategy", k.assignment.as_str())
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
