@@ -131,6 +131,9 @@ pub const STATE_RESTORED_RECORDS: &str = "onair_state_restored_records_total";
 pub const STATE_RESTORED_BYTES: &str = "onair_state_restored_bytes_total";
 /// Changelog bytes written, labelled `stage`.
 pub const CHANGELOG_BYTES: &str = "onair_changelog_bytes_total";
+/// Producers replaced after a fatal error (their held records sent again),
+/// labelled `producer`.
+pub const PRODUCER_RECOVERIES: &str = "onair_producer_recoveries_total";
 
 /// Records a partition's restore from its changelog.
 pub fn state_restored(partition: i32, seconds: f64, records: u64, bytes: u64) {
@@ -181,6 +184,7 @@ pub fn register(config: &PipelineConfig) {
     use crate::decode::MediaError;
     use crate::schema::DecodeError;
     if config.source.kind == SourceKind::Kafka {
+        counter!(PRODUCER_RECOVERIES, "producer" => "sink").absolute(0);
         gauge!(PARTITIONS_ASSIGNED).set(0.0);
         gauge!(PARTITIONS_PAUSED).set(0.0);
         let t = &config.kafka.topics;

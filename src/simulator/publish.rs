@@ -9,9 +9,11 @@
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use std::sync::{Arc, Mutex};
+
+use crate::sinks::producer::{RecoveringProducer, Refused};
 use serde_json::json;
 
 use super::{SimError, SimEvent, Simulator};
@@ -115,11 +117,18 @@ pub async fn publish(
         .set("message.max.bytes", kafka.message_max_bytes.to_string())
         .set("queue.buffering.max.messages", "500000")
         .set("queue.buffering.max.kbytes", "1048576");
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        c.create().map_err(|source| KafkaFailure::Client {
-            what: "producer",
-            source,
-        })?;
+    // A broker that restarts without its producer state breaks an idempotent
+    // producer for good; the recovering one replaces it and sends again what
+    // it held, in order, so the topics still hold the simulation exactly once.
+    let failed = Arc::new(Mutex::new(None::<KafkaError>));
+    let producer = {
+        let failed = Arc::clone(&failed);
+        RecoveringProducer::new(c, "simulator", move |(), result| {
+            if let (Err(e), Ok(mut f)) = (result, failed.lock()) {
+                f.get_or_insert(e);
+            }
+        })?
+    };
     let t = &kafka.topics;
     let start = sim.config().start_ms;
     let end = sim.end_ms();
@@ -149,19 +158,19 @@ pub async fn publish(
             report.bytes += payload.len() as u64;
             let key = ev.key().as_bytes();
             loop {
-                let mut record = BaseRecord::to(topic).key(key).payload(&payload);
+                let mut headers = OwnedHeaders::new();
                 if json {
-                    record = record.headers(OwnedHeaders::new().insert(Header {
+                    headers = headers.insert(Header {
                         key: CONTENT_TYPE_HEADER,
                         value: Some("application/json"),
-                    }));
+                    });
                 }
-                match producer.send(record) {
+                match producer.send(topic, None, key, &payload, headers, ()) {
                     Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    Err(Refused::QueueFull(())) => {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err((source, _)) => {
+                    Err(Refused::Failed(source, ())) => {
                         return Err(KafkaFailure::Operation {
                             what: "produce",
                             source,
@@ -181,6 +190,13 @@ pub async fn publish(
         what: "flush",
         source,
     })?;
+    if let Some(source) = failed.lock().ok().and_then(|mut f| f.take()) {
+        return Err(KafkaFailure::Operation {
+            what: "produce",
+            source,
+        }
+        .into());
+    }
     report.wall = wall0.elapsed();
     Ok((sim, report))
 }

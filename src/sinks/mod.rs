@@ -8,6 +8,7 @@
 pub mod console;
 pub mod dead_letters;
 pub mod kafka;
+pub mod producer;
 pub mod samples;
 
 use tokio::sync::mpsc;
