@@ -268,6 +268,11 @@ pub fn decode_input(
         });
     }
     let enc = encoding(content_type)?;
+    // Zero bytes are a valid protobuf encoding (every field at its default),
+    // which no kind accepts: say so rather than name the first empty field.
+    if payload.is_empty() && enc == Encoding::Protobuf {
+        return Err(schema("empty payload"));
+    }
     let event = match (kind, enc) {
         (InputKind::Video, Encoding::Protobuf) => Event::Video(proto(payload)?),
         (InputKind::Audio, Encoding::Protobuf) => Event::Audio(proto(payload)?),
@@ -565,6 +570,99 @@ mod tests {
             None,
             Some(full),
             Some("application/json"),
+            &l
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn an_empty_record_is_refused_as_empty_for_every_kind() {
+        let l = Limits::default();
+        for kind in InputKind::ROOM.into_iter().chain(InputKind::USER) {
+            let err = decode_input(kind, Some(b"k"), Some(&[]), None, &l).unwrap_err();
+            assert_eq!(err, DecodeError::Schema("empty payload".into()), "{kind:?}");
+            let tombstone = decode_input(kind, Some(b"k"), None, None, &l).unwrap_err();
+            assert_eq!(tombstone.reason(), "schema", "{kind:?}");
+        }
+        // Zero bytes are not JSON.
+        let err = decode_input(
+            InputKind::Comments,
+            None,
+            Some(&[]),
+            Some("application/json"),
+            &l,
+        )
+        .unwrap_err();
+        assert_eq!(err.reason(), "malformed", "{err}");
+    }
+
+    #[test]
+    fn a_newer_schema_version_is_refused_for_every_kind() {
+        let l = Limits::default();
+        let video = VideoSegment {
+            schema_version: 99,
+            room_id: "r".into(),
+            start_time_ms: T,
+            format: VideoFormat::MpegTs as i32,
+            payload: vec![0x47; 188],
+            ..Default::default()
+        };
+        let audio = AudioChunk {
+            schema_version: 99,
+            room_id: "r".into(),
+            start_time_ms: T,
+            sample_rate: 16_000,
+            channels: 1,
+            format: AudioFormat::PcmS16le as i32,
+            payload: vec![0; 2],
+            ..Default::default()
+        };
+        let action = ViewerAction {
+            schema_version: 99,
+            room_id: "r".into(),
+            user_id: "u".into(),
+            event_time_ms: T,
+            kind: ActionKind::Like as i32,
+            ..Default::default()
+        };
+        let short = ShortVideoAction {
+            schema_version: 99,
+            user_id: "u".into(),
+            video_id: "v".into(),
+            event_time_ms: T,
+            kind: ShortVideoActionKind::Play as i32,
+            ..Default::default()
+        };
+        let newer_comment = Comment {
+            schema_version: 99,
+            ..comment()
+        };
+        let cases: [(InputKind, Vec<u8>); 6] = [
+            (InputKind::Video, video.encode_to_vec()),
+            (InputKind::Audio, audio.encode_to_vec()),
+            (InputKind::Comments, newer_comment.encode_to_vec()),
+            (InputKind::Actions, action.encode_to_vec()),
+            (InputKind::ShortVideoActions, short.encode_to_vec()),
+            (InputKind::UserActions, action.encode_to_vec()),
+        ];
+        for (kind, bytes) in cases {
+            let err = decode_input(kind, None, Some(&bytes), None, &l).unwrap_err();
+            assert_eq!(
+                err,
+                DecodeError::Schema(format!("schema_version 99 is newer than {SCHEMA_VERSION}")),
+                "{kind:?}"
+            );
+        }
+        // 0 is read as 1.
+        let v0 = Comment {
+            schema_version: 0,
+            ..comment()
+        };
+        assert!(decode_input(
+            InputKind::Comments,
+            None,
+            Some(&v0.encode_to_vec()),
+            None,
             &l
         )
         .is_ok());
