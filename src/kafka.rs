@@ -66,6 +66,10 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers);
     c.set("client.id", "onair");
+    // librdkafka backs off reconnecting up to 10 s by default, so after a
+    // broker outage the engine could idle for seconds with the broker back;
+    // 1 s (the Java client's default) bounds that. `[kafka.properties]` wins.
+    c.set("reconnect.backoff.max.ms", "1000");
     for (k, v) in &cfg.properties {
         match crate::config::resolve_property(v) {
             Ok(v) => {

@@ -976,13 +976,19 @@ impl PartitionTask {
     }
 
     /// Advances event time with the wall clock when no input has come for a
-    /// while, so that idle rooms still tick.
+    /// while, so that idle rooms still tick. Not while the input is held
+    /// back (an operator congested) or a stream still has records on the
+    /// broker: those records would all come late.
     async fn advance_idle(&mut self) {
         let now = Instant::now();
+        let behind = self.pulls && self.kinds.iter().any(|k| !self.caught_up[k.index()]);
         if self.buffered() > 0
+            || behind
+            || self.congested()
             || now.saturating_duration_since(self.last_input)
                 < Duration::from_millis(self.cfg.idle_timeout_ms)
         {
+            self.idle_anchor = None;
             return;
         }
         let Some(st) = self.stream_time else {

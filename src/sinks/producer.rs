@@ -57,6 +57,7 @@ struct Shared<T> {
     on_delivery: Box<dyn Fn(T, Delivery) + Send + Sync>,
     resend: Mutex<Vec<Resend<T>>>,
     broken: AtomicBool,
+    recoveries: AtomicU64,
     wake: Condvar,
     wake_lock: Mutex<bool>,
 }
@@ -175,6 +176,7 @@ impl<T: Send + Sync + 'static> RecoveringProducer<T> {
             on_delivery: Box::new(on_delivery),
             resend: Mutex::new(Vec::new()),
             broken: AtomicBool::new(false),
+            recoveries: AtomicU64::new(0),
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
         });
@@ -275,6 +277,30 @@ impl<T: Send + Sync + 'static> RecoveringProducer<T> {
     /// The settings each new producer is made with.
     pub fn config(&self) -> &ClientConfig {
         &self.config
+    }
+
+    /// How many times the producer was replaced.
+    pub fn recoveries(&self) -> u64 {
+        self.shared.recoveries.load(Ordering::SeqCst)
+    }
+
+    /// Raises a fatal error in the current producer through librdkafka's own
+    /// fault injection (`rd_kafka_test_fatal_error`), as a broker that lost
+    /// the producer's state would: for tests of the recovery.
+    pub fn inject_fatal_error(&self) {
+        let Ok(p) = self.producer.read() else {
+            return;
+        };
+        let reason = c"injected by onair's fault test";
+        // SAFETY: the handle is alive while the read guard holds the
+        // producer; librdkafka copies the reason string.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                p.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
     }
 }
 
@@ -407,6 +433,7 @@ impl<T: Send + Sync + 'static> Recovery<T> {
                 }
             }
             counter!(PRODUCER_RECOVERIES, "producer" => self.name).increment(1);
+            self.shared.recoveries.fetch_add(1, Ordering::SeqCst);
             info!(
                 producer = self.name,
                 records = count,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod media;
+pub mod stats;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -52,6 +53,11 @@ impl Topics {
 
 /// Writes a Kafka pipeline file for a test and returns its path.
 pub fn pipeline(dir: &Path, topics: &Topics, extra: &str) -> PathBuf {
+    pipeline_at(dir, topics, &brokers(), extra)
+}
+
+/// [`pipeline`] for the broker at `brokers`.
+pub fn pipeline_at(dir: &Path, topics: &Topics, brokers: &str, extra: &str) -> PathBuf {
     let text = format!(
         r#"
 [source]
@@ -96,7 +102,6 @@ max_wait_ms = 60000
 allowed_lateness_ms = 15000
 {extra}
 "#,
-        brokers = brokers(),
         prefix = topics.prefix
     );
     let path = dir.join("pipeline.toml");
@@ -163,10 +168,15 @@ impl Proc {
 
     /// `onair simulate ...` with extra arguments.
     pub fn simulate(dir: &Path, pipeline: &Path, args: &[&str]) -> Proc {
+        Self::simulate_at(&brokers(), dir, pipeline, args)
+    }
+
+    /// [`Proc::simulate`] producing to the broker at `brokers`.
+    pub fn simulate_at(brokers: &str, dir: &Path, pipeline: &Path, args: &[&str]) -> Proc {
         let log = dir.join("simulate.log");
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_onair"))
-            .args(["simulate", "--brokers", &brokers(), "--pipeline"])
+            .args(["simulate", "--brokers", brokers, "--pipeline"])
             .arg(pipeline)
             .args(args)
             .stdout(file.try_clone().expect("log file"))
@@ -281,8 +291,13 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// which loses the emitted-through time a restarted engine uses to write
 /// nothing twice (see README, "Brokers").
 pub fn broker_kept_commit_metadata(topics: &Topics) -> bool {
+    broker_kept_commit_metadata_at(&brokers(), topics)
+}
+
+/// [`broker_kept_commit_metadata`] on the broker at `brokers`.
+pub fn broker_kept_commit_metadata_at(brokers: &str, topics: &Topics) -> bool {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", format!("{}-group", topics.prefix))
         .set("enable.auto.commit", "false")
         .create()
@@ -317,13 +332,19 @@ pub struct Rec {
 
 /// Reads `topic` from the start with a plain consumer until `done` says so
 /// or `timeout` passes; returns everything read.
-pub fn read_until(
+pub fn read_until(topic: &str, timeout: Duration, done: impl FnMut(&[Rec]) -> bool) -> Vec<Rec> {
+    read_until_at(&brokers(), topic, timeout, done)
+}
+
+/// [`read_until`] from the broker at `brokers`.
+pub fn read_until_at(
+    brokers: &str,
     topic: &str,
     timeout: Duration,
     mut done: impl FnMut(&[Rec]) -> bool,
 ) -> Vec<Rec> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
