@@ -2,8 +2,9 @@
 //! while a fault is injected, and afterwards every room-stats tick of the
 //! clean run (the simulator's ground truth) must be there and equal, with
 //! every extra record an exact replay of one already written (same id, same
-//! bytes). Faults: SIGKILL at random moments, members joining and leaving
-//! (eager and cooperative assignment), the broker stopped and restarted, and
+//! bytes). Faults: SIGKILL at random moments, SIGTERM and a second signal,
+//! members joining and leaving (eager and cooperative assignment), the broker
+//! stopped and restarted, the output producer broken by a fatal error, and
 //! input far above what the engine sustains. Each case prints one `fault:`
 //! line with its figures (docs/OPERATIONS.md, "Faults", has the table).
 //!
@@ -299,6 +300,71 @@ fn members_join_and_leave_eager() {
 /// panics after a restart on an idempotent producer it knew before. See
 /// scripts/broker.)
 const DURABLE_BROKER: &str = "noida";
+
+/// SIGTERM finishes in-flight work and commits before the engine exits, so
+/// the engine that takes over writes nothing twice; a second signal exits at
+/// once, which is a crash like any other (exact replays after it).
+#[test]
+fn sigterm_drains_and_commits_and_a_second_signal_exits_at_once() {
+    let _serial = serial();
+    let case = Case::new("sigterm", &common::brokers(), "");
+    let mut first = case.engine("engine-1", &[]);
+    let sim = case.simulate(12, "100s", "2", 25, &["--fps", "0"]);
+    wait_until("the first engine's output", Duration::from_secs(90), || {
+        sent(&first) >= 100.0
+    });
+    let stopping = Instant::now();
+    first.signal_term();
+    let status = first.wait(Duration::from_secs(30));
+    let drained_in = stopping.elapsed();
+    assert!(
+        status.success(),
+        "a drained stop exits 0: {status}\n{}",
+        first.log_tail()
+    );
+    let mut second = case.engine("engine-2", &[]);
+    wait_until(
+        "the second engine's output",
+        Duration::from_secs(90),
+        || sent(&second) >= 100.0,
+    );
+    // Everything written so far: the hand-over repeated no tick.
+    let so_far = common::read_until_at(
+        &case.brokers,
+        &case.topics.name("room-stats"),
+        Duration::from_secs(5),
+        |_| false,
+    );
+    let (ticks, replays) = stats::distinct_stats(&so_far, Replays::Exact);
+    assert!(ticks.len() >= 200, "{} ticks read back", ticks.len());
+    assert_eq!(
+        replays, 0,
+        "a tick written before the SIGTERM was written again"
+    );
+    // Twice in a row: out at once, without draining.
+    let killing = Instant::now();
+    second.signal_term();
+    std::thread::sleep(Duration::from_millis(100));
+    second.signal_term();
+    let status = second.wait(Duration::from_secs(10));
+    let exited_in = killing.elapsed();
+    assert_eq!(status.code(), Some(130), "{}", second.log_tail());
+    assert!(
+        std::fs::read_to_string(&second.log)
+            .unwrap_or_default()
+            .contains("second signal: exiting without draining"),
+        "{}",
+        second.log_tail()
+    );
+    let third = case.engine("engine-3", &[]);
+    sim.simulate_ok(Duration::from_secs(300));
+    let (records, replays) = case.check(vec![third]);
+    println!(
+        "fault: SIGTERM, then two signals | records lost 0 | {records} records; 0 duplicates after the drained stop, {replays} exact replays after the abrupt one | drained stop {} ms, second signal to exit {} ms",
+        drained_in.as_millis(),
+        exited_in.as_millis()
+    );
+}
 
 /// A broker of the test's own (scripts/broker with its own state folder),
 /// stopped when dropped.
