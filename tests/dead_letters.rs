@@ -17,7 +17,7 @@ use std::io::BufReader;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::media::{ffmpeg, read, ts_clip};
+use common::media::{aac_tone, ffmpeg, read, ts_clip};
 use common::{read_until, Proc, Rec, Topics};
 use onair::operators::user_sequences::behaviour_record;
 use onair::schema::{
@@ -266,20 +266,7 @@ struct Media {
 impl Media {
     fn make(dir: &Path) -> Media {
         let ts = ts_clip(dir, "a.ts", "libx264", "176x144", 10, 1, false);
-        ffmpeg(
-            dir,
-            &[
-                "-f",
-                "lavfi",
-                "-i",
-                "sine=frequency=300:sample_rate=16000:duration=1",
-                "-c:a",
-                "aac",
-                "-f",
-                "adts",
-                "a.aac",
-            ],
-        );
+        let aac = aac_tone(dir);
         ffmpeg(
             dir,
             &[
@@ -294,7 +281,7 @@ impl Media {
         );
         Media {
             ts,
-            aac: read(dir, "a.aac"),
+            aac,
             jpg: read(dir, "a.jpg"),
         }
     }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::BufReader;
 use std::time::Duration;
 
-use common::media::{ffmpeg, fmp4_segments, read, ts_clip};
+use common::media::{aac_tone, ffmpeg, fmp4_segments, read, ts_clip};
 use common::{read_until, Proc, Topics};
 use onair::schema::{AudioChunk, AudioFormat, DeadLetter, RoomStats, VideoFormat, VideoSegment};
 use onair::simulator::GroundTruth;
@@ -93,21 +93,7 @@ fn media(dir: &std::path::Path, t: i64) -> Vec<Media> {
         ],
     );
     let late = read(dir, "late.mp4");
-    ffmpeg(
-        dir,
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=300:sample_rate=16000:duration=1",
-            "-c:a",
-            "aac",
-            "-f",
-            "adts",
-            "a.aac",
-        ],
-    );
-    let aac = read(dir, "a.aac");
+    let aac = aac_tone(dir);
     let garbage: Vec<u8> = (0..188 * 40u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();

@@ -6,20 +6,19 @@
 //!
 //! Not for: anything the engine does on consumption.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use std::sync::{Arc, Mutex};
-
-use crate::sinks::producer::{RecoveringProducer, Refused};
 use serde_json::json;
 
 use super::{SimError, SimEvent, Simulator};
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, KafkaFailure};
 use crate::schema::{ActionKind, Comment, ViewerAction, CONTENT_TYPE_HEADER};
+use crate::sinks::producer::{RecoveringProducer, Refused};
 
 /// How to publish.
 #[derive(Clone, Debug)]

@@ -63,6 +63,14 @@ struct Shared<T> {
 }
 
 impl<T> Shared<T> {
+    /// Keeps a record for the next producer and starts the replacement.
+    fn hold(&self, resend: Resend<T>) {
+        if let Ok(mut r) = self.resend.lock() {
+            r.push(resend);
+        }
+        self.set_broken();
+    }
+
     fn set_broken(&self) {
         if !self.broken.swap(true, Ordering::SeqCst) {
             if let Ok(mut w) = self.wake_lock.lock() {
@@ -137,10 +145,7 @@ impl<T: Send + Sync + 'static> ProducerContext for Context<T> {
                     headers,
                     token,
                 };
-                if let Ok(mut r) = self.shared.resend.lock() {
-                    r.push(resend);
-                }
-                self.shared.set_broken();
+                self.shared.hold(resend);
             }
             Err((e, _)) => (self.shared.on_delivery)(token, Err(e.clone())),
         }
@@ -157,7 +162,6 @@ pub enum Refused<T> {
 
 /// The producer, replaced by a new one whenever it breaks.
 pub struct RecoveringProducer<T: Send + Sync + 'static> {
-    config: ClientConfig,
     producer: Arc<RwLock<ThreadedProducer<Context<T>>>>,
     shared: Arc<Shared<T>>,
     seq: AtomicU64,
@@ -182,14 +186,13 @@ impl<T: Send + Sync + 'static> RecoveringProducer<T> {
         });
         let producer = Arc::new(RwLock::new(create(&config, &shared)?));
         let recovery = Recovery {
-            config: config.clone(),
+            config,
             producer: Arc::downgrade(&producer),
             shared: Arc::clone(&shared),
             name,
         };
         std::thread::spawn(move || recovery.run());
         Ok(RecoveringProducer {
-            config,
             producer,
             shared,
             seq: AtomicU64::new(0),
@@ -242,10 +245,7 @@ impl<T: Send + Sync + 'static> RecoveringProducer<T> {
                     headers,
                     token: record.delivery_opaque.token,
                 };
-                if let Ok(mut r) = self.shared.resend.lock() {
-                    r.push(resend);
-                }
-                self.shared.set_broken();
+                self.shared.hold(resend);
                 Ok(())
             }
             Err((e, record)) => Err(Refused::Failed(e, record.delivery_opaque.token)),
@@ -272,11 +272,6 @@ impl<T: Send + Sync + 'static> RecoveringProducer<T> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// The settings each new producer is made with.
-    pub fn config(&self) -> &ClientConfig {
-        &self.config
     }
 
     /// How many times the producer was replaced.

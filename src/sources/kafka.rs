@@ -4,8 +4,9 @@
 //! Co-partitioning: the group subscribes to one topic (the comments topic,
 //! the "group topic") with `cooperative-sticky` (or, if configured, eager)
 //! assignment; when partition `p` of it is assigned, partition `p` of every
-//! other room topic is assigned with it, and revoked with it. So one member always owns all of a room's
-//! streams, which is what Kafka Streams achieves with its own assignor.
+//! other room topic is assigned with it, and revoked with it. So one member
+//! always owns all of a room's streams, which is what Kafka Streams achieves
+//! with its own assignor.
 //!
 //! Records do not pass through this module's thread: before a partition is
 //! assigned, each of its streams is split into its own librdkafka queue and

@@ -39,6 +39,25 @@ pub fn read(dir: &Path, file: &str) -> Vec<u8> {
     std::fs::read(dir.join(file)).expect("generated media")
 }
 
+/// One second of a 300 Hz tone at 16 kHz, as AAC in ADTS (`a.aac` in `dir`).
+pub fn aac_tone(dir: &Path) -> Vec<u8> {
+    ffmpeg(
+        dir,
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=300:sample_rate=16000:duration=1",
+            "-c:a",
+            "aac",
+            "-f",
+            "adts",
+            "a.aac",
+        ],
+    );
+    read(dir, "a.aac")
+}
+
 /// A `secs`-second test pattern at `fps` and `size`, in MPEG-TS.
 pub fn ts_clip(
     dir: &Path,
