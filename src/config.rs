@@ -70,6 +70,14 @@ pub struct KafkaConfig {
     /// (every member gives up all its partitions, drains and commits them,
     /// then gets its new set). All members of a group must agree.
     pub assignment: Assignment,
+    /// What a crash may do to the outputs: `at-least-once` (the default:
+    /// after a crash, some outputs may be written again, as exact replays
+    /// with the same ids) or `exactly-once` (outputs, changelog writes and
+    /// input offsets commit together in one Kafka transaction per commit
+    /// interval; read the outputs with `isolation.level=read_committed`).
+    /// Exactly-once needs a broker with transactions and delays outputs to
+    /// read_committed readers by up to `commit_interval_ms`.
+    pub guarantee: Guarantee,
     /// Consumer session timeout (ms). A revoked partition is drained within
     /// `runtime.drain_timeout_ms`, which must be shorter.
     pub session_timeout_ms: u32,
@@ -120,6 +128,29 @@ impl Assignment {
             Assignment::CooperativeSticky => "cooperative-sticky",
             Assignment::Range => "range",
             Assignment::RoundRobin => "roundrobin",
+        }
+    }
+}
+
+/// `[kafka] guarantee`: the processing guarantee for outputs.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Guarantee {
+    /// Offsets are committed after the outputs they cover are acknowledged;
+    /// a crash may write some outputs again (same ids, same bytes).
+    #[default]
+    #[serde(rename = "at-least-once")]
+    AtLeastOnce,
+    /// Outputs and offsets commit in one transaction (exactly-once v2).
+    #[serde(rename = "exactly-once")]
+    ExactlyOnce,
+}
+
+impl Guarantee {
+    /// The name used in the pipeline file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Guarantee::AtLeastOnce => "at-least-once",
+            Guarantee::ExactlyOnce => "exactly-once",
         }
     }
 }
@@ -223,6 +254,7 @@ impl fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("group_id", &self.group_id)
             .field("assignment", &self.assignment)
+            .field("guarantee", &self.guarantee)
             .field("session_timeout_ms", &self.session_timeout_ms)
             .field("max_poll_interval_ms", &self.max_poll_interval_ms)
             .field("commit_interval_ms", &self.commit_interval_ms)
@@ -241,6 +273,7 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             group_id: "onair".into(),
             assignment: Assignment::CooperativeSticky,
+            guarantee: Guarantee::AtLeastOnce,
             session_timeout_ms: 10_000,
             max_poll_interval_ms: 20_000,
             commit_interval_ms: 1_000,
@@ -1092,6 +1125,14 @@ impl PipelineConfig {
                         .into(),
             });
         }
+        for key in ["transactional.id", "enable.idempotence", "isolation.level"] {
+            if self.kafka.properties.contains_key(key) {
+                p.push(Problem {
+                    path: format!("kafka.properties.{key}"),
+                    message: "set kafka.guarantee instead: onair sets this from it".into(),
+                });
+            }
+        }
         let mut bad = |path: &str, ok: bool, message: &str| {
             if !ok {
                 p.push(Problem {
@@ -1716,6 +1757,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("kafka.assignment"), "{err}");
+    }
+
+    #[test]
+    fn the_guarantee_is_a_field_and_its_client_settings_are_not_properties() {
+        let eos = PipelineConfig::parse("[kafka]\nguarantee = \"exactly-once\"\n").unwrap();
+        assert_eq!(eos.kafka.guarantee, Guarantee::ExactlyOnce);
+        assert_eq!(
+            PipelineConfig::default().kafka.guarantee.as_str(),
+            "at-least-once"
+        );
+        assert!(PipelineConfig::parse("[kafka]\nguarantee = \"exactly_once_v2\"\n").is_err());
+        for key in ["transactional.id", "enable.idempotence", "isolation.level"] {
+            let err = PipelineConfig::parse(&format!("[kafka.properties]\n\"{key}\" = \"x\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("kafka.guarantee"), "{key}: {err}");
+        }
     }
 
     #[test]

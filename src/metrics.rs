@@ -134,6 +134,8 @@ pub const CHANGELOG_BYTES: &str = "onair_changelog_bytes_total";
 /// Producers replaced after a fatal error (their held records sent again),
 /// labelled `producer`.
 pub const PRODUCER_RECOVERIES: &str = "onair_producer_recoveries_total";
+/// Exactly-once commit rounds, labelled `result` (committed, aborted).
+pub const TRANSACTIONS: &str = "onair_transactions_total";
 
 /// Records a partition's restore from its changelog.
 pub fn state_restored(partition: i32, seconds: f64, records: u64, bytes: u64) {
@@ -185,6 +187,11 @@ pub fn register(config: &PipelineConfig) {
     use crate::schema::DecodeError;
     if config.source.kind == SourceKind::Kafka {
         counter!(PRODUCER_RECOVERIES, "producer" => "sink").absolute(0);
+        if config.kafka.guarantee == crate::config::Guarantee::ExactlyOnce {
+            for result in ["committed", "aborted"] {
+                counter!(TRANSACTIONS, "result" => result).absolute(0);
+            }
+        }
         gauge!(PARTITIONS_ASSIGNED).set(0.0);
         gauge!(PARTITIONS_PAUSED).set(0.0);
         let t = &config.kafka.topics;

@@ -58,13 +58,14 @@ impl Case {
 
     /// Sets `[kafka] assignment`.
     fn assignment(&self, strategy: &str) {
+        self.kafka_field("assignment", strategy);
+    }
+
+    /// Sets a `[kafka]` field to a string value.
+    fn kafka_field(&self, field: &str, value: &str) {
         let text = std::fs::read_to_string(&self.pipeline).expect("pipeline");
         assert!(text.contains("[kafka]\n"));
-        let text = text.replacen(
-            "[kafka]\n",
-            &format!("[kafka]\nassignment = \"{strategy}\"\n"),
-            1,
-        );
+        let text = text.replacen("[kafka]\n", &format!("[kafka]\n{field} = \"{value}\"\n"), 1);
         std::fs::write(&self.pipeline, text).expect("pipeline");
     }
 
@@ -102,8 +103,19 @@ impl Case {
     /// Reads room-stats back, stops the engines gracefully, and checks the
     /// ticks against the truth; returns (records read, duplicates).
     fn check(&self, engines: Vec<Proc>) -> (usize, usize) {
+        self.check_reading(engines, false)
+    }
+
+    /// [`Case::check`]; `fresh`: with a new reader per attempt (see
+    /// [`stats::read_stats_fresh_at`]).
+    fn check_reading(&self, engines: Vec<Proc>, fresh: bool) -> (usize, usize) {
         let truth = load_truth(&self.truth);
-        let recs = stats::read_stats_at(
+        let read = if fresh {
+            stats::read_stats_fresh_at
+        } else {
+            stats::read_stats_at
+        };
+        let recs = read(
             &self.brokers,
             &self.topics,
             truth.ticks().count(),
@@ -190,8 +202,25 @@ fn summary(d: &[Duration]) -> String {
 /// committed checkpoint and replays.
 #[test]
 fn ten_sigkills_at_random_moments_lose_nothing() {
+    ten_sigkills(false);
+}
+
+/// The same under `guarantee = "exactly-once"`, read with read_committed:
+/// no tick is missing and none is there twice. Each replacement fences the
+/// killed engine's producer (same transactional id), whose open transaction
+/// aborts.
+#[test]
+fn ten_sigkills_under_exactly_once_write_nothing_twice() {
+    ten_sigkills(true);
+}
+
+fn ten_sigkills(exactly_once: bool) {
     let _serial = serial();
-    let case = Case::new("kills", &common::brokers(), "");
+    let name = if exactly_once { "kills-eos" } else { "kills" };
+    let case = Case::new(name, &common::brokers(), "");
+    if exactly_once {
+        case.kafka_field("guarantee", "exactly-once");
+    }
     let instance = ["--instance-id", "onair-0"];
     let mut engine = case.engine("engine-0", &instance);
     let sim = case.simulate(20, "150s", "2", 21, &[]);
@@ -223,9 +252,102 @@ fn ten_sigkills_at_random_moments_lose_nothing() {
         );
     }
     sim.simulate_ok(Duration::from_secs(300));
-    let (records, replays) = case.check(vec![engine]);
+    let (records, replays) = case.check_reading(vec![engine], exactly_once);
+    if exactly_once {
+        assert_eq!(replays, 0, "exactly-once: no tick written twice");
+    }
     println!(
-        "fault: 10 SIGKILLs | records lost 0 | {records} records, {replays} exact replays | kill to first output: {}",
+        "fault: 10 SIGKILLs{} | records lost 0 | {records} records, {replays} exact replays | kill to first output: {}",
+        if exactly_once { " (exactly-once)" } else { "" },
+        summary(&recoveries)
+    );
+}
+
+/// Under exactly-once, transactions that cannot commit: the engine's
+/// transactional producer is broken five times mid-run (a fatal error through
+/// librdkafka's fault injection, as a broker fencing it would). Each time the
+/// open transaction aborts, every partition task ends without another output
+/// and restarts from its last committed offsets, and a new producer takes
+/// over. A read_committed reader sees every tick once.
+#[test]
+fn aborted_transactions_restart_partitions_and_write_nothing_twice() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let _serial = serial();
+    let case = Case::new("aborts", &common::brokers(), "");
+    case.kafka_field("guarantee", "exactly-once");
+    let config = onair::config::PipelineConfig::load(&case.pipeline).expect("pipeline");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let engine =
+        Arc::new(onair::runtime::Engine::new(config).with_instance_id(Some("aborts-0".into())));
+    let stop = Arc::new(AtomicBool::new(false));
+    // A failed assertion must not leave the engine running (the runtime's
+    // drop would wait for its threads forever).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _stop_on_drop = StopOnDrop(Arc::clone(&stop));
+    let run = runtime.spawn({
+        let (engine, stop) = (Arc::clone(&engine), Arc::clone(&stop));
+        async move { engine.run_kafka(stop).await.map_err(|e| e.to_string()) }
+    });
+    wait_until("the engine's transactions", Duration::from_secs(60), || {
+        engine.transactions().is_some_and(|t| t.rounds().0 > 0)
+    });
+    let txn = engine.transactions().expect("exactly-once engine").clone();
+    let sim = case.simulate(8, "60s", "2", 23, &[]);
+    let mut rng = Rng(23);
+    let mut recoveries = Vec::new();
+    for k in 1..=5 {
+        std::thread::sleep(Duration::from_millis(1500 + rng.below(2500)));
+        let (committed, aborted) = txn.rounds();
+        txn.producer().inject_fatal_error();
+        let broken = Instant::now();
+        wait_until(
+            &format!("the abort of break {k}"),
+            Duration::from_secs(30),
+            || txn.rounds().1 > aborted,
+        );
+        // Back to work: a round commits after the abort.
+        let (_, aborted) = txn.rounds();
+        wait_until(
+            &format!("a commit after break {k}"),
+            Duration::from_secs(60),
+            || {
+                let (c, a) = txn.rounds();
+                a == aborted && c > committed
+            },
+        );
+        recoveries.push(broken.elapsed());
+    }
+    sim.simulate_ok(Duration::from_secs(300));
+    let truth = load_truth(&case.truth);
+    let recs = stats::read_stats_fresh_at(
+        &case.brokers,
+        &case.topics,
+        truth.ticks().count(),
+        Duration::from_secs(120),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    runtime
+        .block_on(run)
+        .expect("engine task")
+        .expect("engine run");
+    let replays = assert_matches(&truth, &recs, Replays::Exact);
+    assert_eq!(replays, 0, "exactly-once: no tick written twice");
+    let (committed, aborted) = txn.rounds();
+    assert!(aborted >= 5, "every break aborted a transaction: {aborted}");
+    println!(
+        "fault: 5 transactions broken (exactly-once) | records lost 0 | {} records, 0 written twice | {aborted} aborted and {committed} committed transactions | break to the next commit: {}",
+        recs.len(),
         summary(&recoveries)
     );
 }

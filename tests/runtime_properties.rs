@@ -187,6 +187,7 @@ fn run_engine(arrivals: &[SimEvent], until_ms: i64, lateness_ms: i64) -> Console
             reader: None,
             wait_for_backlog: false,
             replayed_through: None,
+            marks: None,
             media: None,
             checkpoint_every: Duration::from_millis(100),
             changelog: None,

@@ -24,6 +24,10 @@ use crate::sinks::kafka::KafkaSink;
 use crate::sinks::Sink;
 use crate::sources::kafka::{KafkaSource, StageTopics, TaskFactory};
 
+use super::partition::ReplayMarks;
+use super::transactions::Transactions;
+use crate::config::Guarantee;
+
 /// Why a run stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -77,6 +81,8 @@ pub struct Engine {
     config: PipelineConfig,
     instance_id: Option<String>,
     samples_dir: Option<std::path::PathBuf>,
+    /// The instance's transactions once `run_kafka` started (exactly-once).
+    transactions: std::sync::OnceLock<Arc<Transactions>>,
 }
 
 impl Engine {
@@ -86,6 +92,7 @@ impl Engine {
             config,
             instance_id: None,
             samples_dir: None,
+            transactions: std::sync::OnceLock::new(),
         }
     }
 
@@ -107,6 +114,12 @@ impl Engine {
         &self.config
     }
 
+    /// The commit rounds of a running exactly-once engine (for tests that
+    /// break its transactions).
+    pub fn transactions(&self) -> Option<&Arc<Transactions>> {
+        self.transactions.get()
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn spec(
         config: &PipelineConfig,
@@ -114,6 +127,7 @@ impl Engine {
         sink: Arc<dyn Sink>,
         reader: Option<Box<dyn StreamReader>>,
         replayed_through: Option<i64>,
+        marks: Option<ReplayMarks>,
         media: &Media,
         services: &Services,
     ) -> PartitionSpec {
@@ -134,6 +148,7 @@ impl Engine {
             reader,
             wait_for_backlog: false,
             replayed_through,
+            marks,
             media: media.clone(),
             checkpoint_every: Duration::from_millis(
                 u64::from(config.kafka.commit_interval_ms).max(50),
@@ -149,6 +164,7 @@ impl Engine {
         sink: Arc<dyn Sink>,
         reader: Box<dyn StreamReader>,
         replayed_through: Option<i64>,
+        marks: Option<ReplayMarks>,
         services: &Services,
     ) -> PartitionSpec {
         PartitionSpec {
@@ -162,6 +178,7 @@ impl Engine {
             reader: Some(reader),
             wait_for_backlog: false,
             replayed_through,
+            marks,
             media: None,
             checkpoint_every: Duration::from_millis(
                 u64::from(config.kafka.commit_interval_ms).max(50),
@@ -183,7 +200,23 @@ impl Engine {
         if config.kafka.topics.create {
             ensure_topics(&config.kafka, &pipeline_topics(&config.kafka)).await?;
         }
-        let sink = Arc::new(KafkaSink::new(&config.kafka)?);
+        let sink = Arc::new(match config.kafka.guarantee {
+            Guarantee::AtLeastOnce => KafkaSink::new(&config.kafka)?,
+            Guarantee::ExactlyOnce => {
+                let id = transactional_id(&config.kafka.group_id, self.instance_id.as_deref());
+                info!(transactional_id = %id, "exactly-once: outputs commit in transactions");
+                KafkaSink::transactional(&config.kafka, &id)?
+            }
+        });
+        let txn = sink.transactions().map(|producer| {
+            Arc::new(Transactions::new(
+                producer,
+                Duration::from_millis(config.runtime.drain_timeout_ms) + Duration::from_secs(2),
+            ))
+        });
+        if let Some(t) = &txn {
+            let _ = self.transactions.set(Arc::clone(t));
+        }
         let media = media_stage(&config)?;
         let mut services = services(&config)?;
         let handle = tokio::runtime::Handle::current();
@@ -211,22 +244,25 @@ impl Engine {
                 services.clone(),
                 handle.clone(),
             );
-            let factory: Arc<TaskFactory> = Arc::new(move |partition, replayed_through, reader| {
-                let _guard = user_handle.enter();
-                PartitionTask::spawn(Self::user_spec(
-                    &user_config,
-                    partition,
-                    user_sink.clone(),
-                    reader,
-                    replayed_through,
-                    &user_services,
-                ))
-            });
+            let factory: Arc<TaskFactory> =
+                Arc::new(move |partition, replayed_through, marks, reader| {
+                    let _guard = user_handle.enter();
+                    PartitionTask::spawn(Self::user_spec(
+                        &user_config,
+                        partition,
+                        user_sink.clone(),
+                        reader,
+                        replayed_through,
+                        marks,
+                        &user_services,
+                    ))
+                });
             let source = KafkaSource::new(
                 &config,
                 StageTopics::users(&config),
                 factory,
                 self.instance_id.as_deref(),
+                txn.clone(),
             )?;
             let user_stop = stop.clone();
             pollers.push(
@@ -244,24 +280,41 @@ impl Engine {
             None => sink.clone(),
         };
         let task_config = config.clone();
-        let factory: Arc<TaskFactory> = Arc::new(move |partition, replayed_through, reader| {
-            let _guard = handle.enter();
-            PartitionTask::spawn(Self::spec(
-                &task_config,
-                partition,
-                task_sink.clone(),
-                Some(reader),
-                replayed_through,
-                &media,
-                &services,
-            ))
-        });
+        let factory: Arc<TaskFactory> =
+            Arc::new(move |partition, replayed_through, marks, reader| {
+                let _guard = handle.enter();
+                PartitionTask::spawn(Self::spec(
+                    &task_config,
+                    partition,
+                    task_sink.clone(),
+                    Some(reader),
+                    replayed_through,
+                    marks,
+                    &media,
+                    &services,
+                ))
+            });
         let source = KafkaSource::new(
             &config,
             StageTopics::rooms(&config),
             factory,
             self.instance_id.as_deref(),
+            txn.clone(),
         )?;
+        if let Some(txn) = txn {
+            let (every, txn_stop) = (
+                Duration::from_millis(u64::from(config.kafka.commit_interval_ms).max(50)),
+                stop.clone(),
+            );
+            pollers.push(
+                std::thread::Builder::new()
+                    .name("transactions".into())
+                    .spawn(move || txn.run(every, &txn_stop))
+                    .map_err(|e| {
+                        EngineError::Internal(format!("cannot start the transactions: {e}"))
+                    })?,
+            );
+        }
         info!(brokers = %config.kafka.brokers, group = %config.kafka.group_id, "consuming");
         pollers.push(
             std::thread::Builder::new()
@@ -304,6 +357,7 @@ impl Engine {
                     sink.clone(),
                     None,
                     None,
+                    None,
                     &media,
                     &services,
                 ))
@@ -330,6 +384,22 @@ impl Engine {
             },
             simulator,
         })
+    }
+}
+
+/// The `transactional.id` of an instance's producer: stable across restarts
+/// of a static member (so the restarted instance fences its predecessor and
+/// aborts its open transaction), unique otherwise.
+fn transactional_id(group_id: &str, instance_id: Option<&str>) -> String {
+    match instance_id {
+        Some(id) => format!("{group_id}-{id}"),
+        None => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            format!("{group_id}-{}-{nanos}", std::process::id())
+        }
     }
 }
 

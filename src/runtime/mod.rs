@@ -11,6 +11,7 @@ mod feed;
 mod media;
 mod operator;
 mod partition;
+pub mod transactions;
 
 pub use engine::{Engine, EngineError, RunSummary, SimulatedRun};
 pub use feed::{Polled, RecordRef, StreamReader};
@@ -20,5 +21,5 @@ pub use operator::{
 };
 pub use partition::{
     ChangelogReader, Checkpoint, Control, Input, InputRecord, PartitionHandle, PartitionShared,
-    PartitionSpec, PartitionTask,
+    PartitionSpec, PartitionTask, ReplayMarks,
 };

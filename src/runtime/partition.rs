@@ -39,8 +39,8 @@ use crate::metrics::{self as m, Stage};
 use crate::schema::{decode_input, Event, InputKind, Limits};
 use crate::sinks::dead_letters::{self, RateLimit, Rejected};
 use crate::sinks::{Ack, AckMsg, Busy, Sink};
-pub use crate::state::Checkpoint;
 use crate::state::Holds;
+pub use crate::state::{Checkpoint, ReplayMarks};
 
 /// One raw input record, as a pushing source hands it over.
 #[derive(Debug)]
@@ -67,6 +67,18 @@ pub enum Control {
     Drain {
         /// Where the final checkpoint goes.
         reply: std::sync::mpsc::SyncSender<Checkpoint>,
+    },
+    /// A transaction commit (exactly-once): send nothing more, wait until
+    /// every output sent is acknowledged, reply with the checkpoint that
+    /// covers exactly them, then wait for `resume`: true goes on, false (the
+    /// transaction was aborted, so its outputs are gone) ends the task
+    /// without another output, for the partition to restart from its last
+    /// committed checkpoint.
+    Barrier {
+        /// Where the checkpoint goes.
+        reply: std::sync::mpsc::SyncSender<Checkpoint>,
+        /// Whether the transaction committed.
+        resume: tokio::sync::oneshot::Receiver<bool>,
     },
     /// No more input will come: process everything buffered and close every
     /// tick up to `until_ms` (the end of a finite input such as the simulator).
@@ -147,6 +159,8 @@ pub struct PartitionTask {
     /// out while a pull runs).
     pulls: bool,
     control: mpsc::UnboundedReceiver<Control>,
+    /// Control that came while the state was restored, handled first.
+    stashed: VecDeque<Control>,
     shared: Arc<PartitionShared>,
     /// Per stream: everything the broker held has been received.
     caught_up: [bool; InputKind::COUNT],
@@ -164,10 +178,14 @@ pub struct PartitionTask {
     /// Emitted-through time restored from the last commit: tick outputs at or
     /// before it were written before and are not written again.
     replayed_through: Option<i64>,
+    /// Replay marks restored from the last commit (see [`ReplayMarks`]).
+    marks: Option<ReplayMarks>,
     checkpoint_every: Duration,
 
     buffers: [VecDeque<Buffered>; InputKind::COUNT],
     received_next: [Option<i64>; InputKind::COUNT],
+    /// Per stream, the offset after the last record processed.
+    processed_next: [Option<i64>; InputKind::COUNT],
     stream_time: Option<i64>,
     next_tick: Option<i64>,
     wait_since: Option<Instant>,
@@ -223,6 +241,9 @@ pub struct PartitionSpec {
     pub wait_for_backlog: bool,
     /// Emitted-through time from the last commit.
     pub replayed_through: Option<i64>,
+    /// Replay marks from the last commit: records below them do not make
+    /// their immediate outputs again.
+    pub marks: Option<ReplayMarks>,
     /// Media decoding: its settings and the decode pool (None: off).
     pub media: Option<(Arc<MediaConfig>, Arc<DecodePool>)>,
     /// How often the checkpoint is recomputed.
@@ -280,6 +301,7 @@ impl PartitionTask {
             reader: spec.reader,
             reader_ready,
             control,
+            stashed: VecDeque::new(),
             shared: shared.clone(),
             caught_up: std::array::from_fn(|i| {
                 !wait_for_backlog || !spec.kinds.iter().any(|k| k.index() == i)
@@ -292,9 +314,11 @@ impl PartitionTask {
             op_wake: Arc::new(Notify::new()),
             stream_topics: Default::default(),
             replayed_through: spec.replayed_through,
+            marks: spec.marks,
             checkpoint_every: spec.checkpoint_every,
             buffers: Default::default(),
             received_next: [None; InputKind::COUNT],
+            processed_next: [None; InputKind::COUNT],
             stream_time: None,
             next_tick: None,
             wait_since: None,
@@ -350,10 +374,19 @@ impl PartitionTask {
             while let Ok(ack) = self.ack_rx.try_recv() {
                 self.on_ack(ack);
             }
-            match self.control.try_recv() {
+            let control = match self.stashed.pop_front() {
+                Some(c) => Ok(c),
+                None => self.control.try_recv(),
+            };
+            match control {
                 Ok(Control::Drain { reply }) => {
                     self.drain(reply).await;
                     break;
+                }
+                Ok(Control::Barrier { reply, resume }) => {
+                    if !self.barrier(reply, resume).await {
+                        break;
+                    }
                 }
                 Ok(Control::Finish { until_ms }) => self.finish(until_ms).await,
                 Err(_) => {}
@@ -396,6 +429,11 @@ impl PartitionTask {
                     Some(Control::Drain { reply }) => {
                         self.drain(reply).await;
                         break;
+                    }
+                    Some(Control::Barrier { reply, resume }) => {
+                        if !self.barrier(reply, resume).await {
+                            break;
+                        }
                     }
                     Some(Control::Finish { until_ms }) => self.finish(until_ms).await,
                     None => {
@@ -598,6 +636,11 @@ impl PartitionTask {
             Err(err) => {
                 self.decode_stage.error(err.reason());
                 trace!(partition = self.partition, offset = rec.offset, kind = rec.kind.name(), error = %err, "rejected record");
+                if self.marks.is_some_and(|m| m.accepted_before(pos)) {
+                    // Replayed: its dead letter was written before the restart.
+                    self.sink_stage.dropped(m::dropped::ALREADY_WRITTEN, 1);
+                    return;
+                }
                 self.dead_letter(&Rejected {
                     reason: err.reason(),
                     detail: err.to_string(),
@@ -761,7 +804,7 @@ impl PartitionTask {
         let mut ops = std::mem::take(&mut self.ops);
         let (partition, through) = (self.partition, self.replayed_through);
         let started = Instant::now();
-        let joined = tokio::task::spawn_blocking(move || {
+        let mut restoring = tokio::task::spawn_blocking(move || {
             let (mut records, mut bytes) = (0u64, 0u64);
             let result = reader.read(partition, &mut |key, value| {
                 records += 1;
@@ -776,8 +819,26 @@ impl PartitionTask {
                 }
             });
             (ops, reader, result, records, bytes)
-        })
-        .await;
+        });
+        // Commit rounds go on meanwhile: the task has sent nothing yet, so
+        // its checkpoint commits nothing (other control waits for the end).
+        let mut aborted = false;
+        let joined = loop {
+            tokio::select! {
+                joined = &mut restoring => break joined,
+                ctl = self.control.recv(), if !aborted => match ctl {
+                    Some(Control::Barrier { reply, resume }) => {
+                        let _ = reply.try_send(Checkpoint::default());
+                        aborted = !matches!(resume.await, Ok(true));
+                    }
+                    Some(other) => self.stashed.push_back(other),
+                    None => aborted = true,
+                },
+            }
+        };
+        if aborted {
+            return false;
+        }
         let (ops, reader, result, records, bytes) = match joined {
             Ok(r) => r,
             Err(e) => {
@@ -811,9 +872,16 @@ impl PartitionTask {
                 stage.release(b.pos.kind);
             }
         }
+        let pos = b.pos;
+        let replayed = self.marks.is_some_and(|m| m.processed_before(pos));
+        self.mark_processed(pos);
         let media = match std::mem::replace(&mut b.media, Slot::None) {
             Slot::Done(Err((err, payload))) => {
-                self.dead_letter_media(b, err, payload);
+                if replayed {
+                    self.sink_stage.dropped(m::dropped::ALREADY_WRITTEN, 1);
+                } else {
+                    self.dead_letter_media(b, err, payload);
+                }
                 self.flush_outputs(None).await;
                 return;
             }
@@ -846,6 +914,7 @@ impl PartitionTask {
                 "late record: its tick has closed"
             );
         }
+        let before = self.outputs.len();
         {
             let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
                 .with_wake(&self.op_wake);
@@ -855,6 +924,19 @@ impl PartitionTask {
                     op.on_media(&b.event, m, b.pos, late, ctx);
                 }
             });
+        }
+        if replayed {
+            // What the record made at once was written before the restart
+            // (tick outputs are judged by their tick when flushed).
+            let mut i = before;
+            while i < self.outputs.len() {
+                if self.outputs[i].tick_end_ms.is_none() {
+                    self.outputs.remove(i);
+                    self.sink_stage.dropped(m::dropped::ALREADY_WRITTEN, 1);
+                } else {
+                    i += 1;
+                }
+            }
         }
         if !self.outputs.is_empty() {
             self.flush_outputs(None).await;
@@ -1048,9 +1130,34 @@ impl PartitionTask {
             (Some(e), Some(u)) => Some(e.min(u)),
             (e, _) => e,
         };
+        // With nothing in flight, every output that accepted and processed
+        // records made at once is acknowledged: the marks say how far.
+        let marks = (self.in_flight == 0 && self.outputs.is_empty()).then(|| {
+            let mut marks = ReplayMarks {
+                accepted: self.received_next,
+                processed: self.processed_next,
+            };
+            if let Some(old) = &self.marks {
+                // What the last run wrote stays written.
+                for (now, was) in marks.accepted.iter_mut().zip(old.accepted) {
+                    *now = (*now).max(was);
+                }
+                for (now, was) in marks.processed.iter_mut().zip(old.processed) {
+                    *now = (*now).max(was);
+                }
+            }
+            marks
+        });
         Checkpoint {
             next_offsets,
             emitted_through_ms,
+            marks,
+        }
+    }
+
+    fn mark_processed(&mut self, pos: Position) {
+        if let Some(slot) = self.processed_next.get_mut(pos.kind.index()) {
+            *slot = Some(slot.map_or(pos.offset + 1, |n| n.max(pos.offset + 1)));
         }
     }
 
@@ -1131,25 +1238,73 @@ impl PartitionTask {
         self.publish_checkpoint();
     }
 
+    /// A transaction commit (see [`Control::Barrier`]). False: the
+    /// transaction was aborted and the task must end.
+    async fn barrier(
+        &mut self,
+        reply: std::sync::mpsc::SyncSender<Checkpoint>,
+        resume: tokio::sync::oneshot::Receiver<bool>,
+    ) -> bool {
+        if !self.outputs.is_empty() {
+            self.flush_outputs(None).await;
+        }
+        if !self.wait_for_acks().await {
+            warn!(
+                partition = self.partition,
+                in_flight = self.in_flight,
+                "commit barrier: outputs still unacknowledged; the checkpoint does not cover them"
+            );
+        }
+        let cp = self.checkpoint();
+        if let Ok(mut slot) = self.shared.checkpoint.lock() {
+            *slot = Some(cp.clone());
+        }
+        if reply.try_send(cp).is_err() {
+            return true;
+        }
+        match resume.await {
+            Ok(true) => true,
+            _ => {
+                warn!(
+                    partition = self.partition,
+                    "transaction aborted: the partition restarts from its last commit"
+                );
+                false
+            }
+        }
+    }
+
     /// Revocation or shutdown: wait for outputs in flight (up to the deadline),
     /// then hand back the final checkpoint.
     async fn drain(&mut self, reply: std::sync::mpsc::SyncSender<Checkpoint>) {
+        if !self.wait_for_acks().await {
+            warn!(
+                partition = self.partition,
+                in_flight = self.in_flight,
+                "drain deadline passed with outputs in flight; their inputs will be replayed"
+            );
+        }
+        let cp = self.checkpoint();
+        info!(partition = self.partition, checkpoint = ?cp, late = self.late, "partition drained");
+        let _ = reply.try_send(cp);
+    }
+}
+
+impl PartitionTask {
+    /// Takes acknowledgements until none is outstanding (true) or
+    /// `drain_timeout_ms` passes (false).
+    async fn wait_for_acks(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
         while self.in_flight > 0 {
             tokio::select! {
                 ack = self.ack_rx.recv() => match ack {
                     Some(ack) => self.on_ack(ack),
-                    None => break,
+                    None => return false,
                 },
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    warn!(partition = self.partition, in_flight = self.in_flight, "drain deadline passed with outputs in flight; their inputs will be replayed");
-                    break;
-                }
+                _ = tokio::time::sleep_until(deadline.into()) => return false,
             }
         }
-        let cp = self.checkpoint();
-        info!(partition = self.partition, checkpoint = ?cp, late = self.late, "partition drained");
-        let _ = reply.try_send(cp);
+        true
     }
 }
 

@@ -3,14 +3,20 @@
 //! them), and delivery reports routed back to the partition that made each
 //! output (through its [`Ack`]). A producer broken by a fatal error is
 //! replaced and its held outputs sent again in order ([`RecoveringProducer`]).
+//! Under exactly-once, a transactional producer takes its place
+//! ([`TransactionalProducer`]), and outputs commit with their input offsets.
 //!
-//! Not for: transactions (exactly-once is a later option) or topic creation.
+//! Not for: deciding when transactions commit (`runtime::transactions`) or
+//! topic creation.
+
+use std::sync::Arc;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 
 use super::producer::{Delivery, RecoveringProducer, Refused};
+use super::transactional::{TransactionalProducer, TRANSACTION_TIMEOUT};
 use super::{Ack, Busy, Sink, SinkError};
 use crate::config::{KafkaConfig, TopicsConfig};
 use crate::kafka::{client_config, KafkaFailure};
@@ -52,9 +58,17 @@ fn failure(topic: &str, e: &KafkaError) -> SinkError {
     }
 }
 
+/// The producer of the outputs, by guarantee.
+enum Producer {
+    /// At-least-once: idempotent, replaced when it breaks.
+    Idempotent(RecoveringProducer<(Ack, OutputTopic)>),
+    /// Exactly-once: transactional.
+    Transactional(Arc<TransactionalProducer<(Ack, OutputTopic)>>),
+}
+
 /// Writes outputs to the pipeline's topics.
 pub struct KafkaSink {
-    producer: RecoveringProducer<(Ack, OutputTopic)>,
+    producer: Producer,
     topics: TopicsConfig,
 }
 
@@ -70,9 +84,39 @@ impl KafkaSink {
             },
         )?;
         Ok(KafkaSink {
-            producer,
+            producer: Producer::Idempotent(producer),
             topics: cfg.topics.clone(),
         })
+    }
+
+    /// A transactional producer for the pipeline (exactly-once), with a
+    /// transaction open.
+    pub fn transactional(cfg: &KafkaConfig, transactional_id: &str) -> Result<Self, KafkaFailure> {
+        let topics = cfg.topics.clone();
+        let mut config = Self::config(cfg);
+        let timeout = TRANSACTION_TIMEOUT.as_millis().to_string();
+        config
+            .set("transactional.id", transactional_id)
+            .set("transaction.timeout.ms", &timeout)
+            // Bounded by the transaction: an output not delivered by then
+            // fails the transaction, which aborts and is replayed.
+            .set("message.timeout.ms", &timeout);
+        let producer =
+            TransactionalProducer::new(config, move |(ack, topic): (Ack, OutputTopic), result| {
+                ack.done(outcome(topic_name(&topics, topic), result));
+            })?;
+        Ok(KafkaSink {
+            producer: Producer::Transactional(Arc::new(producer)),
+            topics: cfg.topics.clone(),
+        })
+    }
+
+    /// The transactional producer, under exactly-once.
+    pub fn transactions(&self) -> Option<Arc<TransactionalProducer<(Ack, OutputTopic)>>> {
+        match &self.producer {
+            Producer::Transactional(p) => Some(Arc::clone(p)),
+            Producer::Idempotent(_) => None,
+        }
     }
 
     /// The producer settings onair uses for outputs.
@@ -89,9 +133,13 @@ impl KafkaSink {
         c
     }
 
-    /// Waits for everything queued to be delivered.
+    /// Waits for everything queued to be delivered (under exactly-once,
+    /// outputs are final when their transaction commits instead).
     pub fn flush(&self, timeout: std::time::Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+        match &self.producer {
+            Producer::Idempotent(p) => p.flush(timeout),
+            Producer::Transactional(_) => Ok(()),
+        }
     }
 }
 
@@ -118,14 +166,12 @@ impl Sink for KafkaSink {
             _ => None,
         };
         let topic = topic_name(&self.topics, out.topic);
-        match self.producer.send(
-            topic,
-            partition,
-            &out.key,
-            &out.payload,
-            headers,
-            (ack, out.topic),
-        ) {
+        let (key, payload, token) = (&out.key, &out.payload, (ack, out.topic));
+        let sent = match &self.producer {
+            Producer::Idempotent(p) => p.send(topic, partition, key, payload, headers, token),
+            Producer::Transactional(p) => p.send(topic, partition, key, payload, headers, token),
+        };
+        match sent {
             Ok(()) => Ok(()),
             Err(Refused::QueueFull((ack, _))) => Err(Box::new(Busy(out, ack))),
             Err(Refused::Failed(e, (ack, _))) => {

@@ -10,6 +10,7 @@ pub mod dead_letters;
 pub mod kafka;
 pub mod producer;
 pub mod samples;
+pub mod transactional;
 
 use tokio::sync::mpsc;
 

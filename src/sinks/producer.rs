@@ -283,19 +283,25 @@ impl<T: Send + Sync + 'static> RecoveringProducer<T> {
     /// fault injection (`rd_kafka_test_fatal_error`), as a broker that lost
     /// the producer's state would: for tests of the recovery.
     pub fn inject_fatal_error(&self) {
-        let Ok(p) = self.producer.read() else {
-            return;
-        };
-        let reason = c"injected by onair's fault test";
-        // SAFETY: the handle is alive while the read guard holds the
-        // producer; librdkafka copies the reason string.
-        unsafe {
-            rdkafka::bindings::rd_kafka_test_fatal_error(
-                p.client().native_ptr(),
-                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
-                reason.as_ptr(),
-            );
+        if let Ok(p) = self.producer.read() {
+            raise_fatal_error(p.client());
         }
+    }
+}
+
+/// Raises a fatal error in a client through librdkafka's fault injection
+/// (`rd_kafka_test_fatal_error`), with the error a broker that lost the
+/// producer's state would cause: for tests of what follows.
+pub(crate) fn raise_fatal_error<C: rdkafka::ClientContext>(client: &rdkafka::client::Client<C>) {
+    let reason = c"injected by onair's fault test";
+    // SAFETY: the client is alive for the call (borrowed); librdkafka
+    // copies the reason string.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            client.native_ptr(),
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        );
     }
 }
 

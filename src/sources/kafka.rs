@@ -21,7 +21,11 @@
 //! and commits offsets from each task's [`Checkpoint`] (never past an
 //! unacknowledged output) every `commit_interval_ms`, and synchronously when
 //! a partition is revoked, after the task has drained. The emitted-through
-//! time travels in the commit metadata.
+//! time and the replay marks travel in the commit metadata. Under
+//! exactly-once, offsets are committed by the instance's transactions
+//! instead ([`Transactions`]): the stage takes part in every commit round,
+//! runs one itself before letting a drained partition go, and restarts its
+//! partitions from their last commit when a transaction aborts.
 //!
 //! Not for: decoding (partition tasks do it) or producing.
 
@@ -48,13 +52,18 @@ use crate::kafka::{client_config, KafkaFailure};
 use crate::metrics::{
     Stage, CONSUMER_LAG, OFFSET_COMMITS, PARTITIONS_ASSIGNED, PARTITIONS_PAUSED, REBALANCES,
 };
-use crate::runtime::{Checkpoint, Control, PartitionHandle, Polled, RecordRef, StreamReader};
+use crate::runtime::transactions::{Participant, Transactions};
+use crate::runtime::{
+    Checkpoint, Control, PartitionHandle, Polled, RecordRef, ReplayMarks, StreamReader,
+};
 use crate::schema::{InputKind, CONTENT_TYPE_HEADER};
 
 /// Starts a partition task for a partition number, given the emitted-through
-/// time found in the commit metadata and the reader of its streams.
-pub type TaskFactory =
-    dyn Fn(i32, Option<i64>, Box<dyn StreamReader>) -> PartitionHandle + Send + Sync;
+/// time and replay marks found in the commit metadata and the reader of its
+/// streams.
+pub type TaskFactory = dyn Fn(i32, Option<i64>, Option<ReplayMarks>, Box<dyn StreamReader>) -> PartitionHandle
+    + Send
+    + Sync;
 
 /// The streams one stage reads: its kinds, their topics, and the topic the
 /// group subscribes to (the others follow it partition by partition).
@@ -146,6 +155,10 @@ pub struct SourceContext {
     consumer: OnceLock<Weak<BaseConsumer<SourceContext>>>,
     /// Warned that the broker drops commit metadata.
     warned_metadata: AtomicBool,
+    /// The instance's transactions, under exactly-once.
+    txn: Option<Arc<Transactions>>,
+    /// Partitions to restart from their last commit (a transaction aborted).
+    rewind: Mutex<Vec<i32>>,
 }
 
 impl ClientContext for SourceContext {
@@ -237,6 +250,8 @@ impl SourceContext {
                 }
             };
             let mut replayed_through: Option<i64> = None;
+            let mut marks = ReplayMarks::default();
+            let mut has_marks = false;
             let (mut resumed, mut has_metadata) = (false, false);
             for e in committed.elements() {
                 resumed |= matches!(e.offset(), Offset::Offset(_));
@@ -250,6 +265,17 @@ impl SourceContext {
                 // replay (seen once: a viewer missing from a rewritten tick).
                 if let Some(t) = Checkpoint::parse_metadata(e.metadata()) {
                     replayed_through = Some(replayed_through.map_or(t, |r: i64| r.max(t)));
+                }
+                // Each stream's marks are its own (written with its offset).
+                if let (Some(c), Some(kind)) = (
+                    Checkpoint::parse_committed(e.metadata()),
+                    self.topics.kind_of(e.topic()),
+                ) {
+                    if let (Some(a), Some(p)) = (c.accepted, c.processed) {
+                        marks.accepted[kind.index()] = Some(a);
+                        marks.processed[kind.index()] = Some(p);
+                        has_marks = true;
+                    }
                 }
                 let offset = match e.offset() {
                     Offset::Offset(o) => Offset::Offset(o),
@@ -284,10 +310,19 @@ impl SourceContext {
                      of their input"
                 );
             }
-            let handle = (self.factory)(p, replayed_through, Box::new(reader));
+            // No commit round runs while a task starts: each round sees
+            // every task that may have sent into its transaction.
+            let between = self.txn.as_ref().and_then(|t| t.between_rounds());
+            let handle = (self.factory)(
+                p,
+                replayed_through,
+                has_marks.then_some(marks),
+                Box::new(reader),
+            );
             if let Ok(mut t) = self.tasks.lock() {
                 t.running.insert(p, handle);
             }
+            drop(between);
             info!(partition = p, ?replayed_through, "partition assigned");
         }
         // Eager protocols hand over the whole new assignment at once;
@@ -306,6 +341,7 @@ impl SourceContext {
 
     fn revoke(&self, consumer: &BaseConsumer<Self>, partitions: &[i32], lost: bool) {
         let mut unassign = TopicPartitionList::new();
+        let mut drained = Vec::new();
         for &p in partitions {
             let handle = self.tasks.lock().ok().and_then(|mut t| {
                 t.committed.remove(&p);
@@ -320,13 +356,24 @@ impl SourceContext {
                         "partition lost; state dropped without commit"
                     );
                 } else if let Some(cp) = drain(&handle, self.drain_timeout) {
-                    commit(consumer, &self.topics, p, &cp, CommitMode::Sync);
+                    if self.txn.is_some() {
+                        drained.push((p, cp));
+                    } else {
+                        commit(consumer, &self.topics, p, &cp, CommitMode::Sync);
+                    }
                 }
             }
             for (_, name) in &self.topics.streams {
                 unassign.add_partition(name, p);
             }
             info!(partition = p, lost, "partition revoked");
+        }
+        if let Some(txn) = &self.txn {
+            // The drained partitions' outputs and offsets commit before
+            // another member may take them.
+            if !lost && !txn.commit(Some((&self.topics.group_id, drained))) {
+                warn!("the revoked partitions' transaction aborted; their new owner replays from the last commit");
+            }
         }
         // Eager protocols revoke every partition, cooperative ones only
         // those that move.
@@ -340,6 +387,32 @@ impl SourceContext {
         }
         drop(unassign);
         self.publish_assigned();
+    }
+
+    /// Restarts the partitions whose tasks a transaction's abort ended: gives
+    /// them up and takes them again, from their last committed offsets.
+    fn rewind_partitions(&self, consumer: &BaseConsumer<Self>) {
+        let partitions = match self.rewind.lock() {
+            Ok(mut r) if !r.is_empty() => std::mem::take(&mut *r),
+            _ => return,
+        };
+        let mut unassign = TopicPartitionList::new();
+        for &p in &partitions {
+            for (_, name) in &self.topics.streams {
+                unassign.add_partition(name, p);
+            }
+        }
+        let unassigned = if eager(consumer) {
+            consumer.unassign()
+        } else {
+            consumer.incremental_unassign(&unassign)
+        };
+        if let Err(e) = unassigned {
+            error!(error = %e, "unassign for the restart failed");
+        }
+        counter!(REBALANCES, "event" => "rewind").increment(1);
+        info!(?partitions, "restarting partitions from their last commit");
+        self.assign(consumer, &partitions);
     }
 
     fn publish_assigned(&self) {
@@ -476,15 +549,7 @@ fn commit(
     mode: CommitMode,
 ) {
     let mut tpl = TopicPartitionList::new();
-    let metadata = cp.metadata();
-    for (kind, name) in &topics.streams {
-        if let Some(off) = cp.next_offsets[kind.index()] {
-            let mut e = tpl.add_partition(name, p);
-            if e.set_offset(Offset::Offset(off)).is_ok() {
-                e.set_metadata(metadata.clone());
-            }
-        }
-    }
+    add_offsets(&mut tpl, topics, p, cp);
     if tpl.count() == 0 {
         return;
     }
@@ -501,12 +566,95 @@ fn commit(
     }
 }
 
+/// Adds the offsets (with their metadata) that commit `cp` for partition `p`.
+fn add_offsets(tpl: &mut TopicPartitionList, topics: &StageTopics, p: i32, cp: &Checkpoint) {
+    for (kind, name) in &topics.streams {
+        if let Some(off) = cp.next_offsets[kind.index()] {
+            let mut e = tpl.add_partition(name, p);
+            if e.set_offset(Offset::Offset(off)).is_ok() {
+                e.set_metadata(cp.metadata(*kind));
+            }
+        }
+    }
+}
+
+/// A stage as its instance's commit rounds see it (exactly-once).
+struct StageTxn {
+    consumer: Weak<BaseConsumer<SourceContext>>,
+    group_id: String,
+}
+
+impl Participant for StageTxn {
+    fn group_id(&self) -> &str {
+        &self.group_id
+    }
+
+    fn tasks(&self) -> Vec<(i32, tokio::sync::mpsc::UnboundedSender<Control>)> {
+        let Some(consumer) = self.consumer.upgrade() else {
+            return Vec::new();
+        };
+        let tasks = consumer.context().tasks.lock();
+        tasks
+            .map(|t| {
+                t.running
+                    .iter()
+                    .map(|(p, h)| (*p, h.control.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn group_metadata(&self) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+        self.consumer.upgrade()?.group_metadata()
+    }
+
+    fn offsets(&self, checkpoints: &[(i32, Checkpoint)]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        if let Some(consumer) = self.consumer.upgrade() {
+            for (p, cp) in checkpoints {
+                add_offsets(&mut tpl, &consumer.context().topics, *p, cp);
+            }
+        }
+        tpl
+    }
+
+    fn rewind(&self) {
+        let Some(consumer) = self.consumer.upgrade() else {
+            return;
+        };
+        let ctx = consumer.context();
+        let handles: Vec<PartitionHandle> = ctx
+            .tasks
+            .lock()
+            .map(|mut t| {
+                t.committed.clear();
+                t.running.drain().map(|(_, h)| h).collect()
+            })
+            .unwrap_or_default();
+        // Told at their barrier to end; any other ends here, before the
+        // transaction aborts, so nothing reaches the next one.
+        for h in &handles {
+            h.join.abort();
+        }
+        let until = Instant::now() + Duration::from_secs(5);
+        while handles.iter().any(|h| !h.join.is_finished()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Ok(mut r) = ctx.rewind.lock() {
+            r.extend(handles.iter().map(|h| h.partition));
+        }
+        ctx.publish_assigned();
+    }
+}
+
 /// The consumer-group member.
 pub struct KafkaSource {
     consumer: Arc<BaseConsumer<SourceContext>>,
     topics: StageTopics,
     commit_every: Duration,
     stage: Stage,
+    /// Keeps the stage in its instance's commit rounds (exactly-once).
+    _txn_stage: Option<Arc<StageTxn>>,
 }
 
 impl KafkaSource {
@@ -516,11 +664,13 @@ impl KafkaSource {
     /// `instance_id` turns on static membership (`group.instance.id`): a
     /// member restarted with the same id gets its partitions back at once,
     /// without a rebalance (the way to run onair as pods with stable names).
+    /// `txn`: the instance's transactions, under exactly-once.
     pub fn new(
         config: &PipelineConfig,
         topics: StageTopics,
         factory: Arc<TaskFactory>,
         instance_id: Option<&str>,
+        txn: Option<Arc<Transactions>>,
     ) -> Result<Self, KafkaFailure> {
         let k = &config.kafka;
         let context = SourceContext {
@@ -533,6 +683,8 @@ impl KafkaSource {
             drain_timeout: Duration::from_millis(config.runtime.drain_timeout_ms),
             consumer: OnceLock::new(),
             warned_metadata: AtomicBool::new(false),
+            txn: txn.clone(),
+            rewind: Mutex::new(Vec::new()),
         };
         let mut c = client_config(k);
         c.set("group.id", &topics.group_id)
@@ -541,6 +693,9 @@ impl KafkaSource {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "true")
+            // Outputs of onair that onair reads (the repartitioned actions)
+            // count once their transaction commits (librdkafka's default).
+            .set("isolation.level", "read_committed")
             .set("session.timeout.ms", k.session_timeout_ms.to_string())
             .set("max.poll.interval.ms", k.max_poll_interval_ms.to_string())
             .set(
@@ -573,6 +728,15 @@ impl KafkaSource {
                 })?,
         );
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        let txn_stage = txn.map(|txn| {
+            let stage = Arc::new(StageTxn {
+                consumer: Arc::downgrade(&consumer),
+                group_id: topics.group_id.clone(),
+            });
+            let weak: Weak<dyn Participant> = Arc::downgrade(&stage) as Weak<dyn Participant>;
+            txn.register(weak);
+            stage
+        });
         consumer
             .subscribe(&[&topics.group_topic()])
             .map_err(|source| KafkaFailure::Operation {
@@ -584,6 +748,7 @@ impl KafkaSource {
             topics,
             commit_every: Duration::from_millis(u64::from(k.commit_interval_ms)),
             stage: Stage::new("source"),
+            _txn_stage: txn_stage,
         })
     }
 
@@ -617,7 +782,9 @@ impl KafkaSource {
                 last_upkeep = now;
                 self.publish_held_back();
             }
-            if now.duration_since(last_commit) >= self.commit_every {
+            let ctx = self.consumer.context();
+            ctx.rewind_partitions(&self.consumer);
+            if ctx.txn.is_none() && now.duration_since(last_commit) >= self.commit_every {
                 last_commit = now;
                 self.commit_checkpoints();
             }
@@ -673,15 +840,25 @@ impl KafkaSource {
             .lock()
             .map(|mut t| t.running.drain().map(|(_, h)| h).collect())
             .unwrap_or_default();
+        let mut drained = Vec::new();
         for handle in &handles {
             if let Some(cp) = drain(handle, ctx.drain_timeout) {
-                commit(
-                    &self.consumer,
-                    &self.topics,
-                    handle.partition,
-                    &cp,
-                    CommitMode::Sync,
-                );
+                if ctx.txn.is_some() {
+                    drained.push((handle.partition, cp));
+                } else {
+                    commit(
+                        &self.consumer,
+                        &self.topics,
+                        handle.partition,
+                        &cp,
+                        CommitMode::Sync,
+                    );
+                }
+            }
+        }
+        if let Some(txn) = &ctx.txn {
+            if !txn.commit(Some((&self.topics.group_id, drained))) {
+                warn!("the final transaction aborted; the next owner replays from the last commit");
             }
         }
         ctx.publish_assigned();

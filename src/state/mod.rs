@@ -51,25 +51,101 @@ pub struct Checkpoint {
     pub next_offsets: [Option<i64>; InputKind::COUNT],
     /// End of the last tick whose outputs are all acknowledged.
     pub emitted_through_ms: Option<i64>,
+    /// Set when no output was in flight: how far each stream's records had
+    /// been accepted and processed, with every output they made right away
+    /// acknowledged. A replay does not write those outputs again.
+    pub marks: Option<ReplayMarks>,
+}
+
+/// Per stream (index = `InputKind::index`), the offsets below which every
+/// record's immediate outputs are written: dead letters of records
+/// accepted (decoded or rejected) and outputs made while records were
+/// processed. Outputs of later work (ticks, model results) are not covered:
+/// ticks have the emitted-through time, model results may be written again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayMarks {
+    /// Offset after the last record accepted.
+    pub accepted: [Option<i64>; InputKind::COUNT],
+    /// Offset after the last record processed.
+    pub processed: [Option<i64>; InputKind::COUNT],
+}
+
+impl ReplayMarks {
+    /// Whether the record at `pos` was accepted before the marks were taken.
+    pub fn accepted_before(&self, pos: Position) -> bool {
+        self.accepted
+            .get(pos.kind.index())
+            .copied()
+            .flatten()
+            .is_some_and(|n| pos.offset < n)
+    }
+
+    /// Whether the record at `pos` was processed before the marks were taken.
+    pub fn processed_before(&self, pos: Position) -> bool {
+        self.processed
+            .get(pos.kind.index())
+            .copied()
+            .flatten()
+            .is_some_and(|n| pos.offset < n)
+    }
+}
+
+/// What one stream's commit metadata says about where its partition stood.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The checkpoint's emitted-through time.
+    pub emitted_through_ms: Option<i64>,
+    /// The stream's accepted and processed marks (see [`ReplayMarks`]).
+    pub accepted: Option<i64>,
+    /// See [`ReplayMarks::processed`].
+    pub processed: Option<i64>,
 }
 
 impl Checkpoint {
     /// What every onair commit metadata starts with.
     pub const PREFIX: &'static str = "onair:v1:emitted_through=";
 
-    /// The commit metadata string carrying the emitted-through time.
-    pub fn metadata(&self) -> String {
-        match self.emitted_through_ms {
+    /// The commit metadata string of one stream (`kind`): the emitted-through
+    /// time, then the stream's replay marks when the checkpoint has them
+    /// (`onair:v1:emitted_through=T;accepted=A;processed=P`).
+    pub fn metadata(&self, kind: InputKind) -> String {
+        let mut m = match self.emitted_through_ms {
             Some(t) => format!("{}{t}", Self::PREFIX),
             // Written anyway, so a resume can tell "nothing emitted yet" from
             // a broker that drops commit metadata.
             None => format!("{}none", Self::PREFIX),
+        };
+        if let Some(marks) = &self.marks {
+            let k = kind.index();
+            if let (Some(Some(a)), Some(Some(p))) = (marks.accepted.get(k), marks.processed.get(k))
+            {
+                m.push_str(&format!(";accepted={a};processed={p}"));
+            }
         }
+        m
     }
 
     /// Reads the emitted-through time back from commit metadata.
     pub fn parse_metadata(metadata: &str) -> Option<i64> {
-        metadata.strip_prefix(Self::PREFIX)?.parse().ok()
+        Self::parse_committed(metadata)?.emitted_through_ms
+    }
+
+    /// Reads everything a stream's commit metadata says (None: not onair's).
+    pub fn parse_committed(metadata: &str) -> Option<Committed> {
+        let rest = metadata.strip_prefix(Self::PREFIX)?;
+        let mut parts = rest.split(';');
+        let mut c = Committed {
+            emitted_through_ms: parts.next().and_then(|t| t.parse().ok()),
+            ..Committed::default()
+        };
+        for part in parts {
+            match part.split_once('=') {
+                Some(("accepted", v)) => c.accepted = v.parse().ok(),
+                Some(("processed", v)) => c.processed = v.parse().ok(),
+                _ => {}
+            }
+        }
+        Some(c)
     }
 }
 
@@ -102,21 +178,51 @@ mod tests {
 
     #[test]
     fn metadata_roundtrip() {
-        let cp = Checkpoint {
+        let c = InputKind::Comments;
+        let mut cp = Checkpoint {
             next_offsets: [None; InputKind::COUNT],
             emitted_through_ms: Some(1_767_225_601_000),
+            marks: None,
         };
         assert_eq!(
-            Checkpoint::parse_metadata(&cp.metadata()),
+            Checkpoint::parse_metadata(&cp.metadata(c)),
             Some(1_767_225_601_000)
         );
         assert_eq!(Checkpoint::parse_metadata(""), None);
         let none = Checkpoint {
             next_offsets: [None; InputKind::COUNT],
             emitted_through_ms: None,
+            marks: None,
         };
-        assert!(none.metadata().starts_with(Checkpoint::PREFIX));
-        assert_eq!(Checkpoint::parse_metadata(&none.metadata()), None);
+        assert!(none.metadata(c).starts_with(Checkpoint::PREFIX));
+        assert_eq!(Checkpoint::parse_metadata(&none.metadata(c)), None);
         assert_eq!(Checkpoint::parse_metadata("something else"), None);
+        // The marks travel per stream, after the time.
+        let mut marks = ReplayMarks::default();
+        marks.accepted[c.index()] = Some(40);
+        marks.processed[c.index()] = Some(31);
+        cp.marks = Some(marks);
+        let m = cp.metadata(c);
+        assert_eq!(Checkpoint::parse_metadata(&m), Some(1_767_225_601_000));
+        assert_eq!(
+            Checkpoint::parse_committed(&m),
+            Some(Committed {
+                emitted_through_ms: Some(1_767_225_601_000),
+                accepted: Some(40),
+                processed: Some(31),
+            })
+        );
+        // A stream without marks writes the time alone.
+        assert_eq!(
+            cp.metadata(InputKind::Video),
+            "onair:v1:emitted_through=1767225601000"
+        );
+        let pos = |offset| Position { kind: c, offset };
+        assert!(marks.accepted_before(pos(39)) && !marks.accepted_before(pos(40)));
+        assert!(marks.processed_before(pos(30)) && !marks.processed_before(pos(31)));
+        assert!(!marks.processed_before(Position {
+            kind: InputKind::Video,
+            offset: 0
+        }));
     }
 }

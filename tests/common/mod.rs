@@ -149,7 +149,7 @@ impl Proc {
         let child = Command::new(env!("CARGO_BIN_EXE_onair"))
             .args([
                 "--log",
-                "info,librdkafka=warn,onair::runtime::partition=debug",
+                "info,librdkafka=warn,onair::runtime::partition=debug,onair::runtime::transactions=debug",
                 "run",
             ])
             .arg(pipeline)

@@ -96,6 +96,27 @@ pub fn read_stats_at(
     })
 }
 
+/// [`read_stats_at`] with a new consumer for every attempt (each reads from
+/// the start) until `expected` distinct records are there: how to read
+/// transactional outputs on noida-db, whose read_committed consumers stop
+/// seeing new transactions of a producer once one of its transactions was
+/// fenced open (docs/OPERATIONS.md, "Exactly-once").
+pub fn read_stats_fresh_at(
+    brokers: &str,
+    topics: &Topics,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Rec> {
+    let until = std::time::Instant::now() + timeout;
+    loop {
+        let recs = read_stats_at(brokers, topics, expected, Duration::from_secs(10));
+        let distinct: HashSet<&[u8]> = recs.iter().map(|r| r.payload.as_slice()).collect();
+        if distinct.len() >= expected || std::time::Instant::now() >= until {
+            return recs;
+        }
+    }
+}
+
 /// How to judge duplicates after a restart or hand-over, from what the
 /// broker kept of the engine's commits.
 pub fn replays_expected_at(brokers: &str, topics: &Topics) -> Replays {
