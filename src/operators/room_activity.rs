@@ -253,6 +253,14 @@ impl Operator for RoomActivity {
                     audio_samples: acc.audio_frames,
                     loudness_dbfs: loudness_dbfs(acc.audio_sum_sq, acc.audio_values),
                 };
+                // The tick counts the viewers inside at its end: until it
+                // is written, their ENTERs stay needed even if they leave
+                // in a later tick (a replay from past an ENTER would count
+                // one viewer fewer).
+                let mut depends_on = acc.holds;
+                for pos in room.present.values() {
+                    depends_on.hold(*pos);
+                }
                 ctx.emit(Output {
                     topic: OutputTopic::RoomStats,
                     key: room_id.as_bytes().to_vec(),
@@ -261,7 +269,7 @@ impl Operator for RoomActivity {
                     headers: Vec::new(),
                     model_version: None,
                     tick_end_ms: Some(tick_start_ms + tick_ms),
-                    depends_on: acc.holds,
+                    depends_on,
                 });
             }
             !(room.open.is_empty() && room.present.is_empty())
@@ -394,6 +402,11 @@ mod tests {
             (1, 10, 1)
         );
         assert_eq!(s[2].comments, 0);
+        // Each tick depends on the ENTER of every viewer it counts, also
+        // where the tick itself had no action (a leaves later: a replay must
+        // not start past a's ENTER while the tick is unwritten).
+        assert_eq!(out[2].depends_on.get(InputKind::Actions), Some(0));
+        assert_eq!(out[2].depends_on.get(InputKind::Comments), None);
         assert_eq!(
             s[0].id,
             deterministic_id(&[b"room-stats", b"r", &T0.to_le_bytes()])
