@@ -378,18 +378,10 @@ impl PartitionTask {
                 Some(c) => Ok(c),
                 None => self.control.try_recv(),
             };
-            match control {
-                Ok(Control::Drain { reply }) => {
-                    self.drain(reply).await;
+            if let Ok(c) = control {
+                if !self.on_control(c).await {
                     break;
                 }
-                Ok(Control::Barrier { reply, resume }) => {
-                    if !self.barrier(reply, resume).await {
-                        break;
-                    }
-                }
-                Ok(Control::Finish { until_ms }) => self.finish(until_ms).await,
-                Err(_) => {}
             }
             self.poll_ops().await;
             self.mark_congestion();
@@ -426,20 +418,13 @@ impl PartitionTask {
                 () = notified(ready.as_deref()), if can_pull && !pushed => {}
                 () = notified(media_done.as_deref()) => {}
                 ctl = self.control.recv() => match ctl {
-                    Some(Control::Drain { reply }) => {
-                        self.drain(reply).await;
-                        break;
-                    }
-                    Some(Control::Barrier { reply, resume }) => {
-                        if !self.barrier(reply, resume).await {
+                    Some(c) => {
+                        if !self.on_control(c).await {
                             break;
                         }
                     }
-                    Some(Control::Finish { until_ms }) => self.finish(until_ms).await,
-                    None => {
-                        // The source is gone without a drain: stop.
-                        break;
-                    }
+                    // The source is gone without a drain: stop.
+                    None => break,
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
@@ -1238,6 +1223,21 @@ impl PartitionTask {
         self.publish_checkpoint();
     }
 
+    /// Handles one control message. False: the task ends.
+    async fn on_control(&mut self, control: Control) -> bool {
+        match control {
+            Control::Drain { reply } => {
+                self.drain(reply).await;
+                false
+            }
+            Control::Barrier { reply, resume } => self.barrier(reply, resume).await,
+            Control::Finish { until_ms } => {
+                self.finish(until_ms).await;
+                true
+            }
+        }
+    }
+
     /// A transaction commit (see [`Control::Barrier`]). False: the
     /// transaction was aborted and the task must end.
     async fn barrier(
@@ -1255,11 +1255,7 @@ impl PartitionTask {
                 "commit barrier: outputs still unacknowledged; the checkpoint does not cover them"
             );
         }
-        let cp = self.checkpoint();
-        if let Ok(mut slot) = self.shared.checkpoint.lock() {
-            *slot = Some(cp.clone());
-        }
-        if reply.try_send(cp).is_err() {
+        if reply.try_send(self.checkpoint()).is_err() {
             return true;
         }
         match resume.await {
