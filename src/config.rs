@@ -329,6 +329,11 @@ pub struct TopicsConfig {
     /// count as the user stage's inputs), read back when a partition is
     /// assigned. One per deployment (consumer group).
     pub user_state: String,
+    /// Internal: the room stage's state changelog (compacted, same partition
+    /// count as the room-keyed inputs): each room's lasting state, written
+    /// every `runtime.snapshot_interval_ms` and read back when a partition
+    /// is assigned. One per deployment (consumer group).
+    pub room_state: String,
     /// Partitions of the room-keyed topics when onair creates them.
     pub partitions: i32,
     /// Whether `run` creates missing topics at start (admin API).
@@ -355,6 +360,7 @@ impl Default for TopicsConfig {
             gift_predictions: "gift-predictions".into(),
             user_sequences: "user-sequences".into(),
             user_state: "onair-users-changelog".into(),
+            room_state: "onair-rooms-changelog".into(),
             partitions: 4,
             create: true,
         }
@@ -455,6 +461,13 @@ pub struct RuntimeConfig {
     pub max_in_flight: usize,
     /// Deadline (ms) to drain a revoked partition or shut down.
     pub drain_timeout_ms: u64,
+    /// How often (wall ms) a room-stage partition writes the lasting state
+    /// of its changed rooms to `[kafka.topics] room_state`, so that offsets
+    /// can be committed past the records that state came from (Kafka only;
+    /// also when a partition is drained). The task waits for its outputs in
+    /// flight first. 0: never; a restart rebuilds the state by replaying
+    /// every record it still depends on.
+    pub snapshot_interval_ms: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -467,6 +480,7 @@ impl Default for RuntimeConfig {
             queue_capacity: 4096,
             max_in_flight: 10_000,
             drain_timeout_ms: 5000,
+            snapshot_interval_ms: 5000,
         }
     }
 }
@@ -1166,6 +1180,11 @@ impl PipelineConfig {
             "runtime.drain_timeout_ms",
             r.drain_timeout_ms < u64::from(self.kafka.session_timeout_ms),
             "must be shorter than kafka.session_timeout_ms, or the group evicts the member while it drains",
+        );
+        bad(
+            "runtime.snapshot_interval_ms",
+            r.snapshot_interval_ms == 0 || r.snapshot_interval_ms >= 100,
+            "must be 0 (off) or at least 100",
         );
         let k = &self.kafka;
         let kafka_used = self.source.kind == SourceKind::Kafka || self.sink.kind == SinkKind::Kafka;

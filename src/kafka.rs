@@ -387,6 +387,11 @@ pub fn pipeline_topics(cfg: &KafkaConfig) -> Vec<TopicSpec<'_>> {
             configs: vec![("cleanup.policy", "compact"), ("max.message.bytes", big)],
         },
         TopicSpec {
+            name: &t.room_state,
+            partitions: p,
+            configs: vec![("cleanup.policy", "compact"), ("max.message.bytes", big)],
+        },
+        TopicSpec {
             name: &t.dead_letters,
             partitions: p,
             configs: vec![("max.message.bytes", big)],

@@ -138,11 +138,13 @@ pub const PRODUCER_RECOVERIES: &str = "onair_producer_recoveries_total";
 pub const TRANSACTIONS: &str = "onair_transactions_total";
 
 /// Records a partition's restore from its changelog.
-pub fn state_restored(partition: i32, seconds: f64, records: u64, bytes: u64) {
+pub fn state_restored(stage: &'static str, partition: i32, seconds: f64, records: u64, bytes: u64) {
     let p = partition.to_string();
-    metrics::histogram!(STATE_RESTORE_SECONDS, "partition" => p.clone()).record(seconds);
-    metrics::counter!(STATE_RESTORED_RECORDS, "partition" => p.clone()).increment(records);
-    metrics::counter!(STATE_RESTORED_BYTES, "partition" => p).increment(bytes);
+    metrics::histogram!(STATE_RESTORE_SECONDS, "stage" => stage, "partition" => p.clone())
+        .record(seconds);
+    metrics::counter!(STATE_RESTORED_RECORDS, "stage" => stage, "partition" => p.clone())
+        .increment(records);
+    metrics::counter!(STATE_RESTORED_BYTES, "stage" => stage, "partition" => p).increment(bytes);
 }
 
 /// The stages every partition task runs around its operators.

@@ -247,14 +247,15 @@ fn sent(p: &Proc, name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Sum of a metric over every label set.
-fn total(p: &Proc, name: &str) -> f64 {
+/// User-stage changelog records the engine read back.
+fn restored_users(p: &Proc) -> f64 {
     p.scrape()
-        .map(|m| {
-            m.lines()
-                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
+        .and_then(|m| {
+            common::metric(
+                &m,
+                "onair_state_restored_records_total",
+                &[("stage", "users")],
+            )
         })
         .unwrap_or(0.0)
 }
@@ -287,7 +288,7 @@ fn sequences_survive_sigkill_and_restart() {
     sim.simulate_ok(Duration::from_secs(300));
     let want = expected(&topics);
     assert_sequences(&topics, &want, &second);
-    let restored = total(&second, "onair_state_restored_records_total");
+    let restored = restored_users(&second);
     assert!(restored > 0.0, "the restarted engine read no changelog");
     let too_late = sent(
         &second,
@@ -329,7 +330,7 @@ fn sequences_move_with_their_partitions() {
     sim.simulate_ok(Duration::from_secs(300));
     let want = expected(&topics);
     assert_sequences(&topics, &want, &a);
-    let restored = total(&a, "onair_state_restored_records_total");
+    let restored = restored_users(&a);
     assert!(
         restored > 0.0,
         "member a restored nothing of b's partitions\n{}",

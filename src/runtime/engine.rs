@@ -137,6 +137,11 @@ impl Engine {
             tracing::error!(partition, error = %e, "an operator could not be built; the partition runs without it");
             operators::build(config, &Services::default()).unwrap_or_default()
         });
+        // Read from and written to Kafka: the rooms' lasting state goes to
+        // the room changelog.
+        let changelog = reader.is_some()
+            && config.sink.kind == crate::config::SinkKind::Kafka
+            && config.runtime.snapshot_interval_ms > 0;
         PartitionSpec {
             partition,
             kinds: &InputKind::ROOM,
@@ -153,7 +158,14 @@ impl Engine {
             checkpoint_every: Duration::from_millis(
                 u64::from(config.kafka.commit_interval_ms).max(50),
             ),
-            changelog: None,
+            changelog: changelog.then(|| {
+                Box::new(crate::sources::changelog::KafkaChangelog::new(
+                    &config.kafka,
+                    &config.kafka.topics.room_state,
+                )) as Box<dyn crate::runtime::ChangelogReader>
+            }),
+            snapshot_every: changelog
+                .then(|| Duration::from_millis(config.runtime.snapshot_interval_ms)),
         }
     }
 
@@ -190,6 +202,8 @@ impl Engine {
                     &config.kafka.topics.user_state,
                 )) as Box<dyn crate::runtime::ChangelogReader>
             }),
+            // Its operators write their changelog at their own ticks.
+            snapshot_every: None,
         }
     }
 

@@ -86,6 +86,12 @@ pub enum OutputTopic {
         /// The partition.
         partition: i32,
     },
+    /// The room stage's state changelog (internal, compacted), keyed and
+    /// partitioned as `UserChangelog` (see [`Operator::snapshot`]).
+    RoomChangelog {
+        /// The partition.
+        partition: i32,
+    },
 }
 
 impl OutputTopic {
@@ -104,6 +110,7 @@ impl OutputTopic {
             OutputTopic::GiftPredictions => "gift_predictions",
             OutputTopic::UserSequences => "user_sequences",
             OutputTopic::UserChangelog { .. } => "user_changelog",
+            OutputTopic::RoomChangelog { .. } => "room_changelog",
         }
     }
 }
@@ -364,6 +371,17 @@ pub trait Operator: Send {
 
     /// The partition is leaving this instance (or the process stops): drop state.
     fn on_revoke(&mut self) {}
+
+    /// Write the state that changed since the last call to the changelog
+    /// (outputs to [`OutputTopic::RoomChangelog`], an empty payload deleting
+    /// a key), each record taken at `cut` (see [`crate::state::Cut`]): every
+    /// output emitted so far is acknowledged. Called every
+    /// `runtime.snapshot_interval_ms` and when the partition is drained, by
+    /// stages that keep a changelog this way; once an operator has written
+    /// (or restored) a record, it need no longer hold the positions the
+    /// record covers. Operators whose state is not worth a record keep
+    /// holding their positions and leave this alone.
+    fn snapshot(&mut self, _cut: &crate::state::Cut, _ctx: &mut Context<'_>) {}
 
     /// One record of the stage's changelog, read back when the partition is
     /// assigned, before any input: `key` is what the operator wrote after

@@ -147,6 +147,9 @@ pub struct PartitionTask {
     cfg: RuntimeConfig,
     /// The stage's changelog, read once at start.
     changelog: Option<Box<dyn ChangelogReader>>,
+    /// How often operators are asked for changelog records (see
+    /// [`Operator::snapshot`]; None: never).
+    snapshot_every: Option<Duration>,
     limits: Limits,
     ops: Vec<Box<dyn Operator>>,
     op_stages: Vec<Stage>,
@@ -251,14 +254,17 @@ pub struct PartitionSpec {
     /// Where the stage's changelog is read back from before the first
     /// record (None: the stage keeps no changelog).
     pub changelog: Option<Box<dyn ChangelogReader>>,
+    /// How often the operators write their changed state to the changelog
+    /// (see [`Operator::snapshot`]; None: the stage does not ask them to).
+    pub snapshot_every: Option<Duration>,
 }
 
 /// Reads one partition of a stage's changelog back (see
 /// [`Operator::restore`]).
 pub trait ChangelogReader: Send {
     /// Calls `f` with the key and value of every record of the changelog's
-    /// `partition`, oldest first, up to its end when called (tombstones
-    /// skipped). Blocking.
+    /// `partition`, oldest first, up to its end when called (a tombstone
+    /// with an empty value). Blocking.
     fn read(
         &mut self,
         partition: i32,
@@ -345,6 +351,7 @@ impl PartitionTask {
             rooms_gauge: m::rooms_active(partition),
             cfg: spec.runtime,
             changelog: spec.changelog,
+            snapshot_every: spec.snapshot_every,
         };
         let join = tokio::spawn(task.run());
         PartitionHandle {
@@ -370,6 +377,7 @@ impl PartitionTask {
             return;
         }
         let mut next_checkpoint = Instant::now();
+        let mut next_snapshot = self.snapshot_every.map(|every| Instant::now() + every);
         loop {
             while let Ok(ack) = self.ack_rx.try_recv() {
                 self.on_ack(ack);
@@ -392,6 +400,12 @@ impl PartitionTask {
             if now >= next_checkpoint {
                 self.publish_checkpoint();
                 next_checkpoint = now + self.checkpoint_every;
+            }
+            if let (Some(at), Some(every)) = (next_snapshot, self.snapshot_every) {
+                if now >= at {
+                    self.snapshot().await;
+                    next_snapshot = Some(Instant::now() + every);
+                }
             }
             if pulled + processed > 0 {
                 tokio::task::yield_now().await;
@@ -791,18 +805,33 @@ impl PartitionTask {
         let started = Instant::now();
         let mut restoring = tokio::task::spawn_blocking(move || {
             let (mut records, mut bytes) = (0u64, 0u64);
+            // The last record per key, in the order of those last records
+            // (a topic not compacted yet holds older ones; a tombstone
+            // deletes the key).
+            let mut order: std::collections::BTreeMap<u64, (Vec<u8>, Vec<u8>)> = Default::default();
+            let mut latest: std::collections::HashMap<Vec<u8>, u64> = Default::default();
             let result = reader.read(partition, &mut |key, value| {
+                if let Some(seq) = latest.remove(key) {
+                    order.remove(&seq);
+                }
+                if !value.is_empty() {
+                    latest.insert(key.to_vec(), records);
+                    order.insert(records, (key.to_vec(), value.to_vec()));
+                }
                 records += 1;
                 bytes += (key.len() + value.len()) as u64;
-                let Some((name, key)) = super::split_changelog_key(key) else {
-                    return;
+            });
+            drop(latest);
+            for (key, value) in order.into_values() {
+                let Some((name, key)) = super::split_changelog_key(&key) else {
+                    continue;
                 };
                 for op in ops.iter_mut() {
                     if op.name().as_bytes() == name {
-                        op.restore(key, value, through);
+                        op.restore(key, &value, through);
                     }
                 }
-            });
+            }
             (ops, reader, result, records, bytes)
         });
         // Commit rounds go on meanwhile: the task has sent nothing yet, so
@@ -834,7 +863,12 @@ impl PartitionTask {
         self.ops = ops;
         self.changelog = Some(reader);
         let secs = started.elapsed().as_secs_f64();
-        m::state_restored(partition, secs, records, bytes);
+        let stage = if self.kinds == InputKind::USER.as_slice() {
+            "users"
+        } else {
+            "rooms"
+        };
+        m::state_restored(stage, partition, secs, records, bytes);
         match result {
             Ok(()) => info!(
                 partition,
@@ -1273,6 +1307,10 @@ impl PartitionTask {
     /// Revocation or shutdown: wait for outputs in flight (up to the deadline),
     /// then hand back the final checkpoint.
     async fn drain(&mut self, reply: std::sync::mpsc::SyncSender<Checkpoint>) {
+        if self.snapshot_every.is_some() {
+            // The next owner restores the state rather than replaying it.
+            self.snapshot().await;
+        }
         if !self.wait_for_acks().await {
             warn!(
                 partition = self.partition,
@@ -1287,6 +1325,42 @@ impl PartitionTask {
 }
 
 impl PartitionTask {
+    /// Asks every operator for changelog records of its changed state (see
+    /// [`Operator::snapshot`]), once every output sent is acknowledged: the
+    /// records are taken at a [`crate::state::Cut`]. Waits for the
+    /// acknowledgements (up to the drain deadline) and, when they do not
+    /// come, takes none this time.
+    async fn snapshot(&mut self) {
+        if !self.outputs.is_empty() {
+            self.flush_outputs(None).await;
+        }
+        if !self.wait_for_acks().await {
+            debug!(
+                partition = self.partition,
+                in_flight = self.in_flight,
+                "outputs still in flight: no changelog records this time"
+            );
+            return;
+        }
+        let cut = crate::state::Cut {
+            processed: self.processed_next,
+            next_tick_ms: self.next_tick,
+        };
+        {
+            let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
+                .with_wake(&self.op_wake);
+            each_operator(&mut self.ops, &mut ctx, |op, ctx, _| op.snapshot(&cut, ctx));
+        }
+        if !self.outputs.is_empty() {
+            trace!(
+                partition = self.partition,
+                records = self.outputs.len(),
+                "changelog records"
+            );
+            self.flush_outputs(None).await;
+        }
+    }
+
     /// Takes acknowledgements until none is outstanding (true) or
     /// `drain_timeout_ms` passes (false).
     async fn wait_for_acks(&mut self) -> bool {

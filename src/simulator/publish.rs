@@ -164,7 +164,7 @@ pub async fn publish(
                         value: Some("application/json"),
                     });
                 }
-                match producer.send(topic, None, key, &payload, headers, ()) {
+                match producer.send(topic, None, key, Some(&payload), headers, ()) {
                     Ok(()) => break,
                     Err(Refused::QueueFull(())) => {
                         tokio::time::sleep(Duration::from_millis(5)).await;

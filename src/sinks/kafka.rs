@@ -42,6 +42,7 @@ fn topic_name(t: &TopicsConfig, o: OutputTopic) -> &str {
         OutputTopic::GiftPredictions => &t.gift_predictions,
         OutputTopic::UserSequences => &t.user_sequences,
         OutputTopic::UserChangelog { .. } => &t.user_state,
+        OutputTopic::RoomChangelog { .. } => &t.room_state,
     }
 }
 
@@ -162,11 +163,16 @@ impl Sink for KafkaSink {
             });
         }
         let partition = match out.topic {
-            OutputTopic::UserChangelog { partition } => Some(partition),
+            OutputTopic::UserChangelog { partition } | OutputTopic::RoomChangelog { partition } => {
+                Some(partition)
+            }
             _ => None,
         };
         let topic = topic_name(&self.topics, out.topic);
-        let (key, payload, token) = (&out.key, &out.payload, (ack, out.topic));
+        // An empty changelog record deletes its key: a tombstone.
+        let tombstone = out.payload.is_empty() && partition.is_some();
+        let payload = (!tombstone).then_some(&out.payload[..]);
+        let (key, token) = (&out.key, (ack, out.topic));
         let sent = match &self.producer {
             Producer::Idempotent(p) => p.send(topic, partition, key, payload, headers, token),
             Producer::Transactional(p) => p.send(topic, partition, key, payload, headers, token),

@@ -199,13 +199,14 @@ impl<T: Send + Sync + 'static> RecoveringProducer<T> {
         })
     }
 
-    /// Queues one record (to `partition`, or by its key when None).
+    /// Queues one record (to `partition`, or by its key when None; a None
+    /// payload is a tombstone).
     pub fn send(
         &self,
         topic: &str,
         partition: Option<i32>,
         key: &[u8],
-        payload: &[u8],
+        payload: Option<&[u8]>,
         headers: OwnedHeaders,
         token: T,
     ) -> Result<(), Refused<T>> {
@@ -220,8 +221,10 @@ impl<T: Send + Sync + 'static> RecoveringProducer<T> {
         });
         let mut record = BaseRecord::with_opaque_to(topic, opaque)
             .key(key)
-            .payload(payload)
             .headers(headers);
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
         if let Some(p) = partition {
             record = record.partition(p);
         }
@@ -241,7 +244,7 @@ impl<T: Send + Sync + 'static> RecoveringProducer<T> {
                     topic: topic.to_string(),
                     partition,
                     key: Some(key.to_vec()),
-                    payload: Some(payload.to_vec()),
+                    payload: payload.map(<[u8]>::to_vec),
                     headers,
                     token: record.delivery_opaque.token,
                 };

@@ -111,7 +111,7 @@ impl<T: Send + Sync + 'static> TransactionalProducer<T> {
         topic: &str,
         partition: Option<i32>,
         key: &[u8],
-        payload: &[u8],
+        payload: Option<&[u8]>,
         headers: OwnedHeaders,
         token: T,
     ) -> Result<(), Refused<T>> {
@@ -120,8 +120,10 @@ impl<T: Send + Sync + 'static> TransactionalProducer<T> {
         };
         let mut record = BaseRecord::with_opaque_to(topic, Box::new(token))
             .key(key)
-            .payload(payload)
             .headers(headers);
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
         if let Some(p) = partition {
             record = record.partition(p);
         }

@@ -14,7 +14,7 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
-use crate::config::KafkaConfig;
+use crate::config::{Guarantee, KafkaConfig};
 use crate::kafka::{client_config, KafkaFailure};
 use crate::runtime::ChangelogReader;
 
@@ -49,6 +49,10 @@ impl ChangelogReader for KafkaChangelog {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "50");
+        if self.cfg.guarantee == Guarantee::ExactlyOnce {
+            // Records of aborted transactions are not state.
+            c.set("isolation.level", "read_committed");
+        }
         let consumer: BaseConsumer = c.create().map_err(|source| KafkaFailure::Client {
             what: "changelog consumer",
             source,
@@ -80,8 +84,9 @@ impl ChangelogReader for KafkaChangelog {
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     progress = Instant::now();
-                    if let (Some(k), Some(v)) = (m.key(), m.payload()) {
-                        f(k, v);
+                    if let Some(k) = m.key() {
+                        // A tombstone comes as an empty value.
+                        f(k, m.payload().unwrap_or_default());
                     }
                     if m.offset() + 1 >= high {
                         return Ok(());

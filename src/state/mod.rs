@@ -2,8 +2,8 @@
 //! ([`Holds`]) and how far a partition has safely got ([`Checkpoint`], with
 //! its encoding in Kafka commit metadata). Operators keep their own per-room
 //! tables; this module is the shared vocabulary that makes at-least-once
-//! commits and replays exact, and the place where changelog snapshots of
-//! operator state will be described.
+//! commits and replays exact, and the [`Cut`] that changelog records of
+//! operator state are taken at.
 //!
 //! Not for: storage engines or I/O.
 
@@ -87,6 +87,58 @@ impl ReplayMarks {
             .copied()
             .flatten()
             .is_some_and(|n| pos.offset < n)
+    }
+}
+
+/// Where a partition task stood when it asked its operators for changelog
+/// records ([`crate::runtime::Operator::snapshot`]): every record before
+/// `processed` (per stream) had been handed to the operators, every tick
+/// starting before `next_tick_ms` had closed, and every output made so far
+/// was acknowledged. A record taken at a cut, restored, plus the records the
+/// cut does not cover, is the state the task had: a replay skips what the
+/// cut covers and writes nothing for the ticks it closed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cut {
+    /// Per stream (index = `InputKind::index`), the offset after the last
+    /// record processed.
+    pub processed: [Option<i64>; InputKind::COUNT],
+    /// Start of the first tick still open (None: none closed yet).
+    pub next_tick_ms: Option<i64>,
+}
+
+impl Cut {
+    /// Whether the record at `pos` was processed before the cut.
+    pub fn covers(&self, pos: Position) -> bool {
+        self.processed
+            .get(pos.kind.index())
+            .copied()
+            .flatten()
+            .is_some_and(|n| pos.offset < n)
+    }
+
+    /// Whether the tick starting at `tick_start_ms` had closed at the cut.
+    pub fn closed(&self, tick_start_ms: i64) -> bool {
+        self.next_tick_ms.is_some_and(|n| tick_start_ms < n)
+    }
+
+    /// The changelog form.
+    pub fn to_record(&self) -> crate::schema::StateCut {
+        crate::schema::StateCut {
+            processed: self.processed.iter().map(|p| p.unwrap_or(-1)).collect(),
+            next_tick_ms: self.next_tick_ms.unwrap_or(i64::MIN),
+        }
+    }
+
+    /// Reads the changelog form back (streams it does not name: none).
+    pub fn from_record(r: &crate::schema::StateCut) -> Self {
+        let mut processed = [None; InputKind::COUNT];
+        for (slot, &p) in processed.iter_mut().zip(&r.processed) {
+            *slot = (p >= 0).then_some(p);
+        }
+        Cut {
+            processed,
+            next_tick_ms: (r.next_tick_ms != i64::MIN).then_some(r.next_tick_ms),
+        }
     }
 }
 

@@ -88,6 +88,7 @@ room_embeddings = "{prefix}-room-embeddings"
 gift_predictions = "{prefix}-gift-predictions"
 user_sequences = "{prefix}-user-sequences"
 user_state = "{prefix}-user-state"
+room_state = "{prefix}-room-state"
 partitions = 4
 [runtime]
 idle_timeout_ms = 2000
@@ -294,8 +295,14 @@ pub fn broker_kept_commit_metadata(topics: &Topics) -> bool {
     broker_kept_commit_metadata_at(&brokers(), topics)
 }
 
-/// [`broker_kept_commit_metadata`] on the broker at `brokers`.
-pub fn broker_kept_commit_metadata_at(brokers: &str, topics: &Topics) -> bool {
+/// The offsets the engine's group (`{prefix}-group`) committed for the 4
+/// partitions of `stream`, with the consumer that asked (None: the broker
+/// did not answer).
+pub fn committed_at(
+    brokers: &str,
+    topics: &Topics,
+    stream: &str,
+) -> (BaseConsumer, Option<rdkafka::TopicPartitionList>) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{}-group", topics.prefix))
@@ -304,11 +311,18 @@ pub fn broker_kept_commit_metadata_at(brokers: &str, topics: &Topics) -> bool {
         .expect("probe consumer");
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..4 {
-        tpl.add_partition(&topics.name("comments"), p);
+        tpl.add_partition(&topics.name(stream), p);
     }
     let committed = consumer
         .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed offsets");
+        .ok();
+    (consumer, committed)
+}
+
+/// [`broker_kept_commit_metadata`] on the broker at `brokers`.
+pub fn broker_kept_commit_metadata_at(brokers: &str, topics: &Topics) -> bool {
+    let (_, committed) = committed_at(brokers, topics, "comments");
+    let committed = committed.expect("committed offsets");
     let elements = committed.elements();
     assert!(
         elements
