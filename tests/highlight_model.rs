@@ -287,3 +287,141 @@ fn a_room_ahead_of_the_model_congests_the_partition_until_it_catches_up() {
         10
     );
 }
+
+/// The shipped model with its thresholds lowered (a copy of its version
+/// with `enter` 0.225, `exit` 0.221), so that the synthetic ticks of
+/// [`features`] (seed 7), which score 0.19 to 0.24, open a highlight at
+/// tick 54, write it open at 58 and closed at 73.
+fn low_threshold_service() -> Arc<HighlightService> {
+    let dir = std::env::temp_dir().join(format!("onair-highlight-{}", std::process::id()));
+    let version = dir.join("1");
+    std::fs::create_dir_all(&version).expect("model copy");
+    std::fs::copy(
+        latest_version().join("model.onnx"),
+        version.join("model.onnx"),
+    )
+    .expect("copy the model");
+    let meta = std::fs::read_to_string(latest_version().join("highlight.json")).expect("meta");
+    let mut meta: serde_json::Value = serde_json::from_str(&meta).expect("highlight.json");
+    meta["threshold"]["enter"] = 0.225.into();
+    meta["threshold"]["exit"] = 0.221.into();
+    std::fs::write(version.join("highlight.json"), meta.to_string()).expect("write meta");
+    let cfg = HighlightConfig {
+        enabled: true,
+        model: dir.display().to_string(),
+        reload_interval_ms: 0,
+        ..HighlightConfig::default()
+    };
+    Arc::new(HighlightService::start(Arc::new(cfg)).expect("highlight service"))
+}
+
+/// Feeds `records` to `op` as features notes, waiting for the model's
+/// answer after each unless `hold` says to leave it (ticks then wait in the
+/// room's queue).
+fn feed(op: &mut Highlight, records: &[RoomFeatures], outputs: &mut Vec<Output>, hold: bool) {
+    for r in records {
+        op.on_note(
+            &Note::Features {
+                record: Arc::new(r.clone()),
+                holds: Holds::default(),
+            },
+            &mut Context::new(outputs, 0, 1000),
+        );
+        if !hold {
+            settle(op, outputs);
+        }
+    }
+}
+
+/// Waits until the operator has nothing with the model.
+fn settle(op: &mut Highlight, outputs: &mut Vec<Output>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while op.pending() > 0 {
+        assert!(Instant::now() < deadline, "the model never answered");
+        std::thread::sleep(Duration::from_millis(5));
+        let mut ctx = Context::new(outputs, 0, 1000);
+        op.poll(&mut ctx);
+    }
+}
+
+/// The scores and events among `outputs`, by id.
+fn written(outputs: &[Output]) -> std::collections::BTreeMap<String, Vec<u8>> {
+    outputs
+        .iter()
+        .filter(|o| {
+            matches!(
+                o.topic,
+                OutputTopic::HighlightScores | OutputTopic::Highlights
+            )
+        })
+        // An event's open and closed records share the id; the header tells them apart.
+        .map(|o| (format!("{}/{:?}", o.id, o.headers), o.payload.clone()))
+        .collect()
+}
+
+/// Highlight state on the changelog: a room's state taken while ticks still
+/// wait for the model, restored into a new operator and fed the features
+/// again from ten ticks before, makes exactly the scores and events (same
+/// ids, same bytes) the uninterrupted operator made after the snapshot.
+#[test]
+fn a_restored_room_scores_exactly_as_the_uninterrupted_one() {
+    init();
+    let svc = low_threshold_service();
+    let records = features("room-d", 80, 7);
+    // The highlight opened at tick 54 is open, not yet written, when the
+    // record is taken.
+    let (at, from) = (60, 50);
+    let cut = onair::state::Cut {
+        processed: Default::default(),
+        next_tick_ms: Some(records[at].tick_start_ms),
+    };
+    let mut a = Highlight::new(svc.clone());
+    let mut out_a: Vec<Output> = Vec::new();
+    a.on_start(&mut Context::new(&mut out_a, 0, 1000));
+    feed(&mut a, &records[..at - 4], &mut out_a, false);
+    // Four ticks wait for the model when the record is taken.
+    feed(&mut a, &records[at - 4..at], &mut out_a, true);
+    assert!(a.pending() > 0);
+    let before = out_a.len();
+    a.snapshot(&cut, &mut Context::new(&mut out_a, 0, 1000));
+    let changelog: Vec<Output> = out_a.drain(before..).collect();
+    assert!(changelog
+        .iter()
+        .all(|o| o.topic == OutputTopic::RoomChangelog { partition: 0 }));
+    assert_eq!(changelog.len(), 2, "the room's record and the partition's");
+    let mut held = Holds::default();
+    a.holds(&mut held);
+    assert_eq!(held, Holds::default(), "nothing held once written");
+    feed(&mut a, &records[at..], &mut out_a, false);
+    settle(&mut a, &mut out_a);
+    let written_before = written(&out_a[..before]);
+    let after: std::collections::BTreeMap<_, _> = written(&out_a)
+        .into_iter()
+        .filter(|(id, _)| !written_before.contains_key(id))
+        .collect();
+
+    let mut b = Highlight::new(svc);
+    let mut out_b: Vec<Output> = Vec::new();
+    b.on_start(&mut Context::new(&mut out_b, 0, 1000));
+    for o in &changelog {
+        let (name, key) = onair::runtime::split_changelog_key(&o.key).expect("changelog key");
+        assert_eq!(name, b"highlight");
+        b.restore(key, &o.payload, None);
+    }
+    b.poll(&mut Context::new(&mut out_b, 0, 1000));
+    feed(&mut b, &records[from..], &mut out_b, false);
+    settle(&mut b, &mut out_b);
+    let replayed = written(&out_b);
+    let events = after.keys().filter(|k| !k.ends_with("/[]")).count();
+    eprintln!(
+        "{} scores and {events} event records after the snapshot",
+        after.len() - events
+    );
+    assert_eq!(
+        after.len() - events,
+        80 - (at - 4),
+        "scores after the snapshot"
+    );
+    assert_eq!(events, 2, "the highlight's open and closed records");
+    assert_eq!(replayed, after);
+}

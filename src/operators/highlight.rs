@@ -27,6 +27,17 @@
 //! The thresholds are global (calibrated on held-out rooms, see the model
 //! card): streamers seen for the first time have no history to calibrate on.
 //!
+//! # State on the changelog
+//! With the room changelog (Kafka; see [`Operator::snapshot`]) each room
+//! whose state changed gets a record of all of it: the ticks waiting for the
+//! model, the look-back states, the running mean, kept comments and
+//! transcripts and the open highlight. The look-back is what made a restart
+//! expensive without it: the last `history_ticks` ticks' inputs (video
+//! above all) stayed held, to be decoded, embedded and scored again. A
+//! restored room sends its waiting ticks to the model again and skips
+//! the replayed features of ticks it already has and the replayed comments
+//! its cut covers.
+//!
 //! Not for: labels or training (see `highlight_labels` and models/highlight/),
 //! or the features themselves.
 
@@ -46,7 +57,12 @@ use crate::models::highlight::{HighlightModel, StepInput, StepOutput, StepState,
 use crate::models::serving::{ModelSlot, Watch};
 use crate::models::ModelError;
 use crate::runtime::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
-use crate::schema::{deterministic_id, Event, HighlightEvent, HighlightScore, SCHEMA_VERSION};
+use crate::schema::{
+    deterministic_id, Event, HighlightComment, HighlightEvent, HighlightOpen, HighlightPendingTick,
+    HighlightRoomRecord, HighlightScore, HighlightStepState, HighlightTranscript, SCHEMA_VERSION,
+};
+use crate::state::room_log::{Logged, RoomLog};
+use crate::state::Cut;
 
 /// How far after the peak comments are taken for an event (chat lags).
 const COMMENTS_AFTER_PEAK_MS: i64 = 5_000;
@@ -161,6 +177,10 @@ struct Room {
     open: Option<Open>,
     /// Latest event time seen for the room.
     last_seen: i64,
+    log: Logged,
+    /// The newest tick the restored room had: replayed features up to it
+    /// are already in.
+    replayed_through: Option<i64>,
 }
 
 impl Room {
@@ -197,6 +217,8 @@ pub struct Highlight {
     state_bytes: Option<Gauge>,
     opened: Counter,
     closed: Counter,
+    /// The rooms' changelog: once on, the look-back is not held.
+    log: RoomLog,
 }
 
 impl Highlight {
@@ -218,6 +240,7 @@ impl Highlight {
             state_bytes: None,
             opened: counter!(HIGHLIGHT_EVENTS, "state" => "open"),
             closed: counter!(HIGHLIGHT_EVENTS, "state" => "closed"),
+            log: RoomLog::new("highlight"),
         }
     }
 
@@ -261,10 +284,9 @@ impl Highlight {
             Ok(()) => {
                 self.next_id += 1;
                 self.requests.insert(id, key.clone());
-                for (s, &x) in room.row_sum.iter_mut().zip(&next.x) {
-                    *s += f64::from(x);
-                }
-                room.rows += 1;
+                // The running mean takes the tick when it is scored, so the
+                // state a changelog record holds never counts a tick that
+                // is still with the model.
                 room.in_flight = true;
                 true
             }
@@ -299,6 +321,11 @@ impl Highlight {
             let Some(tick) = room.queue.pop_front() else {
                 continue;
             };
+            for (s, &x) in room.row_sum.iter_mut().zip(&tick.x) {
+                *s += f64::from(x);
+            }
+            room.rows += 1;
+            room.log.changed();
             if room.queue.len() == MAX_QUEUED_PER_ROOM {
                 self.backlogged -= 1;
             }
@@ -464,7 +491,7 @@ impl Highlight {
         }
     }
 
-    fn on_comment(&mut self, c: &crate::schema::Comment) {
+    fn on_comment(&mut self, c: &crate::schema::Comment, pos: Position) {
         let per_tick = self.svc.cfg.comments_per_tick;
         if per_tick == 0 || c.text.trim().is_empty() {
             return;
@@ -472,7 +499,9 @@ impl Highlight {
         let history = self.svc.cfg.history_ticks;
         let keep_ms = (history as i64 + 1) * self.tick_ms;
         let tick = c.event_time_ms.div_euclid(self.tick_ms) * self.tick_ms;
-        let room = self.room(&c.room_id);
+        let Some(room) = self.room_at(&c.room_id, pos) else {
+            return;
+        };
         room.last_seen = room.last_seen.max(c.event_time_ms);
         if room.comments_tick.0 != tick {
             room.comments_tick = (tick, 0);
@@ -496,7 +525,38 @@ impl Highlight {
     }
 
     fn room(&mut self, id: &str) -> &mut Room {
-        self.rooms.entry(Arc::from(id)).or_default()
+        let key = match self.rooms.get_key_value(id) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(id),
+        };
+        self.room_by_key(key)
+    }
+
+    /// The room (made when new), marked changed.
+    fn room_by_key(&mut self, key: Arc<str>) -> &mut Room {
+        let log = &mut self.log;
+        let room = self.rooms.entry(key).or_insert_with_key(|k| Room {
+            log: log.entry(k),
+            ..Room::default()
+        });
+        room.log.changed();
+        room
+    }
+
+    /// The room a record at `pos` is for, unless the room's restored state
+    /// has the record already (a replay); the position stays held until
+    /// the room's next changelog record.
+    fn room_at(&mut self, id: &str, pos: Position) -> Option<&mut Room> {
+        let covered = match self.rooms.get(id) {
+            Some(r) => r.log.covers(pos),
+            None => self.log.covers(pos),
+        };
+        if covered {
+            return None;
+        }
+        let room = self.room(id);
+        room.log.folded(pos);
+        Some(room)
     }
 
     /// Forgets rooms with nothing queued that have been quiet for longer
@@ -519,7 +579,9 @@ impl Highlight {
             if let Some(end) = end {
                 self.close(&key, end, ctx);
             }
-            self.rooms.remove(&key);
+            if let Some(room) = self.rooms.remove(&key) {
+                self.log.drop_room(&key, room.log);
+            }
         }
     }
 }
@@ -659,11 +721,13 @@ impl Operator for Highlight {
         self.state_bytes = Some(gauge!(HIGHLIGHT_STATE_BYTES, "partition" => p));
     }
 
-    fn on_record(&mut self, event: &Event, _pos: Position, _late: bool, _ctx: &mut Context<'_>) {
+    fn on_record(&mut self, event: &Event, pos: Position, _late: bool, _ctx: &mut Context<'_>) {
         match event {
-            Event::Comment(c) => self.on_comment(c),
+            Event::Comment(c) => self.on_comment(c, pos),
             Event::Video(v) if !v.streamer_id.is_empty() => {
-                let room = self.room(&v.room_id);
+                let Some(room) = self.room_at(&v.room_id, pos) else {
+                    return;
+                };
                 room.last_seen = room.last_seen.max(v.start_time_ms);
                 if room.streamer_id.is_empty() {
                     room.streamer_id.clone_from(&v.streamer_id);
@@ -681,7 +745,17 @@ impl Operator for Highlight {
                     Some((k, _)) => k.clone(),
                     None => Arc::from(record.room_id.as_str()),
                 };
-                let room = self.rooms.entry(key.clone()).or_default();
+                if self
+                    .rooms
+                    .get(&key)
+                    .and_then(|r| r.replayed_through)
+                    .is_some_and(|n| record.tick_start_ms <= n)
+                {
+                    // Replayed: the restored room has the tick.
+                    return;
+                }
+                let room = self.room_by_key(key.clone());
+                room.log.folded_all(holds);
                 room.last_seen = room.last_seen.max(record.tick_start_ms + tick_ms);
                 let newest = room.queue.back().map(|p| p.tick).or(room.last_scored);
                 if newest.is_some_and(|n| record.tick_start_ms <= n) {
@@ -749,6 +823,11 @@ impl Operator for Highlight {
     }
 
     fn holds(&self, holds: &mut Holds) {
+        if self.log.on() {
+            // Everything before each room's last record is in it.
+            self.log.holds(self.rooms.values().map(|r| &r.log), holds);
+            return;
+        }
         for room in self.rooms.values() {
             for p in &room.queue {
                 holds.merge(&p.holds);
@@ -771,6 +850,168 @@ impl Operator for Highlight {
         self.requests.clear();
         self.held.clear();
         self.backlogged = 0;
+        self.log.clear();
+    }
+
+    fn snapshot(&mut self, cut: &Cut, ctx: &mut Context<'_>) {
+        let partition = HighlightRoomRecord {
+            schema_version: SCHEMA_VERSION,
+            cut: Some(cut.to_record()),
+            ..Default::default()
+        };
+        self.log.snapshot(
+            cut,
+            ctx,
+            self.rooms.iter_mut().map(|(k, r)| (&**k, r)),
+            |r| &mut r.log,
+            |r, cut| room_record(r, cut).encode_to_vec(),
+            partition.encode_to_vec(),
+        );
+    }
+
+    fn restore(&mut self, key: &[u8], value: &[u8], _emitted_through_ms: Option<i64>) {
+        let rooms = self.rooms.values_mut().map(|r| &mut r.log);
+        let restored =
+            self.log
+                .restore(key, value, |r: &HighlightRoomRecord| r.cut.as_ref(), rooms);
+        let Some((room_id, record, log)) = restored else {
+            return;
+        };
+        let key: Arc<str> = Arc::from(room_id);
+        let mut room = room_from(record);
+        room.log = log;
+        room.replayed_through = room.queue.back().map(|p| p.tick).or(room.last_scored);
+        if !room.queue.is_empty() {
+            // Its waiting ticks go to the model again (the first may have
+            // been there when the record was taken).
+            self.held.push_back(key.clone());
+        }
+        if room.queue.len() > MAX_QUEUED_PER_ROOM {
+            self.backlogged += 1;
+        }
+        if let Some(old) = self.rooms.insert(key.clone(), room) {
+            if old.queue.len() > MAX_QUEUED_PER_ROOM {
+                self.backlogged -= 1;
+            }
+        }
+    }
+}
+
+/// The changelog record of a room's state, taken at `cut`.
+fn room_record(room: &Room, cut: &Cut) -> HighlightRoomRecord {
+    HighlightRoomRecord {
+        schema_version: SCHEMA_VERSION,
+        cut: Some(cut.to_record()),
+        streamer_id: room.streamer_id.clone(),
+        queue: room
+            .queue
+            .iter()
+            .map(|p| HighlightPendingTick {
+                tick: p.tick,
+                x: p.x.clone(),
+            })
+            .collect(),
+        history: room
+            .history
+            .iter()
+            .map(|(s, _)| HighlightStepState {
+                z: s.z.clone(),
+                e: s.e.clone(),
+                p: s.p.clone(),
+            })
+            .collect(),
+        last_scored: room.last_scored.unwrap_or(i64::MIN),
+        row_sum: room.row_sum.clone(),
+        rows: room.rows,
+        comments: room
+            .comments
+            .iter()
+            .map(|(t_ms, text)| HighlightComment {
+                t_ms: *t_ms,
+                text: text.clone(),
+            })
+            .collect(),
+        comments_tick: room.comments_tick.0,
+        comments_in_tick: room.comments_tick.1 as u64,
+        transcripts: room
+            .transcripts
+            .iter()
+            .map(|(start_ms, end_ms, text)| HighlightTranscript {
+                start_ms: *start_ms,
+                end_ms: *end_ms,
+                text: text.clone(),
+            })
+            .collect(),
+        open: room.open.as_ref().map(|o| HighlightOpen {
+            start: o.start,
+            peak_tick: o.peak_tick,
+            peak_score: o.peak_score,
+            below: o.below,
+            announced: o.announced,
+            model: o.model.to_string(),
+            enter: o.threshold.enter,
+            exit: o.threshold.exit,
+            hold_ticks: o.threshold.hold_ticks,
+            min_ticks: o.threshold.min_ticks,
+        }),
+        last_seen: room.last_seen,
+    }
+}
+
+/// A room as its changelog record has it (the record covers what it holds:
+/// nothing is held for it).
+fn room_from(r: HighlightRoomRecord) -> Room {
+    Room {
+        streamer_id: r.streamer_id,
+        queue: r
+            .queue
+            .into_iter()
+            .map(|p| Pending {
+                tick: p.tick,
+                x: p.x,
+                holds: Holds::default(),
+            })
+            .collect(),
+        in_flight: false,
+        history: r
+            .history
+            .into_iter()
+            .map(|s| {
+                let state = StepState {
+                    z: s.z,
+                    e: s.e,
+                    p: s.p,
+                };
+                (Arc::new(state), Holds::default())
+            })
+            .collect(),
+        last_scored: (r.last_scored != i64::MIN).then_some(r.last_scored),
+        row_sum: r.row_sum,
+        rows: r.rows,
+        comments: r.comments.into_iter().map(|c| (c.t_ms, c.text)).collect(),
+        comments_tick: (r.comments_tick, r.comments_in_tick as usize),
+        transcripts: r
+            .transcripts
+            .into_iter()
+            .map(|t| (t.start_ms, t.end_ms, t.text))
+            .collect(),
+        open: r.open.map(|o| Open {
+            start: o.start,
+            peak_tick: o.peak_tick,
+            peak_score: o.peak_score,
+            below: o.below,
+            announced: o.announced,
+            model: Arc::from(o.model.as_str()),
+            threshold: Threshold {
+                enter: o.enter,
+                exit: o.exit,
+                hold_ticks: o.hold_ticks,
+                min_ticks: o.min_ticks,
+            },
+            holds: Holds::default(),
+        }),
+        last_seen: r.last_seen,
+        ..Room::default()
     }
 }
 

@@ -28,15 +28,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use foldhash::fast::RandomState;
 
-use metrics::{counter, Counter};
 use prost::Message;
 
-use crate::metrics::{Stage, CHANGELOG_BYTES};
-use crate::runtime::{changelog_key, Context, Holds, Operator, Output, OutputTopic, Position};
+use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
 use crate::schema::{
     deterministic_id, ActionKind, ActivityPresence, ActivityTick, ActivityViewer, AudioChunk,
     AudioFormat, Event, InputKind, RoomActivityRecord, RoomStats, SCHEMA_VERSION,
 };
+use crate::state::room_log::{Logged, RoomLog};
 use crate::state::Cut;
 
 /// Loudness reported for digital silence.
@@ -46,16 +45,8 @@ pub const SILENCE_DBFS: f64 = -120.0;
 pub struct RoomActivity {
     tick_ms: i64,
     rooms: HashMap<String, Room, RandomState>,
-    /// Whether the rooms' state is on the changelog (a snapshot was taken
-    /// or a record restored): the viewers inside are then not held.
-    changelog: bool,
-    /// The partition's cut restored from the changelog.
-    restored: Option<Cut>,
-    /// Rooms dropped since the last snapshot, with the positions their
-    /// tombstones depend on.
-    dropped: HashMap<String, Holds, RandomState>,
-    changelog_bytes: Counter,
-    stage: Stage,
+    /// The rooms' changelog: once on, the viewers inside are not held.
+    log: RoomLog,
 }
 
 #[derive(Default)]
@@ -65,12 +56,7 @@ struct Room {
     open: BTreeMap<i64, Tick>,
     /// Viewers inside, with the position of the ENTER that put them there.
     present: HashMap<String, Position, RandomState>,
-    /// Positions of the records folded in since the room's last changelog record.
-    unflushed: Holds,
-    /// Changed since its last changelog record.
-    dirty: bool,
-    /// The cut of the changelog record the room was restored from.
-    restored: Option<Cut>,
+    log: Logged,
 }
 
 #[derive(Default)]
@@ -103,11 +89,7 @@ impl RoomActivity {
         RoomActivity {
             tick_ms,
             rooms: HashMap::default(),
-            changelog: false,
-            restored: None,
-            dropped: HashMap::default(),
-            changelog_bytes: counter!(CHANGELOG_BYTES, "stage" => "room_activity"),
-            stage: Stage::new("room_activity"),
+            log: RoomLog::new("room_activity"),
         }
     }
 
@@ -169,30 +151,23 @@ impl Operator for RoomActivity {
         let start = self.tick_of(event.event_time_ms());
         // Look up before inserting: no allocation for a room already held.
         if !self.rooms.contains_key(room_id) {
-            let mut room = Room {
-                restored: self.restored,
+            let room = Room {
+                log: self.log.entry(room_id),
                 ..Room::default()
             };
-            if let Some(holds) = self.dropped.remove(room_id) {
-                // No tombstone now: the room's next record replaces it.
-                room.unflushed = holds;
-            }
             self.rooms.insert(room_id.to_string(), room);
         }
         let Some(room) = self.rooms.get_mut(room_id) else {
             return;
         };
-        let mut late = late;
-        if let Some(cut) = &room.restored {
-            if cut.covers(pos) {
-                // Replayed: the restored state has it.
-                return;
-            }
-            // Its tick closed before the cut: only lasting state may change.
-            late |= cut.closed(start);
+        if room.log.covers(pos) {
+            // Replayed: the restored state has it.
+            return;
         }
-        room.dirty = true;
-        room.unflushed.hold(pos);
+        // A tick closed before the restored state was taken: only lasting
+        // state may change.
+        let late = late || room.log.closed(start);
+        room.log.folded(pos);
         if let Some(s) = event.streamer_id() {
             if room.streamer_id != s {
                 room.streamer_id = s.to_string();
@@ -268,17 +243,17 @@ impl Operator for RoomActivity {
 
     fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
         let tick_ms = self.tick_ms;
-        let changelog = self.changelog;
-        let dropped = &mut self.dropped;
+        let changelog = self.log.on();
+        let log = &mut self.log;
         self.rooms.retain(|room_id, room| {
-            if room.restored.is_some_and(|c| c.closed(tick_start_ms)) {
+            if room.log.closed(tick_start_ms) {
                 // Closed, and its outputs written, before the room's cut.
                 return true;
             }
             let acc = room.open.remove(&tick_start_ms);
             let mut acc = match acc {
                 Some(acc) => {
-                    room.dirty = true;
+                    room.log.changed();
                     acc
                 }
                 None => Tick::default(),
@@ -305,22 +280,17 @@ impl Operator for RoomActivity {
                 ));
             }
             let keep = !(room.open.is_empty() && room.present.is_empty());
-            if !keep && changelog {
-                dropped.insert(room_id.clone(), std::mem::take(&mut room.unflushed));
+            if !keep {
+                log.drop_room(room_id, room.log);
             }
             keep
         });
     }
 
     fn holds(&self, holds: &mut Holds) {
-        if self.changelog {
+        if self.log.on() {
             // Everything before each room's last record is in it.
-            for room in self.rooms.values() {
-                holds.merge(&room.unflushed);
-            }
-            for h in self.dropped.values() {
-                holds.merge(h);
-            }
+            self.log.holds(self.rooms.values().map(|r| &r.log), holds);
             return;
         }
         for room in self.rooms.values() {
@@ -339,79 +309,35 @@ impl Operator for RoomActivity {
 
     fn on_revoke(&mut self) {
         self.rooms.clear();
-        self.dropped.clear();
-        self.restored = None;
-        self.changelog = false;
+        self.log.clear();
     }
 
     fn snapshot(&mut self, cut: &Cut, ctx: &mut Context<'_>) {
-        self.changelog = true;
-        let name = self.name();
-        let partition = ctx.partition();
-        let cut_bytes = cut.to_record().encode_to_vec();
-        let mut emit = |key: &[u8], payload: Vec<u8>, depends_on: Holds| {
-            self.changelog_bytes
-                .increment((key.len() + payload.len()) as u64);
-            ctx.emit(Output {
-                topic: OutputTopic::RoomChangelog { partition },
-                key: changelog_key(name, key),
-                id: deterministic_id(&[b"room-activity-state", key, &cut_bytes]),
-                payload,
-                headers: Vec::new(),
-                model_version: None,
-                tick_end_ms: None,
-                depends_on,
-            });
-        };
-        for (room_id, holds) in self.dropped.drain() {
-            emit(room_id.as_bytes(), Vec::new(), holds);
-        }
-        for (room_id, room) in self.rooms.iter_mut() {
-            if !room.dirty {
-                continue;
-            }
-            room.dirty = false;
-            let record = room_record(room, cut);
-            emit(
-                room_id.as_bytes(),
-                record.encode_to_vec(),
-                std::mem::take(&mut room.unflushed),
-            );
-        }
-        // Last: the cut every room without a later record of its own had
-        // its state at.
-        let partition_record = RoomActivityRecord {
+        let partition = RoomActivityRecord {
             schema_version: SCHEMA_VERSION,
             cut: Some(cut.to_record()),
             ..Default::default()
         };
-        emit(b"", partition_record.encode_to_vec(), Holds::default());
+        self.log.snapshot(
+            cut,
+            ctx,
+            self.rooms.iter_mut().map(|(k, r)| (k.as_str(), r)),
+            |r| &mut r.log,
+            |r, cut| room_record(r, cut).encode_to_vec(),
+            partition.encode_to_vec(),
+        );
     }
 
     fn restore(&mut self, key: &[u8], value: &[u8], _emitted_through_ms: Option<i64>) {
-        self.changelog = true;
-        let record = match RoomActivityRecord::decode(value) {
-            Ok(r) => r,
-            Err(e) => {
-                self.stage.error("changelog_record");
-                tracing::warn!(error = %e, "a room-activity changelog record could not be read back; the room starts from its replayed records");
-                return;
-            }
-        };
-        if key.is_empty() {
-            self.restored = later(self.restored, record.cut.as_ref().map(Cut::from_record));
-            for room in self.rooms.values_mut() {
-                room.restored = later(room.restored, self.restored);
-            }
-            return;
+        let rooms = self.rooms.values_mut().map(|r| &mut r.log);
+        let restored = self
+            .log
+            .restore(key, value, |r: &RoomActivityRecord| r.cut.as_ref(), rooms);
+        if let Some((room_id, record, log)) = restored {
+            let mut room = room_from(record);
+            room.log = log;
+            self.rooms.insert(room_id, room);
         }
-        let Ok(room_id) = std::str::from_utf8(key) else {
-            self.stage.error("changelog_record");
-            return;
-        };
-        let mut room = room_from(record);
-        room.restored = later(room.restored, self.restored);
-        self.rooms.insert(room_id.to_string(), room);
     }
 }
 
@@ -581,23 +507,7 @@ fn room_from(r: RoomActivityRecord) -> Room {
                 (t.start_ms, tick)
             })
             .collect(),
-        restored: r.cut.as_ref().map(Cut::from_record),
-        ..Room::default()
-    }
-}
-
-/// The later of two cuts of one partition.
-fn later(a: Option<Cut>, b: Option<Cut>) -> Option<Cut> {
-    match (a, b) {
-        (Some(a), Some(b)) => {
-            let mut c = a;
-            for (x, y) in c.processed.iter_mut().zip(b.processed) {
-                *x = (*x).max(y);
-            }
-            c.next_tick_ms = a.next_tick_ms.max(b.next_tick_ms);
-            Some(c)
-        }
-        (a, b) => a.or(b),
+        log: Logged::default(),
     }
 }
 

@@ -16,8 +16,8 @@ pub mod transactions;
 pub use engine::{Engine, EngineError, RunSummary, SimulatedRun};
 pub use feed::{Polled, RecordRef, StreamReader};
 pub use operator::{
-    changelog_key, split_changelog_key, Context, Embedded, Holds, Note, Operator, Output,
-    OutputTopic, Position,
+    changelog_key, room_changelog, split_changelog_key, Context, Embedded, Holds, Note, Operator,
+    Output, OutputTopic, Position,
 };
 pub use partition::{
     ChangelogReader, Checkpoint, Control, Input, InputRecord, PartitionHandle, PartitionShared,

@@ -401,6 +401,32 @@ pub fn changelog_key(operator: &str, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// A record of the room changelog (see [`Operator::snapshot`]): the state
+/// of `key` (empty: the partition's record) as operator `name` wrote it at
+/// `cut`, on `partition`; an empty payload deletes the key. Offsets stay
+/// behind `depends_on` until it is acknowledged.
+pub fn room_changelog(
+    name: &str,
+    partition: i32,
+    key: &[u8],
+    payload: Vec<u8>,
+    cut: &crate::state::Cut,
+    depends_on: Holds,
+) -> Output {
+    use prost::Message as _;
+    let cut_bytes = cut.to_record().encode_to_vec();
+    Output {
+        topic: OutputTopic::RoomChangelog { partition },
+        key: changelog_key(name, key),
+        id: crate::schema::deterministic_id(&[b"room-state", name.as_bytes(), key, &cut_bytes]),
+        payload,
+        headers: Vec::new(),
+        model_version: None,
+        tick_end_ms: None,
+        depends_on,
+    }
+}
+
 /// Splits a changelog key into the operator's name and the state's key.
 pub fn split_changelog_key(key: &[u8]) -> Option<(&[u8], &[u8])> {
     let i = key.iter().position(|&b| b == 0)?;

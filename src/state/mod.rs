@@ -11,6 +11,7 @@ use crate::runtime::Position;
 use crate::schema::InputKind;
 
 pub mod interests;
+pub mod room_log;
 pub mod sequence;
 
 /// The lowest input offset, per input stream (index = `InputKind::index`), that state still needs.
@@ -119,6 +120,21 @@ impl Cut {
     /// Whether the tick starting at `tick_start_ms` had closed at the cut.
     pub fn closed(&self, tick_start_ms: i64) -> bool {
         self.next_tick_ms.is_some_and(|n| tick_start_ms < n)
+    }
+
+    /// The later of two cuts of one partition (either may be missing).
+    pub fn later(a: Option<Cut>, b: Option<Cut>) -> Option<Cut> {
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                let mut c = a;
+                for (x, y) in c.processed.iter_mut().zip(b.processed) {
+                    *x = (*x).max(y);
+                }
+                c.next_tick_ms = a.next_tick_ms.max(b.next_tick_ms);
+                Some(c)
+            }
+            (a, b) => a.or(b),
+        }
     }
 
     /// The changelog form.

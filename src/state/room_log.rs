@@ -1,0 +1,222 @@
+//! The room changelog bookkeeping an operator keeps across its rooms (see
+//! [`crate::runtime::Operator::snapshot`]): which rooms changed since their
+//! last record, the input positions that stay held until their next one,
+//! tombstones for the rooms dropped meanwhile, and the cuts that restored
+//! rooms judge replayed records and ticks by.
+//!
+//! Before its first record is written or restored an operator's log is off:
+//! it then holds its positions as it would without a changelog. Once on,
+//! a room holds only what it folded in since its last record.
+//!
+//! Not for: encoding a room's state (each operator has its own record) or
+//! reading the changelog back (the runtime does, see
+//! [`crate::runtime::ChangelogReader`]).
+
+use std::collections::HashMap;
+
+use metrics::{counter, Counter};
+
+use super::{Cut, Holds};
+use crate::metrics::{Stage, CHANGELOG_BYTES};
+use crate::runtime::{room_changelog, Context, Position};
+use crate::schema::StateCut;
+
+/// One operator's changelog bookkeeping (see the module docs).
+pub struct RoomLog {
+    name: &'static str,
+    on: bool,
+    /// The partition's cut, from its restored record.
+    restored: Option<Cut>,
+    /// Rooms dropped since the last snapshot, with the positions their
+    /// tombstones depend on.
+    dropped: HashMap<Box<str>, Holds>,
+    bytes: Counter,
+    stage: Stage,
+}
+
+/// What a room keeps for the log.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Logged {
+    /// Positions of what the room folded in since its last record.
+    unflushed: Holds,
+    /// Changed since its last record.
+    dirty: bool,
+    /// The cut of the record the room was restored from (or the
+    /// partition's, when later).
+    restored: Option<Cut>,
+}
+
+impl Logged {
+    /// Whether the room's restored state already has the record at `pos`
+    /// (a replay of it changes nothing).
+    pub fn covers(&self, pos: Position) -> bool {
+        self.restored.is_some_and(|c| c.covers(pos))
+    }
+
+    /// Whether the tick starting at `tick_start_ms` had closed, its outputs
+    /// written, when the room's restored state was taken.
+    pub fn closed(&self, tick_start_ms: i64) -> bool {
+        self.restored.is_some_and(|c| c.closed(tick_start_ms))
+    }
+
+    /// The room's state changed (a tick, model work).
+    pub fn changed(&mut self) {
+        self.dirty = true;
+    }
+
+    /// The room folded in the record at `pos`: held until its next record.
+    pub fn folded(&mut self, pos: Position) {
+        self.dirty = true;
+        self.unflushed.hold(pos);
+    }
+
+    /// The room folded in something that depends on `holds`.
+    pub fn folded_all(&mut self, holds: &Holds) {
+        self.dirty = true;
+        self.unflushed.merge(holds);
+    }
+}
+
+impl RoomLog {
+    /// The log of operator `name` (its records' key prefix and metrics label).
+    pub fn new(name: &'static str) -> Self {
+        RoomLog {
+            name,
+            on: false,
+            restored: None,
+            dropped: HashMap::new(),
+            bytes: counter!(CHANGELOG_BYTES, "stage" => name),
+            stage: Stage::new(name),
+        }
+    }
+
+    /// Whether the rooms' state is on the changelog: positions a room's
+    /// last record covers need not be held.
+    pub fn on(&self) -> bool {
+        self.on
+    }
+
+    /// Whether the partition's restored cut covers the record at `pos`
+    /// (for a room the operator does not hold: see [`Logged::covers`]).
+    pub fn covers(&self, pos: Position) -> bool {
+        self.restored.is_some_and(|c| c.covers(pos))
+    }
+
+    /// The bookkeeping of a room new to the operator (again, perhaps: a
+    /// room dropped since the last snapshot gets its record instead of its
+    /// tombstone).
+    pub fn entry(&mut self, room: &str) -> Logged {
+        let mut logged = Logged {
+            restored: self.restored,
+            ..Logged::default()
+        };
+        if let Some(holds) = self.dropped.remove(room) {
+            logged.folded_all(&holds);
+        }
+        logged
+    }
+
+    /// A room's state is gone: its key is deleted at the next snapshot.
+    pub fn drop_room(&mut self, room: &str, logged: Logged) {
+        if self.on {
+            self.dropped.insert(room.into(), logged.unflushed);
+        }
+    }
+
+    /// Adds what the log keeps held: what each room folded in since its
+    /// last record, and what the tombstones to write depend on.
+    pub fn holds<'a>(&self, rooms: impl Iterator<Item = &'a Logged>, holds: &mut Holds) {
+        for logged in rooms {
+            holds.merge(&logged.unflushed);
+        }
+        for h in self.dropped.values() {
+            holds.merge(h);
+        }
+    }
+
+    /// Writes the records taken at `cut`: tombstones of the rooms dropped,
+    /// each changed room's state (`encode`), then the partition's record,
+    /// the cut alone (`partition`: an encoded record with no room). Each
+    /// record holds what its room folded in since the last one.
+    pub fn snapshot<'a, R: 'a>(
+        &mut self,
+        cut: &Cut,
+        ctx: &mut Context<'_>,
+        rooms: impl Iterator<Item = (&'a str, &'a mut R)>,
+        logged: impl Fn(&mut R) -> &mut Logged,
+        encode: impl Fn(&R, &Cut) -> Vec<u8>,
+        partition: Vec<u8>,
+    ) {
+        self.on = true;
+        let (name, p) = (self.name, ctx.partition());
+        let bytes = &self.bytes;
+        let mut emit = |key: &[u8], payload: Vec<u8>, held: Holds| {
+            bytes.increment((key.len() + payload.len()) as u64);
+            ctx.emit(room_changelog(name, p, key, payload, cut, held));
+        };
+        for (room, held) in self.dropped.drain() {
+            emit(room.as_bytes(), Vec::new(), held);
+        }
+        for (room, r) in rooms {
+            let log = logged(r);
+            if !log.dirty {
+                continue;
+            }
+            log.dirty = false;
+            let held = std::mem::take(&mut log.unflushed);
+            emit(room.as_bytes(), encode(r, cut), held);
+        }
+        // Last: the cut every room without a later record of its own had
+        // its state at.
+        emit(b"", partition, Holds::default());
+    }
+
+    /// Reads one of the operator's changelog records back (see
+    /// [`crate::runtime::Operator::restore`]). The partition's record is
+    /// applied here: rooms with no record of their own, or an older one,
+    /// judge replays by its cut. A room's record comes back decoded, with
+    /// its room id and bookkeeping, for the operator to rebuild the room
+    /// from. One that does not decode is counted and skipped: the room
+    /// starts from its replayed records.
+    pub fn restore<'a, M: prost::Message + Default>(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        cut_of: impl Fn(&M) -> Option<&StateCut>,
+        rooms: impl Iterator<Item = &'a mut Logged>,
+    ) -> Option<(String, M, Logged)> {
+        self.on = true;
+        let (record, room) = match (M::decode(value), std::str::from_utf8(key)) {
+            (Ok(record), Ok(room)) => (record, room),
+            (Err(e), _) => {
+                self.stage.error("changelog_record");
+                tracing::warn!(operator = self.name, error = %e, "a changelog record could not be read back; the room starts from its replayed records");
+                return None;
+            }
+            (_, Err(_)) => {
+                self.stage.error("changelog_record");
+                return None;
+            }
+        };
+        let cut = cut_of(&record).map(Cut::from_record);
+        if room.is_empty() {
+            self.restored = Cut::later(self.restored, cut);
+            for logged in rooms {
+                logged.restored = Cut::later(logged.restored, self.restored);
+            }
+            return None;
+        }
+        let logged = Logged {
+            restored: Cut::later(cut, self.restored),
+            ..Logged::default()
+        };
+        Some((room.to_string(), record, logged))
+    }
+
+    /// The partition left: forget everything.
+    pub fn clear(&mut self) {
+        self.on = false;
+        self.restored = None;
+        self.dropped.clear();
+    }
+}
