@@ -310,6 +310,10 @@ fn topics_command_creates_every_topic_with_its_settings() {
             "user-state",
             vec![("cleanup.policy", "compact"), ("max.message.bytes", big)],
         ),
+        (
+            "room-state",
+            vec![("cleanup.policy", "compact"), ("max.message.bytes", big)],
+        ),
         ("dead-letters", vec![("max.message.bytes", big)]),
     ];
     let names: Vec<String> = want.iter().map(|(t, _)| topics.name(t)).collect();
@@ -399,7 +403,7 @@ fn topics_command_creates_every_topic_with_its_settings() {
     );
     assert!(row("actions").ends_with(" ok"), "{table}");
     assert!(
-        err.contains("2 of 17 topics differ") && err.contains(&other.name("comments")),
+        err.contains("2 of 18 topics differ") && err.contains(&other.name("comments")),
         "{err}"
     );
     let (partitions, _) = broker_view(&[]);
