@@ -374,6 +374,7 @@ fn a_restored_room_scores_exactly_as_the_uninterrupted_one() {
     let cut = onair::state::Cut {
         processed: Default::default(),
         next_tick_ms: Some(records[at].tick_start_ms),
+        stream_time_ms: None,
     };
     let mut a = Highlight::new(svc.clone());
     let mut out_a: Vec<Output> = Vec::new();

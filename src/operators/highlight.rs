@@ -853,6 +853,10 @@ impl Operator for Highlight {
         self.log.clear();
     }
 
+    fn resumed_at(&self) -> Option<Cut> {
+        self.log.restored()
+    }
+
     fn snapshot(&mut self, cut: &Cut, ctx: &mut Context<'_>) {
         let partition = HighlightRoomRecord {
             schema_version: SCHEMA_VERSION,

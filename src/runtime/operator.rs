@@ -383,6 +383,14 @@ pub trait Operator: Send {
     /// holding their positions and leave this alone.
     fn snapshot(&mut self, _cut: &crate::state::Cut, _ctx: &mut Context<'_>) {}
 
+    /// The cut the operator's restored state was taken at (None: nothing
+    /// restored). The task closes ticks from that cut's first open tick on,
+    /// or earlier where replayed records need it: ticks the restored state
+    /// has open would otherwise never close when the replay starts later.
+    fn resumed_at(&self) -> Option<crate::state::Cut> {
+        None
+    }
+
     /// One record of the stage's changelog, read back when the partition is
     /// assigned, before any input: `key` is what the operator wrote after
     /// its name and the NUL byte. Records come in the changelog's order, the

@@ -150,6 +150,9 @@ pub struct PartitionTask {
     /// How often operators are asked for changelog records (see
     /// [`Operator::snapshot`]; None: never).
     snapshot_every: Option<Duration>,
+    /// Where the restored state was taken (see [`Operator::resumed_at`]):
+    /// the first tick closed is at or before its first open one.
+    resumed: Option<crate::state::Cut>,
     limits: Limits,
     ops: Vec<Box<dyn Operator>>,
     op_stages: Vec<Stage>,
@@ -352,6 +355,7 @@ impl PartitionTask {
             cfg: spec.runtime,
             changelog: spec.changelog,
             snapshot_every: spec.snapshot_every,
+            resumed: None,
         };
         let join = tokio::spawn(task.run());
         PartitionHandle {
@@ -862,6 +866,11 @@ impl PartitionTask {
         };
         self.ops = ops;
         self.changelog = Some(reader);
+        for cut in self.ops.iter().filter_map(|o| o.resumed_at()) {
+            let r = self.resumed.get_or_insert(cut);
+            r.next_tick_ms = r.next_tick_ms.min(cut.next_tick_ms).or(cut.next_tick_ms);
+            r.stream_time_ms = r.stream_time_ms.max(cut.stream_time_ms);
+        }
         let secs = started.elapsed().as_secs_f64();
         let stage = if self.kinds == InputKind::USER.as_slice() {
             "users"
@@ -919,7 +928,10 @@ impl PartitionTask {
         // this record: other streams' records up to the allowed lateness
         // before it are still on time.
         let first_open = self.tick_of(t - self.cfg.allowed_lateness_ms);
-        let next_tick = *self.next_tick.get_or_insert(first_open);
+        let resume = self.resumed.and_then(|c| c.next_tick_ms);
+        let next_tick = *self
+            .next_tick
+            .get_or_insert(resume.map_or(first_open, |r| r.min(first_open)));
         let late = tick < next_tick;
         if late {
             self.late += 1;
@@ -1091,6 +1103,14 @@ impl PartitionTask {
         {
             self.idle_anchor = None;
             return;
+        }
+        if self.stream_time.is_none() {
+            // Restored, and nothing to replay: the restored state's open
+            // ticks close as the clock moves on from where it was taken.
+            if let Some(cut) = self.resumed {
+                self.stream_time = cut.stream_time_ms;
+                self.next_tick = self.next_tick.or(cut.next_tick_ms);
+            }
         }
         let Some(st) = self.stream_time else {
             return;
@@ -1345,6 +1365,7 @@ impl PartitionTask {
         let cut = crate::state::Cut {
             processed: self.processed_next,
             next_tick_ms: self.next_tick,
+            stream_time_ms: self.stream_time,
         };
         {
             let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)

@@ -105,6 +105,8 @@ pub struct Cut {
     pub processed: [Option<i64>; InputKind::COUNT],
     /// Start of the first tick still open (None: none closed yet).
     pub next_tick_ms: Option<i64>,
+    /// The newest event time the task had seen.
+    pub stream_time_ms: Option<i64>,
 }
 
 impl Cut {
@@ -131,6 +133,7 @@ impl Cut {
                     *x = (*x).max(y);
                 }
                 c.next_tick_ms = a.next_tick_ms.max(b.next_tick_ms);
+                c.stream_time_ms = a.stream_time_ms.max(b.stream_time_ms);
                 Some(c)
             }
             (a, b) => a.or(b),
@@ -142,6 +145,7 @@ impl Cut {
         crate::schema::StateCut {
             processed: self.processed.iter().map(|p| p.unwrap_or(-1)).collect(),
             next_tick_ms: self.next_tick_ms.unwrap_or(i64::MIN),
+            stream_time_ms: self.stream_time_ms.unwrap_or(i64::MIN),
         }
     }
 
@@ -154,6 +158,7 @@ impl Cut {
         Cut {
             processed,
             next_tick_ms: (r.next_tick_ms != i64::MIN).then_some(r.next_tick_ms),
+            stream_time_ms: (r.stream_time_ms != i64::MIN).then_some(r.stream_time_ms),
         }
     }
 }

@@ -96,6 +96,11 @@ impl RoomLog {
         self.on
     }
 
+    /// The partition's cut the restored state was taken at.
+    pub fn restored(&self) -> Option<Cut> {
+        self.restored
+    }
+
     /// Whether the partition's restored cut covers the record at `pos`
     /// (for a room the operator does not hold: see [`Logged::covers`]).
     pub fn covers(&self, pos: Position) -> bool {
