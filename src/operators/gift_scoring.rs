@@ -451,7 +451,9 @@ impl GiftScoring {
                 payload,
                 headers: Vec::new(),
                 model_version: None,
-                tick_end_ms: Some(as_of),
+                // State, not a tick's output: written again after a restart
+                // whatever the tick (its holds must reach the broker).
+                tick_end_ms: None,
                 depends_on: holds,
             });
         }

@@ -113,6 +113,15 @@ impl OutputTopic {
             OutputTopic::RoomChangelog { .. } => "room_changelog",
         }
     }
+
+    /// A changelog: state, always written (never skipped as a replayed
+    /// tick's output, whatever its `tick_end_ms`).
+    pub fn is_changelog(self) -> bool {
+        matches!(
+            self,
+            OutputTopic::UserChangelog { .. } | OutputTopic::RoomChangelog { .. }
+        )
+    }
 }
 
 /// One record to write.
@@ -132,7 +141,8 @@ pub struct Output {
     pub model_version: Option<String>,
     /// End of the event-time interval this output closes, for outputs made at
     /// ticks. After a restart, tick outputs at or before the partition's
-    /// committed emitted-through time are not written again.
+    /// committed emitted-through time are not written again (changelog
+    /// records are: the inputs they hold may be new to the changelog).
     pub tick_end_ms: Option<i64>,
     /// Input positions the output was computed from: offsets are not
     /// committed past them until the output is acknowledged.

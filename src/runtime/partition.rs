@@ -961,7 +961,8 @@ impl PartitionTask {
             // (tick outputs are judged by their tick when flushed).
             let mut i = before;
             while i < self.outputs.len() {
-                if self.outputs[i].tick_end_ms.is_none() {
+                let o = &self.outputs[i];
+                if o.tick_end_ms.is_none() && !o.topic.is_changelog() {
                     self.outputs.remove(i);
                     self.sink_stage.dropped(m::dropped::ALREADY_WRITTEN, 1);
                 } else {
@@ -1027,7 +1028,9 @@ impl PartitionTask {
         let mut count = 0;
         for out in outputs {
             if let (Some(t), Some(r)) = (out.tick_end_ms, self.replayed_through) {
-                if t <= r {
+                // A changelog record holds inputs that may be in no record
+                // yet: dropping it would commit past them.
+                if t <= r && !out.topic.is_changelog() {
                     self.sink_stage.dropped(m::dropped::ALREADY_WRITTEN, 1);
                     continue;
                 }
