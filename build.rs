@@ -18,5 +18,7 @@ fn main() -> std::io::Result<()> {
     }
     let mut config = prost_build::Config::new();
     config.type_attribute(".", "#[derive(serde::Serialize)]");
+    // Maps in key order: a replayed record must encode to the same bytes.
+    config.btree_map(["."]);
     config.compile_protos(&["proto/onair/v1/onair.proto"], &["proto"])
 }

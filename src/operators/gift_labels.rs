@@ -297,7 +297,7 @@ fn pair_sample(
     gift_value: u64,
     horizon: i64,
 ) -> TrainingSample {
-    let mut values = std::collections::HashMap::new();
+    let mut values = std::collections::BTreeMap::new();
     values.insert("gift_value".to_owned(), gift_value as f64);
     values.insert("horizon_ms".to_owned(), horizon as f64);
     values.insert("content_start_ms".to_owned(), p.content_start_ms as f64);
@@ -326,7 +326,7 @@ fn pair_sample(
 }
 
 fn gift_sample(room_id: &str, streamer_id: &str, a: &ViewerAction) -> TrainingSample {
-    let mut values = std::collections::HashMap::new();
+    let mut values = std::collections::BTreeMap::new();
     values.insert("t_ms".to_owned(), a.event_time_ms as f64);
     values.insert("value".to_owned(), a.gift_value as f64);
     TrainingSample {

@@ -245,7 +245,7 @@ fn sample(
     seg: &Segment,
     content: &ContentRow,
 ) -> TrainingSample {
-    let mut values = std::collections::HashMap::new();
+    let mut values = BTreeMap::new();
     values.insert("frames".to_owned(), content.frames as f64);
     values.insert("comment_tokens".to_owned(), content.comment_tokens as f64);
     values.insert(

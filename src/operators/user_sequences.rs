@@ -2,10 +2,16 @@
 //! [`UserState`] of the users it owns, fed by the live actions the room
 //! stage re-keyed by user (`user-actions`) and by the short-video actions
 //! (`short-video-actions`, already user-keyed), merged in event time by the
-//! runtime. At the end of each tick, every user whose sequence changed gets a
-//! full snapshot on `user-sequences` (compacted: the last record per user is
-//! the sequence), and the live visits' moment labels that came due go to
-//! `training-samples` (task `live-moment`).
+//! runtime. An action waits for its tick to close; then the tick's actions
+//! join their users' sequences in event time, and every user whose sequence
+//! changed gets a full snapshot on `user-sequences` (compacted: the last
+//! record per user is the sequence), so the snapshot as of a tick's end holds
+//! exactly the actions before it, however the streams interleaved. The live
+//! visits' moment labels that came due go to `training-samples` (task
+//! `live-moment`). An action whose tick has closed joins at once and shows in
+//! the next tick's snapshot, unless its tick's snapshots were written before
+//! a restart: then it is a replay the restored state lacks, and joins
+//! silently.
 //!
 //! A live entry carries the room's highlight score (attached by the room
 //! stage, see [`super::repartition`]) and the room's content representation
@@ -63,8 +69,16 @@ pub struct UserSequences {
     table: Option<Arc<RoomTable>>,
     interests: Option<Arc<InterestModel>>,
     users: HashMap<Arc<str>, UserState>,
+    /// Actions waiting for their tick to close, with their input positions.
+    pending: Vec<(Arc<str>, Act, Position)>,
     /// Users whose sequence changed since the last tick.
     dirty: BTreeSet<Arc<str>>,
+    /// Restored users whose last snapshot may not have been written: it is
+    /// written again, as of the same tick, at the first tick.
+    republish: Vec<Arc<str>>,
+    /// Ticks through this end were closed, and their snapshots written, by
+    /// the partition's previous owner (see [`Context::replayed_through`]).
+    replayed_through: Option<i64>,
     /// Users with raw actions after their horizon.
     unsettled: HashSet<Arc<str>>,
     /// Users with live visits not fully labelled.
@@ -93,7 +107,10 @@ impl UserSequences {
             table,
             interests: None,
             users: HashMap::new(),
+            pending: Vec::new(),
             dirty: BTreeSet::new(),
+            republish: Vec::new(),
+            replayed_through: None,
             unsettled: HashSet::new(),
             labelling: HashSet::new(),
             unflushed: Holds::default(),
@@ -155,6 +172,28 @@ impl UserSequences {
 }
 
 impl UserSequences {
+    /// Folds `act` into `user`'s sequence; `publish`: the user gets a
+    /// snapshot at the end of this tick if it changed.
+    fn take(&mut self, user: Arc<str>, act: Act, pos: Position, publish: bool) {
+        let state = self
+            .users
+            .entry(user.clone())
+            .or_insert_with(|| UserState::with_interests(self.interests.clone()));
+        match state.apply(act, &self.bounds) {
+            Applied::Changed => {
+                self.unflushed.hold(pos);
+                self.unwritten.insert(user.clone());
+                if publish {
+                    self.dirty.insert(user.clone());
+                }
+                self.unsettled.insert(user.clone());
+                self.labelling.insert(user);
+            }
+            Applied::Duplicate => self.stage.dropped("duplicate", 1),
+            Applied::TooLate => self.stage.dropped("too_late", 1),
+        }
+    }
+
     /// Writes the state record of every user changed since the last write,
     /// holding the input positions taken since then until they are acknowledged.
     fn write_changelog(&mut self, as_of: i64, ctx: &mut Context<'_>) {
@@ -242,7 +281,7 @@ fn label_sample(
         if let Some(c) = &v.content {
             features.extend_from_slice(c);
         }
-        let mut values = std::collections::HashMap::new();
+        let mut values = std::collections::BTreeMap::new();
         for f in Feedback::ALL {
             if r.positives & f.bit() != 0 {
                 values.insert(f.name().to_string(), 1.0);
@@ -329,10 +368,11 @@ impl Operator for UserSequences {
 
     fn on_start(&mut self, ctx: &mut Context<'_>) {
         self.partition = ctx.partition();
+        self.replayed_through = ctx.replayed_through();
         self.users_gauge = Some(gauge!(SEQUENCE_USERS, "partition" => self.partition.to_string()));
     }
 
-    fn on_record(&mut self, event: &Event, pos: Position, _late: bool, _ctx: &mut Context<'_>) {
+    fn on_record(&mut self, event: &Event, pos: Position, late: bool, _ctx: &mut Context<'_>) {
         let Some((user, act)) = self.act(event, pos) else {
             return;
         };
@@ -340,24 +380,37 @@ impl Operator for UserSequences {
             Some((k, _)) => k.clone(),
             None => Arc::from(user),
         };
-        let state = self
-            .users
-            .entry(user.clone())
-            .or_insert_with(|| UserState::with_interests(self.interests.clone()));
-        match state.apply(act, &self.bounds) {
-            Applied::Changed => {
-                self.unflushed.hold(pos);
-                self.dirty.insert(user.clone());
-                self.unsettled.insert(user.clone());
-                self.labelling.insert(user);
-            }
-            Applied::Duplicate => self.stage.dropped("duplicate", 1),
-            Applied::TooLate => self.stage.dropped("too_late", 1),
+        if late {
+            // Its tick has closed. When that tick's snapshots were written
+            // before a restart, the action is a replay the restored state
+            // lacks: it joins silently, as the uninterrupted run had it by
+            // then; otherwise it shows in the next tick's snapshot.
+            let written = self.replayed_through.is_some_and(|t| act.time_ms < t);
+            self.take(user, act, pos, !written);
+        } else {
+            self.pending.push((user, act, pos));
         }
     }
-
     fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
         let as_of = tick_start_ms + ctx.tick_ms();
+        // The tick's actions join in event time (ties by source position),
+        // so its snapshots hold exactly the actions before its end whatever
+        // order the streams delivered them in.
+        let (mut due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(_, a, _)| a.time_ms < as_of);
+        self.pending = rest;
+        due.sort_by_key(|(_, a, _)| (a.time_ms, a.source));
+        for (user, act, pos) in due {
+            self.take(user, act, pos, true);
+        }
+        for user in std::mem::take(&mut self.republish) {
+            if let Some(state) = self.users.get(&user) {
+                ctx.emit(snapshot(&user, state, state.published_as_of_ms));
+                self.snapshots.increment(1);
+                self.stage.sent.increment(1);
+            }
+        }
         let dirty = std::mem::take(&mut self.dirty);
         for user in &dirty {
             let Some(state) = self.users.get_mut(user) else {
@@ -411,10 +464,16 @@ impl Operator for UserSequences {
 
     fn holds(&self, holds: &mut Holds) {
         holds.merge(&self.unflushed);
+        for (_, _, pos) in &self.pending {
+            holds.hold(*pos);
+        }
     }
 
+    /// The users held: while there are any, every tick is closed (none
+    /// skipped as empty), so a tick's actions and labels come out as of
+    /// their own tick.
     fn rooms(&self) -> usize {
-        0
+        self.users.len()
     }
 
     fn restore(&mut self, key: &[u8], value: &[u8], emitted_through_ms: Option<i64>) {
@@ -431,9 +490,10 @@ impl Operator for UserSequences {
                 if state.labelling() {
                     self.labelling.insert(user.clone());
                 }
-                // Its last snapshot may not have been acknowledged: write it again.
+                // Its last snapshot may not have been acknowledged: write it
+                // again, with the same id.
                 if emitted_through_ms.is_none_or(|t| state.published_as_of_ms > t) {
-                    self.dirty.insert(user.clone());
+                    self.republish.push(user.clone());
                 }
                 self.users.insert(user, state);
             }
@@ -449,6 +509,8 @@ impl Operator for UserSequences {
 
     fn on_revoke(&mut self) {
         self.unflushed = Holds::default();
+        self.pending.clear();
+        self.republish.clear();
         self.unwritten.clear();
         self.written_ms = i64::MIN;
         self.users.clear();

@@ -258,6 +258,7 @@ pub struct Context<'a> {
     pub(crate) partition: i32,
     pub(crate) tick_ms: i64,
     pub(crate) wake: Option<&'a Arc<Notify>>,
+    pub(crate) replayed_through: Option<i64>,
 }
 
 impl<'a> Context<'a> {
@@ -269,7 +270,23 @@ impl<'a> Context<'a> {
             partition,
             tick_ms,
             wake: None,
+            replayed_through: None,
         }
+    }
+
+    /// The same, for a task whose tick outputs through `t` were written
+    /// before a restart (see [`Context::replayed_through`]).
+    pub fn with_replayed_through(mut self, t: Option<i64>) -> Self {
+        self.replayed_through = t;
+        self
+    }
+
+    /// In [`Operator::on_start`]: the end of the last tick whose outputs the
+    /// partition's previous owner wrote (from the committed offsets'
+    /// metadata), so records replayed into those ticks made their tick
+    /// outputs already. None: nothing written before, or not known.
+    pub fn replayed_through(&self) -> Option<i64> {
+        self.replayed_through
     }
 
     /// The same, with the signal that makes the runtime call [`Operator::poll`].

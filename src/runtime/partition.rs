@@ -371,7 +371,8 @@ impl PartitionTask {
         info!(partition = self.partition, replayed_through = ?self.replayed_through, "partition task started");
         {
             let mut ctx = Context::new(&mut self.outputs, self.partition, self.cfg.tick_ms)
-                .with_wake(&self.op_wake);
+                .with_wake(&self.op_wake)
+                .with_replayed_through(self.replayed_through);
             for op in &mut self.ops {
                 op.on_start(&mut ctx);
             }
@@ -453,7 +454,9 @@ impl PartitionTask {
         if let Some(m) = self.media.as_mut() {
             m.clear();
         }
-        self.rooms_gauge.set(0.0);
+        if !self.user_stage() {
+            self.rooms_gauge.set(0.0);
+        }
         self.depth.set(0.0);
         self.shared.finished.store(true, Ordering::Release);
         info!(partition = self.partition, "partition task stopped");
@@ -716,6 +719,11 @@ impl PartitionTask {
 }
 
 impl PartitionTask {
+    /// A user-stage task (its inputs are the user-keyed streams).
+    fn user_stage(&self) -> bool {
+        self.kinds == InputKind::USER.as_slice()
+    }
+
     fn tick_of(&self, t: i64) -> i64 {
         t.div_euclid(self.cfg.tick_ms) * self.cfg.tick_ms
     }
@@ -868,15 +876,17 @@ impl PartitionTask {
         self.changelog = Some(reader);
         for cut in self.ops.iter().filter_map(|o| o.resumed_at()) {
             let r = self.resumed.get_or_insert(cut);
-            r.next_tick_ms = r.next_tick_ms.min(cut.next_tick_ms).or(cut.next_tick_ms);
+            // The earliest open tick of the operators' cuts; a cut that
+            // knows of none leaves the start to the first record.
+            r.next_tick_ms = match (r.next_tick_ms, cut.next_tick_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (None, b) => b,
+                (Some(_), None) => None,
+            };
             r.stream_time_ms = r.stream_time_ms.max(cut.stream_time_ms);
         }
         let secs = started.elapsed().as_secs_f64();
-        let stage = if self.kinds == InputKind::USER.as_slice() {
-            "users"
-        } else {
-            "rooms"
-        };
+        let stage = if self.user_stage() { "users" } else { "rooms" };
         m::state_restored(stage, partition, secs, records, bytes);
         match result {
             Ok(()) => info!(
@@ -1010,8 +1020,11 @@ impl PartitionTask {
             nt += tick_ms;
         }
         self.next_tick = Some(nt);
-        let rooms: usize = self.ops.iter().map(|o| o.rooms()).max().unwrap_or(0);
-        self.rooms_gauge.set(rooms as f64);
+        if !self.user_stage() {
+            // A user stage's operators hold users, not rooms.
+            let rooms: usize = self.ops.iter().map(|o| o.rooms()).max().unwrap_or(0);
+            self.rooms_gauge.set(rooms as f64);
+        }
         if let Some(st) = self.stream_time {
             metrics::histogram!(m::WATERMARK_DELAY).record((st - nt).max(0) as f64 / 1000.0);
         }
