@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::stats::{self, assert_matches, load_truth, Replays};
-use common::{Proc, Topics};
+use common::{Proc, Rng, Topics};
 
 /// The cases run one at a time: each runs several engines and a simulator,
 /// and its recovery figures mean little on a machine shared with another.
@@ -172,30 +172,6 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Du
     start.elapsed()
 }
 
-/// A small deterministic generator for the kill moments (its seed is printed).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
-fn summary(d: &[Duration]) -> String {
-    let mut ms: Vec<u128> = d.iter().map(|d| d.as_millis()).collect();
-    ms.sort_unstable();
-    match (ms.first(), ms.last()) {
-        (Some(lo), Some(hi)) => {
-            format!("median {} ms, max {hi} ms (min {lo} ms)", ms[ms.len() / 2])
-        }
-        _ => "none".into(),
-    }
-}
-
 /// Ten SIGKILLs at random moments while 20 rooms are live. The engine runs as
 /// a static member (`--instance-id`, as a pod keeps its name), so each
 /// replacement takes the partitions back at once, restores from the last
@@ -227,12 +203,8 @@ fn ten_sigkills(exactly_once: bool) {
     wait_until("the first engine's output", Duration::from_secs(90), || {
         sent(&engine) >= 20.0
     });
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    eprintln!("kill moments: seed {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_clock();
+    eprintln!("kill moments: seed {}", rng.0);
     let mut recoveries = Vec::new();
     for k in 1..=10 {
         std::thread::sleep(Duration::from_millis(200 + rng.below(2800)));
@@ -259,7 +231,7 @@ fn ten_sigkills(exactly_once: bool) {
     println!(
         "fault: 10 SIGKILLs{} | records lost 0 | {records} records, {replays} exact replays | kill to first output: {}",
         if exactly_once { " (exactly-once)" } else { "" },
-        summary(&recoveries)
+        common::summary(&recoveries)
     );
 }
 
@@ -439,7 +411,7 @@ fn aborted_transactions_restart_partitions_and_write_nothing_twice() {
     println!(
         "fault: 5 transactions broken (exactly-once) | records lost 0 | {} records, 0 written twice | {aborted} aborted and {committed} committed transactions | break to the next commit: {}",
         recs.len(),
-        summary(&recoveries)
+        common::summary(&recoveries)
     );
 }
 
@@ -492,7 +464,7 @@ fn members_join_and_leave(strategy: &str) {
     let (records, replays) = case.check(live);
     println!(
         "fault: members join and leave ({strategy}) | records lost 0 | {records} records, {replays} exact replays | change to balanced: {}",
-        summary(&moves[1..])
+        common::summary(&moves[1..])
     );
 }
 

@@ -19,10 +19,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Proc, Rec, Topics};
+use common::{Proc, Rec, Rng, Topics};
 use onair::models::interests::InterestModel;
-use onair::operators::user_sequences::behaviour_record;
-use onair::schema::{Behaviour, ShortVideoAction, UserSequence, ViewerAction};
+use onair::operators::user_sequences::{behaviour_record, TASK};
+use onair::schema::{Behaviour, ShortVideoAction, TrainingSample, UserSequence, ViewerAction};
 use onair::state::sequence::{rebuild, Act, Bounds, Source};
 use prost::Message;
 
@@ -223,6 +223,11 @@ fn assert_sequences(topics: &Topics, want: &BTreeMap<String, Want>, engine: &Pro
 }
 
 fn simulate(dir: &Path, pipeline: &Path, seed: &str) -> Proc {
+    simulate_for(dir, pipeline, seed, "90s")
+}
+
+/// 10 rooms and their users for `duration` of event time, at 3x.
+fn simulate_for(dir: &Path, pipeline: &Path, seed: &str, duration: &str) -> Proc {
     Proc::simulate(
         dir,
         pipeline,
@@ -230,7 +235,7 @@ fn simulate(dir: &Path, pipeline: &Path, seed: &str) -> Proc {
             "--rooms",
             "10",
             "--duration",
-            "90s",
+            duration,
             "--speed",
             "3",
             "--seed",
@@ -340,4 +345,114 @@ fn sequences_move_with_their_partitions() {
     a.signal_term();
     let status = a.wait(Duration::from_secs(30));
     assert!(status.success(), "engine exit: {status}\n{}", a.log_tail());
+}
+
+/// The fault suite's SIGKILL case for the user stage: ten SIGKILLs at random
+/// moments of one run, each engine replaced by one with the same instance id
+/// (a static member, as a pod keeps its name), which restores the users'
+/// state from the changelog and replays. A reference group reads the same
+/// input beside it, untouched, and writes what a clean run writes. Every
+/// `user-sequences` snapshot and live-moment training sample of the clean
+/// run must be there, byte for byte, and every other record must be an exact
+/// replay of one of them; the last snapshot per user must equal the rebuild
+/// from the published actions.
+#[test]
+fn ten_sigkills_lose_no_sequence_and_write_only_exact_replays() {
+    let dir = common::scratch("seq-kills");
+    let topics = Topics {
+        prefix: common::unique("seq-kills"),
+    };
+    let clean = Topics {
+        prefix: common::unique("seq-clean"),
+    };
+    let pipeline = common::pipeline(&dir, &topics, EXTRA);
+    let reference = common::reference_pipeline(&dir, &topics, &clean, EXTRA);
+    common::create_topics(&pipeline);
+    common::create_topics(&reference);
+    let mut reference = Proc::engine(&dir, &reference, "reference");
+    let instance = ["--instance-id", "onair-0"];
+    let mut engine = Proc::engine_with(&dir, &pipeline, "engine-0", &instance);
+    let sim = simulate_for(&dir, &pipeline, "33", "150s");
+    wait_for_snapshots(&engine, 50.0);
+    let mut rng = Rng::from_clock();
+    eprintln!("kill moments: seed {}", rng.0);
+    let mut recoveries = Vec::new();
+    let mut restored = Vec::new();
+    let mut too_late = 0.0;
+    for k in 1..=10 {
+        std::thread::sleep(Duration::from_millis(200 + rng.below(2800)));
+        too_late += sent(
+            &engine,
+            "onair_stage_dropped_total",
+            &[("stage", "user_sequences"), ("reason", "too_late")],
+        );
+        engine.kill9();
+        let killed = Instant::now();
+        engine = Proc::engine_with(&dir, &pipeline, &format!("engine-{k}"), &instance);
+        wait_for_snapshots(&engine, 1.0);
+        recoveries.push(killed.elapsed());
+        let users = restored_users(&engine);
+        assert!(
+            users > 0.0,
+            "engine-{k} restored no user state\n{}",
+            engine.log_tail()
+        );
+        restored.push(users);
+    }
+    sim.simulate_ok(Duration::from_secs(300));
+    let want = expected(&topics);
+    assert_sequences(&clean, &want, &reference);
+    assert_sequences(&topics, &want, &engine);
+    let mut lines = Vec::new();
+    for (topic, task) in [("user-sequences", None), ("training-samples", Some(TASK))] {
+        let read = |t: &Topics| {
+            let recs = read_all(&t.name(topic), Duration::from_secs(5));
+            match task {
+                None => recs,
+                Some(task) => recs
+                    .into_iter()
+                    .filter(|r| {
+                        TrainingSample::decode(&r.payload[..]).is_ok_and(|s| s.task == task)
+                    })
+                    .collect(),
+            }
+        };
+        let got = common::against_clean(&read(&clean), &read(&topics));
+        assert!(
+            got.exact() && got.clean > 0,
+            "{topic}: {} records of {} clean ids: {} lost, e.g. {:?}; {} different, e.g. {:?}; {} written twice differently, e.g. {:?}; {} extra, e.g. {:?}",
+            got.records,
+            got.clean,
+            got.lost.len(),
+            got.lost.first(),
+            got.differ.len(),
+            got.differ.first(),
+            got.conflicts.len(),
+            got.conflicts.first(),
+            got.extra.len(),
+            got.extra.first(),
+        );
+        lines.push(format!(
+            "{topic}: {} of {} clean records, {} exact replays",
+            got.records - got.replays,
+            got.clean,
+            got.replays
+        ));
+    }
+    too_late += sent(
+        &engine,
+        "onair_stage_dropped_total",
+        &[("stage", "user_sequences"), ("reason", "too_late")],
+    );
+    assert_eq!(too_late, 0.0, "actions refused as too late");
+    for e in [&mut engine, &mut reference] {
+        e.signal_term();
+        let status = e.wait(Duration::from_secs(30));
+        assert!(status.success(), "engine exit: {status}\n{}", e.log_tail());
+    }
+    println!(
+        "fault: 10 SIGKILLs, user stage | records lost 0 | {} | changelog records restored per replacement {restored:?} | kill to first snapshot: {}",
+        lines.join("; "),
+        common::summary(&recoveries)
+    );
 }

@@ -58,7 +58,34 @@ pub fn pipeline(dir: &Path, topics: &Topics, extra: &str) -> PathBuf {
 
 /// [`pipeline`] for the broker at `brokers`.
 pub fn pipeline_at(dir: &Path, topics: &Topics, brokers: &str, extra: &str) -> PathBuf {
-    let text = format!(
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, pipeline_text(topics, topics, brokers, extra)).expect("write pipeline");
+    path
+}
+
+/// A reference beside a test's pipeline: a second consumer group that reads
+/// the same input topics (`inputs`) and writes everything else (outputs,
+/// changelogs, the re-keyed actions) to topics of its own (`own`). Run
+/// untouched next to engines that a fault hits, it writes what a clean run
+/// writes, from the same input records.
+pub fn reference_pipeline(dir: &Path, inputs: &Topics, own: &Topics, extra: &str) -> PathBuf {
+    let path = dir.join("reference.toml");
+    let text = pipeline_text(inputs, own, &brokers(), extra);
+    std::fs::write(&path, text).expect("write pipeline");
+    path
+}
+
+/// The five input topics a simulator writes.
+const INPUTS: [&str; 5] = [
+    "video",
+    "audio",
+    "comments",
+    "actions",
+    "short-video-actions",
+];
+
+fn pipeline_text(inputs: &Topics, own: &Topics, brokers: &str, extra: &str) -> String {
+    let mut text = format!(
         r#"
 [source]
 kind = "kafka"
@@ -103,11 +130,15 @@ max_wait_ms = 60000
 allowed_lateness_ms = 15000
 {extra}
 "#,
-        prefix = topics.prefix
+        prefix = own.prefix
     );
-    let path = dir.join("pipeline.toml");
-    std::fs::write(&path, text).expect("write pipeline");
-    path
+    for t in INPUTS {
+        text = text.replace(
+            &format!("\"{}\"", own.name(t)),
+            &format!("\"{}\"", inputs.name(t)),
+        );
+    }
+    text
 }
 
 /// Creates every topic of a pipeline file (validated), as `run` would.
@@ -399,4 +430,115 @@ pub fn read_until_at(
     consumer.unsubscribe();
     drop(consumer);
     out
+}
+
+/// A faulted run's records of one output topic against a clean run's (a
+/// reference group on the same input), by their `onair-id` header.
+#[derive(Debug, Default)]
+pub struct Against {
+    /// Distinct ids the clean run wrote.
+    pub clean: usize,
+    /// Records the faulted run wrote.
+    pub records: usize,
+    /// Records written again with an id already written, byte for byte.
+    pub replays: usize,
+    /// Ids of the clean run the faulted one never wrote.
+    pub lost: Vec<String>,
+    /// Ids the faulted run wrote with another key or payload than the clean
+    /// run.
+    pub differ: Vec<String>,
+    /// Ids the faulted run wrote twice with different keys or payloads.
+    pub conflicts: Vec<String>,
+    /// Ids only the faulted run wrote.
+    pub extra: Vec<String>,
+}
+
+impl Against {
+    /// Nothing lost, nothing different, nothing extra.
+    pub fn exact(&self) -> bool {
+        self.lost.is_empty()
+            && self.differ.is_empty()
+            && self.conflicts.is_empty()
+            && self.extra.is_empty()
+    }
+}
+
+/// Compares `faulted` with `clean` record by record (see [`Against`]).
+pub fn against_clean(clean: &[Rec], faulted: &[Rec]) -> Against {
+    let by_id = |recs: &[Rec]| {
+        let mut first: BTreeMap<String, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
+        let mut replays = 0;
+        let mut differ = Vec::new();
+        for r in recs {
+            let id = r.headers.get("onair-id").cloned().unwrap_or_default();
+            match first.get(&id) {
+                None => {
+                    first.insert(id, (r.key.clone(), r.payload.clone()));
+                }
+                Some((k, p)) if *k == r.key && *p == r.payload => replays += 1,
+                Some(_) => differ.push(id),
+            }
+        }
+        (first, replays, differ)
+    };
+    let (want, _, _) = by_id(clean);
+    let (got, replays, conflicts) = by_id(faulted);
+    let lost = want
+        .keys()
+        .filter(|id| !got.contains_key(*id))
+        .cloned()
+        .collect();
+    let extra = got
+        .keys()
+        .filter(|id| !want.contains_key(*id))
+        .cloned()
+        .collect();
+    let differ = got
+        .iter()
+        .filter(|(id, r)| want.get(*id).is_some_and(|w| w != *r))
+        .map(|(id, _)| id.clone())
+        .collect();
+    Against {
+        clean: want.len(),
+        records: faulted.len(),
+        replays,
+        lost,
+        differ,
+        conflicts,
+        extra,
+    }
+}
+
+/// A small deterministic generator (for kill moments; print its seed).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The seed from the clock.
+    pub fn from_clock() -> Rng {
+        Rng(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1))
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Median, max and min of some durations, for a `fault:` line.
+pub fn summary(d: &[Duration]) -> String {
+    let mut ms: Vec<u128> = d.iter().map(|d| d.as_millis()).collect();
+    ms.sort_unstable();
+    match (ms.first(), ms.last()) {
+        (Some(lo), Some(hi)) => {
+            format!("median {} ms, max {hi} ms (min {lo} ms)", ms[ms.len() / 2])
+        }
+        _ => "none".into(),
+    }
 }
