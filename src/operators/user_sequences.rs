@@ -522,3 +522,88 @@ impl Operator for UserSequences {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{InputKind, ShortVideoAction, ShortVideoActionKind};
+
+    const T0: i64 = 1_700_000_000_000;
+    const TICK: i64 = 1000;
+
+    /// What the operator writes when the events of tick k arrive in
+    /// `phase[i]` (k - 1 or k: before tick k - 1 or tick k closes), in the
+    /// order of `rank` within a phase.
+    fn run(events: &[(Event, Position)], phase: &[i64], rank: &[u32]) -> Vec<(String, Vec<u8>)> {
+        let cfg = Arc::new(UserSequencesConfig {
+            enabled: true,
+            ..UserSequencesConfig::default()
+        });
+        let mut op = UserSequences::new(cfg, None);
+        let mut outputs = Vec::new();
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        order.sort_by_key(|&i| (phase[i], rank[i]));
+        let last = 6;
+        let mut next = order.into_iter().peekable();
+        for k in -1..=last {
+            let mut ctx = Context::new(&mut outputs, 0, TICK);
+            while let Some(i) = next.next_if(|&i| phase[i] <= k) {
+                let (e, pos) = &events[i];
+                op.on_record(e, *pos, false, &mut ctx);
+            }
+            op.on_tick(T0 + k * TICK, &mut ctx);
+        }
+        outputs.into_iter().map(|o| (o.id, o.payload)).collect()
+    }
+
+    proptest::proptest! {
+        /// A tick's snapshots hold exactly the actions before its end: how
+        /// the actions of neighbouring ticks interleave before the ticks
+        /// close changes nothing written.
+        #[test]
+        fn snapshots_do_not_depend_on_arrival_order(
+            raw in proptest::collection::vec((0u8..4, proptest::bool::ANY, 0i64..6000), 1..40),
+            early_a in proptest::collection::vec(proptest::bool::ANY, 40),
+            early_b in proptest::collection::vec(proptest::bool::ANY, 40),
+            rank_a in proptest::collection::vec(0u32..1000, 40),
+            rank_b in proptest::collection::vec(0u32..1000, 40),
+        ) {
+            let events: Vec<(Event, Position)> = raw
+                .iter()
+                .enumerate()
+                .map(|(i, &(user, play, dt))| {
+                    let kind = if play {
+                        ShortVideoActionKind::Play
+                    } else {
+                        ShortVideoActionKind::Impression
+                    };
+                    let s = ShortVideoAction {
+                        user_id: format!("user-{user}"),
+                        video_id: format!("video-{}", i % 7),
+                        author_id: "author".into(),
+                        event_time_ms: T0 + dt,
+                        kind: kind as i32,
+                        watch_ms: 1000,
+                        duration_ms: 5000,
+                        ..ShortVideoAction::default()
+                    };
+                    let pos = Position {
+                        kind: InputKind::ShortVideoActions,
+                        offset: i as i64,
+                    };
+                    (Event::ShortVideo(s), pos)
+                })
+                .collect();
+            let phases = |early: &[bool]| -> Vec<i64> {
+                raw.iter()
+                    .zip(early)
+                    .map(|(&(_, _, dt), &e)| dt / TICK - i64::from(e))
+                    .collect()
+            };
+            let a = run(&events, &phases(&early_a), &rank_a);
+            let b = run(&events, &phases(&early_b), &rank_b);
+            proptest::prop_assert!(!a.is_empty());
+            proptest::prop_assert_eq!(a, b);
+        }
+    }
+}
