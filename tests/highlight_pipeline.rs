@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{read_until, Proc, Topics};
+use common::{read_until, Proc, Rng, Topics};
 use onair::schema::{HighlightEvent, HighlightScore, TrainingSample};
 use prost::Message;
 
@@ -89,19 +89,11 @@ fn matches(pred: &[(String, i64, i64)], truth: &[(String, i64, i64)]) -> usize {
     n
 }
 
-#[test]
-fn highlight_events_match_the_simulated_highlights() {
-    let dir = common::scratch("highlight");
-    let topics = Topics {
-        prefix: common::unique("highlight"),
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let models = root.join("models");
-    let pipeline = common::pipeline(
-        &dir,
-        &topics,
-        &format!(
-            r#"
+/// The pipeline's operators: features, highlight and highlight labels, on
+/// the shipped models, over small video.
+fn extra(models: &Path) -> String {
+    format!(
+        r#"
 [simulator]
 comments_per_sec = 3.0
 viewers = 60
@@ -122,11 +114,21 @@ reload_interval_ms = 0
 [operators.highlight_labels]
 enabled = true
 "#,
-            image = models.join("image").display(),
-            text = models.join("text").display(),
-            highlight = models.join("highlight").display(),
-        ),
-    );
+        image = models.join("image").display(),
+        text = models.join("text").display(),
+        highlight = models.join("highlight").display(),
+    )
+}
+
+#[test]
+fn highlight_events_match_the_simulated_highlights() {
+    let dir = common::scratch("highlight");
+    let topics = Topics {
+        prefix: common::unique("highlight"),
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let models = root.join("models");
+    let pipeline = common::pipeline(&dir, &topics, &extra(&models));
     common::create_topics(&pipeline);
     let mut engine = Proc::engine(&dir, &pipeline, "engine");
     let start_ms = onair::simulator::default_start_ms();
@@ -301,4 +303,241 @@ enabled = true
         samples.len()
     );
     assert!(labelled > 0);
+}
+
+/// Highlight detection under SIGKILL through the broker: the engine is killed
+/// four times at random moments while it works through the rooms' video,
+/// comments and viewers (features, highlight and highlight labels on the
+/// shipped models), each time replaced by one with the same instance id,
+/// which restores the room changelog and replays. A reference group reads the
+/// same input beside it, untouched. Every record the reference writes on
+/// `room-features`, `highlight-scores`, `highlights` (open and closed),
+/// `training-samples` and `room-stats` must be there, with nothing else:
+/// `room-stats` byte for byte; features and scores within rounding (a
+/// comment's embedding depends in its last bits on the batch it ran in).
+#[test]
+fn highlights_after_sigkills_are_what_a_clean_run_writes() {
+    const KILL_ROOMS: usize = 4;
+    const KILL_SECONDS: i64 = 90;
+    let dir = common::scratch("highlight-kills");
+    let topics = Topics {
+        prefix: common::unique("highlight-kills"),
+    };
+    let clean = Topics {
+        prefix: common::unique("highlight-clean"),
+    };
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let extra = extra(&models);
+    let pipeline = common::pipeline(&dir, &topics, &extra);
+    let reference = common::reference_pipeline(&dir, &topics, &clean, &extra);
+    common::create_topics(&pipeline);
+    common::create_topics(&reference);
+    let mut reference = Proc::engine(&dir, &reference, "reference");
+    let instance = ["--instance-id", "onair-0"];
+    let mut engine = Proc::engine_with(&dir, &pipeline, "engine-0", &instance);
+    let scored = |p: &Proc| {
+        p.scrape()
+            .and_then(|t| common::metric(&t, "onair_highlight_scores_total", &[]))
+            .unwrap_or(0.0)
+    };
+    let mut sim = Proc::simulate(
+        &dir,
+        &pipeline,
+        &[
+            "--rooms",
+            &KILL_ROOMS.to_string(),
+            "--duration",
+            &format!("{KILL_SECONDS}s"),
+            "--speed",
+            "2",
+            "--seed",
+            "78",
+            "--no-speech",
+        ],
+    );
+    let wait = |p: &Proc, n: f64, what: &str| {
+        let until = Instant::now() + Duration::from_secs(300);
+        while scored(p) < n {
+            assert!(Instant::now() < until, "{what}\n{}", p.log_tail());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait(&engine, 20.0, "no scores from the first engine");
+    let mut rng = Rng::from_clock();
+    eprintln!("kill moments: seed {}", rng.0);
+    let mut recoveries = Vec::new();
+    for k in 1..=4 {
+        std::thread::sleep(Duration::from_millis(1000 + rng.below(5000)));
+        engine.kill9();
+        let killed = Instant::now();
+        engine = Proc::engine_with(&dir, &pipeline, &format!("engine-{k}"), &instance);
+        wait(&engine, 1.0, &format!("no scores after kill {k}"));
+        recoveries.push(killed.elapsed());
+    }
+    assert!(
+        sim.wait(Duration::from_secs(300)).success(),
+        "{}",
+        sim.log_tail()
+    );
+    // The reference settles first; then the killed engine's topics must
+    // hold every record it wrote.
+    let outputs = [
+        "room-features",
+        "highlight-scores",
+        "highlights",
+        "training-samples",
+        "room-stats",
+    ];
+    let settle = |t: &Topics, topic: &str, at_least: usize| {
+        let mut last = (0, Instant::now());
+        read_until(&t.name(topic), Duration::from_secs(600), |recs| {
+            if recs.len() != last.0 {
+                last = (recs.len(), Instant::now());
+            }
+            recs.len() >= at_least && last.1.elapsed() > Duration::from_secs(10)
+        })
+    };
+    let mut lines = Vec::new();
+    let mut events = 0;
+    for topic in outputs {
+        let want = if topic == "highlight-scores" {
+            KILL_ROOMS * (KILL_SECONDS as usize - 5)
+        } else {
+            1
+        };
+        let clean_recs = settle(&clean, topic, want);
+        let faulted = settle(&topics, topic, clean_recs.len());
+        // A highlight is written open and then closed under one id.
+        let got = common::against_clean_by(&clean_recs, &faulted, |r| {
+            let id = r.headers.get("onair-id").cloned().unwrap_or_default();
+            if topic == "highlights" {
+                let e = HighlightEvent::decode(&r.payload[..]).expect("highlight");
+                format!("{id}/{}-{}", e.start_time_ms, e.end_time_ms)
+            } else {
+                id
+            }
+        });
+        // Ids: nothing lost, nothing extra, whatever the topic.
+        assert!(
+            got.lost.is_empty() && got.extra.is_empty() && got.clean > 0,
+            "{topic}: {got}\n{}",
+            engine.log_tail()
+        );
+        // Bytes: the records made without the text encoder are the clean
+        // run's exactly; an embedding of a comment batched with other
+        // comments comes out different in the last bits (ONNX Runtime's
+        // kernels by batch shape), so features and what follows from them
+        // may differ there, by no more than rounding.
+        let differing: Vec<&String> = got.differ.iter().chain(&got.conflicts).collect();
+        match topic {
+            "room-stats" => assert!(
+                differing.is_empty(),
+                "room-stats: {} ticks differ from the clean run, e.g. {:?}",
+                differing.len(),
+                differing.first()
+            ),
+            "room-features" => {
+                let worst = worst_feature_difference(&clean_recs, &faulted);
+                assert!(
+                    worst < 1e-5,
+                    "room-features differ by up to {worst} from the clean run"
+                );
+                lines.push(format!("room-features max difference {worst:.1e}"));
+            }
+            "highlight-scores" => {
+                let worst = worst_score_difference(&clean_recs, &faulted);
+                assert!(
+                    worst < 1e-4,
+                    "highlight scores differ by up to {worst} from the clean run"
+                );
+                lines.push(format!("scores max difference {worst:.1e}"));
+            }
+            _ => {}
+        }
+        if topic == "highlights" {
+            events = got.clean;
+        }
+        lines.push(format!(
+            "{topic} {} ({} replays, {} with other bytes)",
+            got.clean,
+            got.replays,
+            differing.len()
+        ));
+    }
+    assert!(
+        events > 0,
+        "no highlight written: the hysteresis went untested"
+    );
+    for e in [&mut engine, &mut reference] {
+        e.signal_term();
+        assert!(
+            e.wait(Duration::from_secs(60)).success(),
+            "{}",
+            e.log_tail()
+        );
+    }
+    println!(
+        "fault: 4 SIGKILLs, features and highlight | records lost 0 | {} | kill to first score: {}",
+        lines.join(", "),
+        common::summary(&recoveries)
+    );
+}
+
+/// The largest difference of any value between records of one tick of one
+/// room in `clean` and `faulted` (`room-features`); counts and ids must match.
+fn worst_feature_difference(clean: &[common::Rec], faulted: &[common::Rec]) -> f32 {
+    use onair::schema::RoomFeatures;
+    let decode = |recs: &[common::Rec]| -> BTreeMap<String, RoomFeatures> {
+        recs.iter()
+            .map(|r| RoomFeatures::decode(&r.payload[..]).expect("room features"))
+            .map(|f| (f.id.clone(), f))
+            .collect()
+    };
+    let want = decode(clean);
+    let mut worst = 0f32;
+    for r in faulted {
+        let f = RoomFeatures::decode(&r.payload[..]).expect("room features");
+        let Some(w) = want.get(&f.id) else { continue };
+        assert_eq!(
+            (
+                f.frames,
+                f.comments,
+                f.transcripts,
+                &f.image_model,
+                &f.text_model
+            ),
+            (
+                w.frames,
+                w.comments,
+                w.transcripts,
+                &w.image_model,
+                &w.text_model
+            ),
+            "{}",
+            f.id
+        );
+        for (a, b) in [
+            (&f.image_embedding, &w.image_embedding),
+            (&f.comment_embedding, &w.comment_embedding),
+            (&f.transcript_embedding, &w.transcript_embedding),
+        ] {
+            assert_eq!(a.len(), b.len(), "{}", f.id);
+            for (x, y) in a.iter().zip(b) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    worst
+}
+
+/// The largest difference between the scores of one tick of one room in
+/// `clean` and `faulted` (`highlight-scores`).
+fn worst_score_difference(clean: &[common::Rec], faulted: &[common::Rec]) -> f32 {
+    let decode = |r: &common::Rec| HighlightScore::decode(&r.payload[..]).expect("score");
+    let want: BTreeMap<String, f32> = clean.iter().map(decode).map(|s| (s.id, s.score)).collect();
+    faulted
+        .iter()
+        .map(decode)
+        .filter_map(|s| want.get(&s.id).map(|w| (s.score - w).abs()))
+        .fold(0f32, f32::max)
 }

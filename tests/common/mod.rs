@@ -463,14 +463,42 @@ impl Against {
     }
 }
 
+impl std::fmt::Display for Against {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} records of {} clean ids: {} lost, e.g. {:?}; {} different, e.g. {:?}; {} written twice differently, e.g. {:?}; {} extra, e.g. {:?}",
+            self.records,
+            self.clean,
+            self.lost.len(),
+            self.lost.first(),
+            self.differ.len(),
+            self.differ.first(),
+            self.conflicts.len(),
+            self.conflicts.first(),
+            self.extra.len(),
+            self.extra.first(),
+        )
+    }
+}
+
 /// Compares `faulted` with `clean` record by record (see [`Against`]).
 pub fn against_clean(clean: &[Rec], faulted: &[Rec]) -> Against {
+    against_clean_by(clean, faulted, |r| {
+        r.headers.get("onair-id").cloned().unwrap_or_default()
+    })
+}
+
+/// [`against_clean`] with the records told apart by `id` (for a topic
+/// whose records of one id change, as a highlight written open and then
+/// closed: the id and the bytes).
+pub fn against_clean_by(clean: &[Rec], faulted: &[Rec], id: impl Fn(&Rec) -> String) -> Against {
     let by_id = |recs: &[Rec]| {
         let mut first: BTreeMap<String, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
         let mut replays = 0;
         let mut differ = Vec::new();
         for r in recs {
-            let id = r.headers.get("onair-id").cloned().unwrap_or_default();
+            let id = id(r);
             match first.get(&id) {
                 None => {
                     first.insert(id, (r.key.clone(), r.payload.clone()));
