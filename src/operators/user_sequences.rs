@@ -391,6 +391,7 @@ impl Operator for UserSequences {
             self.pending.push((user, act, pos));
         }
     }
+
     fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
         let as_of = tick_start_ms + ctx.tick_ms();
         // The tick's actions join in event time (ties by source position),
@@ -421,7 +422,6 @@ impl Operator for UserSequences {
             self.snapshots.increment(1);
             self.stage.sent.increment(1);
         }
-        self.unwritten.extend(dirty);
         if self.cfg.samples {
             let mut done = Vec::new();
             let (period, long_view) = (self.cfg.label_period_ms, self.cfg.long_view_ms);
