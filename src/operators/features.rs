@@ -619,11 +619,12 @@ impl Operator for Features {
             return;
         };
         acc.feats.comments += 1;
+        // Counted, so held, embedded or not: a replay counts it again.
+        acc.holds.hold(pos);
         if acc.feats.comments > max || c.text.trim().is_empty() {
             return;
         }
         acc.pending += 1;
-        acc.holds.hold(pos);
         let id = self.new_id(Req::Comment {
             room: key.clone(),
             time_ms: c.event_time_ms,

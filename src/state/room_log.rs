@@ -59,6 +59,12 @@ impl Logged {
         self.restored.is_some_and(|c| c.closed(tick_start_ms))
     }
 
+    /// The cut the room's restored state was taken at (None: the room
+    /// was not restored and the partition's state was not either).
+    pub fn restored(&self) -> Option<Cut> {
+        self.restored
+    }
+
     /// The room's state changed (a tick, model work).
     pub fn changed(&mut self) {
         self.dirty = true;
@@ -153,14 +159,8 @@ impl RoomLog {
         partition: Vec<u8>,
     ) {
         self.on = true;
-        let (name, p) = (self.name, ctx.partition());
-        let bytes = &self.bytes;
-        let mut emit = |key: &[u8], payload: Vec<u8>, held: Holds| {
-            bytes.increment((key.len() + payload.len()) as u64);
-            ctx.emit(room_changelog(name, p, key, payload, cut, held));
-        };
-        for (room, held) in self.dropped.drain() {
-            emit(room.as_bytes(), Vec::new(), held);
+        for (room, held) in std::mem::take(&mut self.dropped) {
+            self.write(cut, ctx, room.as_bytes(), Vec::new(), held);
         }
         for (room, r) in rooms {
             let log = logged(r);
@@ -169,11 +169,30 @@ impl RoomLog {
             }
             log.dirty = false;
             let held = std::mem::take(&mut log.unflushed);
-            emit(room.as_bytes(), encode(r, cut), held);
+            self.write(cut, ctx, room.as_bytes(), encode(r, cut), held);
         }
         // Last: the cut every room without a later record of its own had
         // its state at.
-        emit(b"", partition, Holds::default());
+        self.write(cut, ctx, b"", partition, Holds::default());
+    }
+
+    /// Writes one record taken at `cut` under the operator's `key` (an
+    /// empty payload deletes it), held by `held` until acknowledged. For
+    /// records of the operator's own beside its rooms' (written before
+    /// [`RoomLog::snapshot`], so that a room's record never lands without
+    /// them); their keys must not be room ids (e.g. start with 0xFF, which
+    /// no UTF-8 string has).
+    pub fn write(
+        &self,
+        cut: &Cut,
+        ctx: &mut Context<'_>,
+        key: &[u8],
+        payload: Vec<u8>,
+        held: Holds,
+    ) {
+        self.bytes.increment((key.len() + payload.len()) as u64);
+        let p = ctx.partition();
+        ctx.emit(room_changelog(self.name, p, key, payload, cut, held));
     }
 
     /// Reads one of the operator's changelog records back (see
