@@ -599,6 +599,8 @@ impl Operator for HighlightLabels {
 mod tests {
     use super::*;
     use crate::schema::{InputKind, ViewerAction};
+    use crate::state::room_log::testing::{replay_actions, restore, take_snapshot, Act};
+    use std::collections::BTreeSet;
 
     const T0: i64 = 1_000_000;
 
@@ -749,109 +751,39 @@ mod tests {
         assert!(r.out.is_empty());
     }
 
-    /// Feeds the actions (offsets from 0) from offset `from` on, closing
-    /// ticks of 1 s as the runtime does with no allowed lateness; each
-    /// tick's features (a function of room and tick) come for the rooms
-    /// with an action in it, as the features operator sends them, just
-    /// before the tick closes. Calls `at(op, i, cut, ctx)` before action
-    /// `i`. Returns the samples written by id, and how many outputs each
-    /// call of `at` had seen.
+    /// [`replay_actions`], each tick's features (a function of room and
+    /// tick) coming for the rooms with an action in it, just before the
+    /// tick closes, as the features operator sends them (those of ticks
+    /// before `replayed_before` marked as sent again).
     fn replay(
         op: &mut HighlightLabels,
-        acts: &[(i64, u8, u8, ActionKind)],
+        acts: &[Act],
         from: i64,
         replayed_before: Option<i64>,
-        mut at: impl FnMut(&mut HighlightLabels, usize, &Cut, &mut Context<'_>),
+        at: impl FnMut(&mut HighlightLabels, usize, &Cut, &mut Context<'_>),
     ) -> Vec<(String, Vec<u8>)> {
-        let mut out = Vec::new();
-        let mut ctx = Context::new(&mut out, 0, 1000);
-        let resume = op.resumed_at().and_then(|c| c.next_tick_ms);
-        let mut next_tick: Option<i64> = None;
-        let mut processed = None;
-        // The features operator replays the open ticks' inputs whole (it
-        // holds them): a tick's rooms do not depend on where this replay
-        // starts.
-        let mut in_tick: BTreeMap<i64, std::collections::BTreeSet<u8>> = BTreeMap::new();
-        for &(t, room, _, _) in acts {
-            in_tick
-                .entry(t.div_euclid(1000) * 1000)
-                .or_default()
-                .insert(room);
-        }
-        let close = |op: &mut HighlightLabels, nt: i64, ctx: &mut Context<'_>| {
-            for &room in in_tick.get(&nt).into_iter().flatten() {
-                let record = Arc::new(RoomFeatures {
-                    room_id: format!("r{room}"),
-                    tick_start_ms: nt,
-                    tick_ms: 1000,
-                    comments: (nt / 1000 % 7) as u32 + room as u32,
-                    // Features sent again for ticks closed before the cut
-                    // differ from those sent then: the restored ones win.
-                    image_model: if replayed_before.is_some_and(|c| nt < c) {
-                        "image@replayed".into()
-                    } else {
-                        "image@1".into()
-                    },
-                    ..RoomFeatures::default()
-                });
-                op.on_note(
-                    &Note::Features {
-                        record,
-                        holds: Holds::default(),
-                    },
-                    ctx,
-                );
-            }
-            op.on_tick(nt, ctx);
-        };
-        for (i, &(t, room, user, kind)) in acts.iter().enumerate() {
-            let cut = Cut {
-                processed: {
-                    let mut p = [None; InputKind::COUNT];
-                    p[InputKind::Actions.index()] = processed;
-                    p
-                },
-                next_tick_ms: next_tick,
-                stream_time_ms: None,
+        let notes =
+            |op: &mut HighlightLabels, nt: i64, rooms: &BTreeSet<u8>, ctx: &mut Context<'_>| {
+                for &room in rooms {
+                    let record = Arc::new(RoomFeatures {
+                        room_id: format!("r{room}"),
+                        tick_start_ms: nt,
+                        tick_ms: 1000,
+                        comments: (nt / 1000 % 7) as u32 + room as u32,
+                        // Features sent again for ticks closed before the cut
+                        // differ from those sent then: the restored ones win.
+                        image_model: if replayed_before.is_some_and(|c| nt < c) {
+                            "image@replayed".into()
+                        } else {
+                            "image@1".into()
+                        },
+                        ..RoomFeatures::default()
+                    });
+                    let holds = Holds::default();
+                    op.on_note(&Note::Features { record, holds }, ctx);
+                }
             };
-            at(op, i, &cut, &mut ctx);
-            let offset = i as i64;
-            if offset < from {
-                continue;
-            }
-            let tick = t.div_euclid(1000) * 1000;
-            let mut nt = *next_tick.get_or_insert(resume.map_or(tick, |r| r.min(tick)));
-            while nt + 1000 <= t {
-                close(op, nt, &mut ctx);
-                nt += 1000;
-            }
-            next_tick = Some(nt);
-            let a = ViewerAction {
-                schema_version: 1,
-                room_id: format!("r{room}"),
-                user_id: format!("u{user}"),
-                streamer_id: format!("s{room}"),
-                event_time_ms: t,
-                kind: kind as i32,
-                ..ViewerAction::default()
-            };
-            let pos = Position {
-                kind: InputKind::Actions,
-                offset,
-            };
-            op.on_record(&Event::Action(a), pos, tick < nt, &mut ctx);
-            processed = Some(offset + 1);
-        }
-        if let Some(mut nt) = next_tick {
-            for _ in 0..60 {
-                close(op, nt, &mut ctx);
-                nt += 1000;
-            }
-        }
-        out.iter()
-            .filter(|o| o.topic == OutputTopic::TrainingSamples)
-            .map(|o| (o.id.clone(), o.payload.clone()))
-            .collect()
+        replay_actions(op, acts, from, 60, notes, at)
     }
 
     proptest::proptest! {
@@ -890,34 +822,14 @@ mod tests {
             let whole = replay(&mut a, &acts, 0, None, |op, i, cut, ctx| {
                 if i == at {
                     written_before = ctx.outputs.iter().filter(|o| o.topic == OutputTopic::TrainingSamples).count();
-                    let before = ctx.outputs.len();
-                    op.snapshot(cut, ctx);
-                    for o in &ctx.outputs[before..] {
-                        assert!(matches!(o.topic, OutputTopic::RoomChangelog { partition: 0 }));
-                        changelog.push((o.key.clone(), o.payload.clone()));
-                    }
-                    ctx.outputs.truncate(before);
+                    changelog = take_snapshot(op, cut, ctx);
                     cut_taken = *cut;
-                    let mut h = Holds::default();
-                    op.holds(&mut h);
-                    assert_eq!(h, Holds::default(), "nothing held once written");
                 }
             });
             // The changelog as the runtime reads it back: the last record
             // per key, in the order of those, tombstones deleting.
-            let mut latest: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-            for (k, v) in changelog {
-                latest.retain(|(k2, _)| *k2 != k);
-                if !v.is_empty() {
-                    latest.push((k, v));
-                }
-            }
             let mut b = HighlightLabels::new(cfg, 1000);
-            for (k, v) in &latest {
-                let (name, key) = crate::runtime::split_changelog_key(k).unwrap();
-                proptest::prop_assert_eq!(name, NAME.as_bytes());
-                b.restore(key, v, None);
-            }
+            restore(&mut b, changelog);
             let from = ((cut_taken.processed[InputKind::Actions.index()].unwrap_or(0) as f64) * from_frac.min(1.0)) as i64;
             let again = replay(&mut b, &acts, from, cut_taken.next_tick_ms, |_, _, _, _| {});
             let after: BTreeMap<_, _> = whole[written_before..].iter().cloned().collect();

@@ -244,3 +244,141 @@ impl RoomLog {
         self.dropped.clear();
     }
 }
+
+/// Test helpers for operators on the room changelog.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use crate::runtime::{split_changelog_key, Context, Operator, OutputTopic, Position};
+    use crate::schema::{ActionKind, Event, InputKind, ViewerAction};
+    use crate::state::{Cut, Holds};
+
+    /// One viewer action of a replay: (event time, room, user, kind).
+    pub type Act = (i64, u8, u8, ActionKind);
+
+    /// Feeds `acts` to `op` from offset `from` on (offsets from 0; room
+    /// "r{n}", user "u{n}", streamer "s{n}", gift value user + 1, gift id
+    /// "g{offset}"), closing ticks of 1 s as the runtime does with no
+    /// allowed lateness (a restored state's open ticks close even where the
+    /// replay starts after them), and `tail` ticks more after the last.
+    /// `notes(op, tick, rooms, ctx)` runs just before each tick closes, with
+    /// the rooms that have an action in the tick in the whole input (the
+    /// operators before this one hold a tick's inputs, so a replay gives
+    /// them all again). Calls `at(op, i, cut, ctx)` before action `i`.
+    /// Returns the training samples written (id, bytes).
+    pub fn replay_actions<O: Operator>(
+        op: &mut O,
+        acts: &[Act],
+        from: i64,
+        tail: usize,
+        mut notes: impl FnMut(&mut O, i64, &BTreeSet<u8>, &mut Context<'_>),
+        mut at: impl FnMut(&mut O, usize, &Cut, &mut Context<'_>),
+    ) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut ctx = Context::new(&mut out, 0, 1000);
+        let resume = op.resumed_at().and_then(|c| c.next_tick_ms);
+        let mut in_tick: BTreeMap<i64, BTreeSet<u8>> = BTreeMap::new();
+        for &(t, room, _, _) in acts {
+            in_tick
+                .entry(t.div_euclid(1000) * 1000)
+                .or_default()
+                .insert(room);
+        }
+        let none = BTreeSet::new();
+        let mut close = |op: &mut O, nt: i64, ctx: &mut Context<'_>| {
+            notes(op, nt, in_tick.get(&nt).unwrap_or(&none), ctx);
+            op.on_tick(nt, ctx);
+        };
+        let (mut next_tick, mut processed): (Option<i64>, Option<i64>) = (None, None);
+        for (i, &(t, room, user, kind)) in acts.iter().enumerate() {
+            let mut p = [None; InputKind::COUNT];
+            p[InputKind::Actions.index()] = processed;
+            let cut = Cut {
+                processed: p,
+                next_tick_ms: next_tick,
+                stream_time_ms: None,
+            };
+            at(op, i, &cut, &mut ctx);
+            let offset = i as i64;
+            if offset < from {
+                continue;
+            }
+            let tick = t.div_euclid(1000) * 1000;
+            let mut nt = *next_tick.get_or_insert(resume.map_or(tick, |r| r.min(tick)));
+            while nt + 1000 <= t {
+                close(op, nt, &mut ctx);
+                nt += 1000;
+            }
+            next_tick = Some(nt);
+            let a = ViewerAction {
+                schema_version: 1,
+                room_id: format!("r{room}"),
+                user_id: format!("u{user}"),
+                streamer_id: format!("s{room}"),
+                event_time_ms: t,
+                kind: kind as i32,
+                gift_value: u64::from(user) + 1,
+                gift_id: format!("g{i}"),
+                ..ViewerAction::default()
+            };
+            let pos = Position {
+                kind: InputKind::Actions,
+                offset,
+            };
+            op.on_record(&Event::Action(a), pos, tick < nt, &mut ctx);
+            processed = Some(offset + 1);
+        }
+        if let Some(mut nt) = next_tick {
+            for _ in 0..tail {
+                close(op, nt, &mut ctx);
+                nt += 1000;
+            }
+        }
+        out.iter()
+            .filter(|o| o.topic == OutputTopic::TrainingSamples)
+            .map(|o| (o.id.clone(), o.payload.clone()))
+            .collect()
+    }
+
+    /// Has `op` write its changelog records at `cut` and takes them out
+    /// of the context (key, value), checking that they are room changelog
+    /// records and that nothing stays held once they are written.
+    pub fn take_snapshot(
+        op: &mut dyn Operator,
+        cut: &Cut,
+        ctx: &mut Context<'_>,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let before = ctx.outputs.len();
+        op.snapshot(cut, ctx);
+        let records = ctx.outputs[before..]
+            .iter()
+            .map(|o| {
+                assert!(matches!(o.topic, OutputTopic::RoomChangelog { .. }));
+                (o.key.clone(), o.payload.clone())
+            })
+            .collect();
+        ctx.outputs.truncate(before);
+        let mut h = Holds::default();
+        op.holds(&mut h);
+        assert_eq!(h, Holds::default(), "nothing held once written");
+        records
+    }
+
+    /// Restores `op` from `records` as the runtime reads a changelog back:
+    /// the last record per key, in the order of those, a tombstone deleting.
+    pub fn restore(op: &mut dyn Operator, records: Vec<(Vec<u8>, Vec<u8>)>) {
+        let mut latest: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for (k, v) in records {
+            latest.retain(|(k2, _)| *k2 != k);
+            if !v.is_empty() {
+                latest.push((k, v));
+            }
+        }
+        for (k, v) in &latest {
+            let (name, key) = split_changelog_key(k).expect("a changelog key");
+            assert_eq!(name, op.name().as_bytes());
+            op.restore(key, v, None);
+        }
+    }
+}
