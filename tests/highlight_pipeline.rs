@@ -513,8 +513,11 @@ fn worst_feature_difference(clean: &[common::Rec], faulted: &[common::Rec]) -> f
                 &w.image_model,
                 &w.text_model
             ),
-            "{}",
-            f.id
+            "{} (room {}, tick {}, offset {} of room-features)",
+            f.id,
+            f.room_id,
+            f.tick_start_ms,
+            r.offset
         );
         for (a, b) in [
             (&f.image_embedding, &w.image_embedding),

@@ -137,6 +137,8 @@ struct Batch {
     pending: usize,
     holds: Holds,
     tick_end_ms: Option<i64>,
+    /// The inputs of its tick outputs, by the end of their tick.
+    ticks: Vec<(i64, Holds)>,
 }
 
 /// A partition task (see the module docs).
@@ -203,6 +205,12 @@ pub struct PartitionTask {
     batches: VecDeque<Batch>,
     next_batch: u64,
     emitted_through: Option<i64>,
+    /// Inputs of acknowledged tick outputs, by the end of their tick, kept
+    /// until the checkpoint's emitted-through time passes it: a restart
+    /// writes the outputs of later ticks again, so their inputs must be
+    /// replayed whole (an operator's own hold ends when its output is
+    /// acknowledged, another's output of the same tick may still be due).
+    retained: std::collections::BTreeMap<i64, Holds>,
     /// The streams are shown held back because an operator is congested.
     held_for_ops: bool,
     in_flight: usize,
@@ -336,6 +344,7 @@ impl PartitionTask {
             idle_anchor: None,
             input_closed: false,
             batches: VecDeque::new(),
+            retained: Default::default(),
             next_batch: 0,
             emitted_through: spec.replayed_through,
             held_for_ops: false,
@@ -1038,6 +1047,7 @@ impl PartitionTask {
         let id = self.next_batch;
         self.next_batch += 1;
         let mut holds = Holds::default();
+        let mut ticks: Vec<(i64, Holds)> = Vec::new();
         let mut count = 0;
         for out in outputs {
             if let (Some(t), Some(r)) = (out.tick_end_ms, self.replayed_through) {
@@ -1049,6 +1059,15 @@ impl PartitionTask {
                 }
             }
             holds.merge(&out.depends_on);
+            if let Some(t) = out
+                .tick_end_ms
+                .filter(|_| out.depends_on != Holds::default())
+            {
+                match ticks.iter_mut().find(|(e, _)| *e == t) {
+                    Some((_, h)) => h.merge(&out.depends_on),
+                    None => ticks.push((t, out.depends_on)),
+                }
+            }
             count += 1;
             self.sink_stage.received.increment(1);
             let mut item = (out, Ack::new(self.ack_tx.clone(), id));
@@ -1069,6 +1088,7 @@ impl PartitionTask {
             pending: count,
             holds,
             tick_end_ms: tick_end,
+            ticks,
         });
         self.complete_prefix();
     }
@@ -1100,7 +1120,32 @@ impl PartitionTask {
                 if let Some(t) = b.tick_end_ms {
                     self.emitted_through = Some(self.emitted_through.map_or(t, |e| e.max(t)));
                 }
+                for (t, h) in b.ticks {
+                    self.retained.entry(t).or_default().merge(&h);
+                }
             }
+        }
+        // What the checkpoint counts as emitted through is not written again.
+        if let Some(e) = self.emitted_through_ms() {
+            self.retained = self.retained.split_off(&(e + 1));
+        }
+    }
+
+    /// The end of the last tick whose outputs are all written, as the
+    /// checkpoint has it: no later than a tick an operator has not finished,
+    /// and no earlier than what the partition's previous owner had written
+    /// (a restored operator may redo ticks before that: their outputs are
+    /// not written again, and their inputs need not all be replayed, so the
+    /// next owner must not write them either).
+    fn emitted_through_ms(&self) -> Option<i64> {
+        let unfinished = self.ops.iter().filter_map(|o| o.unfinished_tick()).min();
+        let e = match (self.emitted_through, unfinished) {
+            (Some(e), Some(u)) => Some(e.min(u)),
+            (e, _) => e,
+        };
+        match (e, self.replayed_through) {
+            (Some(e), Some(r)) => Some(e.max(r)),
+            (e, r) => e.or(r),
         }
     }
 
@@ -1165,6 +1210,12 @@ impl PartitionTask {
         for b in &self.batches {
             holds.merge(&b.holds);
         }
+        let emitted_through_ms = self.emitted_through_ms();
+        for (&t, h) in &self.retained {
+            if emitted_through_ms.is_none_or(|e| t > e) {
+                holds.merge(h);
+            }
+        }
         for out in &self.outputs {
             holds.merge(&out.depends_on);
         }
@@ -1179,12 +1230,6 @@ impl PartitionTask {
             next_offsets[k] =
                 self.received_next[k].map(|n| holds.get(kind).map_or(n, |h| h.min(n)));
         }
-        // A tick an operator has not finished is not emitted through.
-        let unfinished = self.ops.iter().filter_map(|o| o.unfinished_tick()).min();
-        let emitted_through_ms = match (self.emitted_through, unfinished) {
-            (Some(e), Some(u)) => Some(e.min(u)),
-            (e, _) => e,
-        };
         // With nothing in flight, every output that accepted and processed
         // records made at once is acknowledged: the marks say how far.
         let marks = (self.in_flight == 0 && self.outputs.is_empty()).then(|| {
