@@ -1125,10 +1125,6 @@ impl PartitionTask {
                 }
             }
         }
-        // What the checkpoint counts as emitted through is not written again.
-        if let Some(e) = self.emitted_through_ms() {
-            self.retained = self.retained.split_off(&(e + 1));
-        }
     }
 
     /// The end of the last tick whose outputs are all written, as the
@@ -1261,7 +1257,13 @@ impl PartitionTask {
         }
     }
 
-    fn publish_checkpoint(&self) {
+    fn publish_checkpoint(&mut self) {
+        // What the checkpoint counts as emitted through is not written
+        // again: its inputs need no longer be kept (once per checkpoint,
+        // not per acknowledgement).
+        if let Some(e) = self.emitted_through_ms() {
+            self.retained = self.retained.split_off(&(e + 1));
+        }
         let cp = self.checkpoint();
         if let Ok(mut slot) = self.shared.checkpoint.lock() {
             *slot = Some(cp);
