@@ -4,32 +4,45 @@
 //! started it): time present, likes, comments, gifts and their value, whether the
 //! viewer followed the streamer. At every moment the engine scores a viewer —
 //! the viewer enters (`trigger` 0), the room's content segment completes
-//! (`Note::Content`, every viewer present, `trigger` 1), the viewer sends a gift
-//! (`trigger` 2) — it snapshots the pair's features (layout `mmbee-pair-v1`, see
+//! (`trigger` 1, every viewer present), the viewer sends a gift (`trigger` 2) —
+//! it snapshots the pair's features (layout `mmbee-pair-v1`, see
 //! [`PAIR_WIDTH`]) with the room's current content segment, and once event time
 //! has passed `t + horizon_ms` writes it as an `mmbee` training sample labelled
 //! 1.0 when the viewer sent a gift in the room within `(t, t + horizon_ms]`.
 //! Every gift is also written as an `mmbee-gifts` sample (the live history and
-//! the gifting graph are built from them offline).
+//! the gifting graph are built from them offline) as it is read.
 //!
-//! Session counters include every action of the session at or before `t`,
-//! the triggering one too.
+//! Everything is decided in event time, so a replay writes the same pairs
+//! however its records interleaved with the model work: an action waits for
+//! its tick to close, and the tick's actions are then applied in event-time
+//! order (ties by input offset); an action whose tick had closed is applied
+//! as it is read. A segment `[s, s + segment_ms)` completes at
+//! `s + segment_ms + finalize_delay_ms` — the moment the MMBee content
+//! operator's row of it is final ([`Note::Content`]'s `at_ms`) — when the
+//! room streamed in it (a media or comment record of the room in it, read
+//! before that moment's tick closed): the viewers present then get their
+//! `trigger` 1 pair, counting the actions at or before that moment, and the
+//! segment is the room's content for every pair after it. Session counters
+//! include every action of the session at or before `t`, the triggering one
+//! too. A segment can count as streamed here and have no `mmbee-content`
+//! sample (its features never came): training finds no content for it.
 //!
 //! # State across restarts
 //! With the room changelog (Kafka; see [`Operator::snapshot`]) each room
 //! whose state changed gets a record of all of it: viewers and sessions,
-//! pairs waiting for their label, the gifts they may need, the content
-//! segment and the room's newest time. A restored room skips the replayed
-//! actions its cut covers and the content notes of segments it has seen.
-//! Without the changelog, pairs hold their trigger's input position until
-//! written and sessions are not held: a restart replays pairs from their
-//! trigger, with the counters of the actions replayed since, and loses the
-//! pairs of viewers whose ENTER was before the replay.
+//! actions waiting for their tick, pairs waiting for their label, the gifts
+//! they may need, the segments it streamed in and the content segment. A
+//! restored room skips the replayed records its cut covers and the ticks a
+//! replay closes again. Without the changelog, pairs and waiting actions
+//! hold their input position until written and sessions are not held: a
+//! restart replays pairs from their trigger, with the counters of the
+//! actions replayed since, and loses the pairs of viewers whose ENTER was
+//! before the replay.
 //!
-//! Not for: scoring (the MMBee scorer reads the same snapshot), content (see
-//! [`super::mmbee_content`]), or users across rooms (user-keyed state).
+//! Not for: scoring (the MMBee scorer reads the same snapshot), content rows
+//! (see [`super::mmbee_content`]), or users across rooms (user-keyed state).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use metrics::{counter, Counter};
@@ -37,10 +50,10 @@ use prost::Message;
 
 use crate::config::MmbeeConfig;
 use crate::metrics::{Stage, TRAINING_SAMPLES};
-use crate::runtime::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
+use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
 use crate::schema::{
-    deterministic_id, ActionKind, Event, GiftLabelsGift, GiftLabelsPair, GiftLabelsRecord,
-    GiftLabelsViewer, TrainingSample, ViewerAction, SCHEMA_VERSION,
+    deterministic_id, ActionKind, Event, GiftLabelsAction, GiftLabelsGift, GiftLabelsPair,
+    GiftLabelsRecord, GiftLabelsViewer, InputKind, TrainingSample, ViewerAction, SCHEMA_VERSION,
 };
 use crate::state::room_log::{Logged, RoomLog};
 use crate::state::Cut;
@@ -73,6 +86,8 @@ pub enum Trigger {
 pub struct GiftLabels {
     cfg: Arc<MmbeeConfig>,
     rooms: HashMap<Arc<str>, Room>,
+    /// End of the last tick closed (None: none yet).
+    closed_through: Option<i64>,
     pairs_written: Counter,
     gifts_written: Counter,
     stage: Stage,
@@ -116,19 +131,45 @@ struct Pair {
     holds: Holds,
 }
 
+/// An action read but not applied yet: its tick is open.
+struct Waiting {
+    user: Arc<str>,
+    t: i64,
+    kind: ActionKind,
+    value: u64,
+    pos: Position,
+}
+
 #[derive(Default)]
 struct Room {
     log: Logged,
     streamer_id: Arc<str>,
     viewers: HashMap<Arc<str>, Session>,
+    /// Actions of ticks still open, in the order read.
+    waiting: Vec<Waiting>,
     /// Pairs waiting for their label, in time order.
     pending: VecDeque<Pair>,
     /// Gifts (time, value) per user, kept while a pending pair may need them.
     gifts: HashMap<Arc<str>, VecDeque<(i64, u64)>>,
+    /// Starts of the segments the room streamed in whose content moment
+    /// has not passed.
+    live: BTreeSet<i64>,
     /// Start of the room's current content segment.
     content_start_ms: Option<i64>,
     /// Newest event time seen.
     now: i64,
+    /// End of the last tick closed for the room: actions before it are
+    /// applied as they are read.
+    ticked: i64,
+}
+
+impl Room {
+    fn idle(&self) -> bool {
+        self.pending.is_empty()
+            && self.viewers.is_empty()
+            && self.waiting.is_empty()
+            && self.live.is_empty()
+    }
 }
 
 impl GiftLabels {
@@ -137,11 +178,48 @@ impl GiftLabels {
         GiftLabels {
             cfg,
             rooms: HashMap::new(),
+            closed_through: None,
             pairs_written: counter!(TRAINING_SAMPLES, "task" => TASK),
             gifts_written: counter!(TRAINING_SAMPLES, "task" => GIFTS_TASK),
             stage: Stage::new(NAME),
             log: RoomLog::new(NAME),
         }
+    }
+
+    /// End of the last tick closed, by this task or (restored) before it.
+    fn closed_through(&self) -> Option<i64> {
+        let restored = self.log.restored().and_then(|c| c.next_tick_ms);
+        match (self.closed_through, restored) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The id of the room a record at `pos` of time `t` goes to, the room
+    /// made when new; None when the restored state covers the record.
+    fn room_for(&mut self, room_id: &str, pos: Position, t: i64, tick_ms: i64) -> Option<Arc<str>> {
+        let covered = match self.rooms.get(room_id) {
+            Some(r) => r.log.covers(pos),
+            None => self.log.covers(pos),
+        };
+        if covered {
+            // Replayed: the restored state has it.
+            return None;
+        }
+        if let Some((k, _)) = self.rooms.get_key_value(room_id) {
+            return Some(k.clone());
+        }
+        let ticked = self
+            .closed_through()
+            .unwrap_or_else(|| t.div_euclid(tick_ms) * tick_ms);
+        let room = Room {
+            log: self.log.entry(room_id),
+            ticked,
+            ..Room::default()
+        };
+        let k: Arc<str> = Arc::from(room_id);
+        self.rooms.insert(k.clone(), room);
+        Some(k)
     }
 
     fn on_action(&mut self, a: &ViewerAction, pos: Position, ctx: &mut Context<'_>) {
@@ -151,28 +229,9 @@ impl GiftLabels {
         if a.user_id.is_empty() || a.room_id.is_empty() {
             return;
         }
-        let covered = match self.rooms.get(a.room_id.as_str()) {
-            Some(r) => r.log.covers(pos),
-            None => self.log.covers(pos),
-        };
-        if covered {
-            // Replayed: the restored state has it.
-            return;
-        }
-        if !self.rooms.contains_key(a.room_id.as_str()) {
-            let log = self.log.entry(&a.room_id);
-            let room = Room {
-                log,
-                ..Room::default()
-            };
-            self.rooms.insert(Arc::from(a.room_id.as_str()), room);
-        }
-        let max_viewers = self.cfg.max_viewers_per_room;
-        let Some(room_id) = self
-            .rooms
-            .get_key_value(a.room_id.as_str())
-            .map(|(k, _)| k.clone())
-        else {
+        let samples = self.cfg.samples;
+        let t = a.event_time_ms;
+        let Some(room_id) = self.room_for(&a.room_id, pos, t, ctx.tick_ms()) else {
             return;
         };
         let Some(room) = self.rooms.get_mut(&room_id) else {
@@ -182,89 +241,113 @@ impl GiftLabels {
             room.streamer_id = Arc::from(a.streamer_id.as_str());
         }
         room.log.folded(pos);
-        let t = a.event_time_ms;
         room.now = room.now.max(t);
+        if kind == ActionKind::Gift && samples {
+            let g = gift_sample(&room_id, &room.streamer_id, a);
+            self.gifts_written.increment(1);
+            ctx.emit(Output {
+                topic: OutputTopic::TrainingSamples,
+                key: a.room_id.as_bytes().to_vec(),
+                id: g.id.clone(),
+                payload: g.encode_to_vec(),
+                headers: Vec::new(),
+                model_version: None,
+                tick_end_ms: None,
+                depends_on: Holds::default(),
+            });
+        }
         let user: Arc<str> = match room.viewers.get_key_value(a.user_id.as_str()) {
             Some((k, _)) => k.clone(),
             None => Arc::from(a.user_id.as_str()),
         };
-        let content = room.content_start_ms.unwrap_or(-1);
-        match kind {
-            ActionKind::Enter => {
-                if room.viewers.len() >= max_viewers && !room.viewers.contains_key(&user) {
-                    self.stage.dropped("room_full", 1);
-                    return;
-                }
-                let s = Session {
-                    enter_ms: t,
-                    ..Session::default()
-                };
-                room.viewers.insert(user.clone(), s);
-                room.pending
-                    .push_back(pair(user, t, &s, content, Trigger::Enter, pos));
-            }
-            ActionKind::Leave => {
-                room.viewers.remove(&user);
-            }
-            ActionKind::Like | ActionKind::Comment | ActionKind::Follow => {
-                if let Some(s) = room.viewers.get_mut(&user) {
-                    match kind {
-                        ActionKind::Like => s.likes += 1,
-                        ActionKind::Comment => s.comments += 1,
-                        _ => s.followed = true,
-                    }
-                }
-            }
-            ActionKind::Gift => {
-                if self.cfg.samples {
-                    let g = gift_sample(&room_id, &room.streamer_id, a);
-                    self.gifts_written.increment(1);
-                    ctx.emit(Output {
-                        topic: OutputTopic::TrainingSamples,
-                        key: a.room_id.as_bytes().to_vec(),
-                        id: g.id.clone(),
-                        payload: g.encode_to_vec(),
-                        headers: Vec::new(),
-                        model_version: None,
-                        tick_end_ms: None,
-                        depends_on: Holds::default(),
-                    });
-                }
-                let keep = !room.pending.is_empty();
-                if keep {
-                    room.gifts
-                        .entry(user.clone())
-                        .or_default()
-                        .push_back((t, a.gift_value));
-                }
-                if let Some(s) = room.viewers.get_mut(&user) {
-                    s.gifts += 1;
-                    s.gift_value = s.gift_value.saturating_add(a.gift_value);
-                    let s = *s;
-                    room.pending
-                        .push_back(pair(user, t, &s, content, Trigger::Gift, pos));
-                }
-            }
-            _ => {}
+        let w = Waiting {
+            user,
+            t,
+            kind,
+            value: a.gift_value,
+            pos,
+        };
+        if t < room.ticked {
+            // Its tick has closed: applied now, in the order read.
+            apply(room, w, self.cfg.max_viewers_per_room, &self.stage);
+        } else {
+            room.waiting.push(w);
         }
     }
 
-    /// Writes every pair whose horizon event time `now` has passed.
-    fn resolve(&mut self, now: i64, ctx: &mut Context<'_>) {
+    /// A media or comment record of a room: the room streamed in its segment.
+    fn on_stream(&mut self, room_id: &str, t: i64, pos: Position, tick_ms: i64) {
+        let (len, delay) = (self.cfg.segment_ms, self.cfg.finalize_delay_ms);
+        let s = t.div_euclid(len) * len;
+        let known = match self.rooms.get(room_id) {
+            Some(r) => r.live.contains(&s) || s + len + delay < r.ticked,
+            None => false,
+        };
+        if known {
+            return;
+        }
+        let Some(room) = self
+            .room_for(room_id, pos, t, tick_ms)
+            .and_then(|k| self.rooms.get_mut(&k))
+        else {
+            return;
+        };
+        if s + len + delay < room.ticked {
+            // Its moment has passed.
+            return;
+        }
+        room.live.insert(s);
+        room.log.folded(pos);
+    }
+
+    /// Closes the tick ending `end` for every room: applies its actions in
+    /// event time, completes the segments whose moment is in it, and writes
+    /// every pair whose horizon has passed.
+    fn close(&mut self, end: i64, ctx: &mut Context<'_>) {
+        let (len, delay) = (self.cfg.segment_ms, self.cfg.finalize_delay_ms);
+        let max_viewers = self.cfg.max_viewers_per_room;
         let horizon = self.cfg.horizon_ms;
+        self.closed_through = Some(self.closed_through.map_or(end, |c| c.max(end)));
         let mut gone = Vec::new();
         for (room_id, room) in &mut self.rooms {
-            if room
-                .log
-                .restored()
-                .and_then(|c| c.next_tick_ms)
-                .is_some_and(|n| now <= n)
-            {
-                // A replay closing ticks the restored state had closed.
+            if end <= room.ticked {
+                // A replay closing a tick the restored state had closed.
                 continue;
             }
-            // By closed ticks only: no record of an earlier time can come.
-            while room.pending.front().is_some_and(|p| p.t + horizon <= now) {
+            room.ticked = end;
+            let mut due: Vec<Waiting> = Vec::new();
+            let mut i = 0;
+            while i < room.waiting.len() {
+                if room.waiting[i].t < end {
+                    due.push(room.waiting.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            due.sort_by_key(|w| (w.t, w.pos.offset));
+            let moments: Vec<i64> = room
+                .live
+                .iter()
+                .map(|s| s + len + delay)
+                .take_while(|&m| m < end)
+                .collect();
+            if !due.is_empty() || !moments.is_empty() {
+                room.log.changed();
+            }
+            let mut due = due.into_iter().peekable();
+            for m in moments {
+                while let Some(w) = due.next_if(|w| w.t <= m) {
+                    apply(room, w, max_viewers, &self.stage);
+                }
+                let start = m - len - delay;
+                room.live.remove(&start);
+                content(room, start, m);
+            }
+            for w in due {
+                apply(room, w, max_viewers, &self.stage);
+            }
+            // By closed ticks only: no action of an earlier time can come.
+            while room.pending.front().is_some_and(|p| p.t + horizon <= end) {
                 let Some(p) = room.pending.pop_front() else {
                     break;
                 };
@@ -288,7 +371,7 @@ impl GiftLabels {
                         payload: s.encode_to_vec(),
                         headers: Vec::new(),
                         model_version: None,
-                        tick_end_ms: None,
+                        tick_end_ms: Some(end),
                         depends_on: p.holds,
                     });
                 }
@@ -306,7 +389,7 @@ impl GiftLabels {
             if forgot {
                 room.log.changed();
             }
-            if room.pending.is_empty() && room.viewers.is_empty() {
+            if room.idle() {
                 gone.push(room_id.clone());
             }
         }
@@ -316,6 +399,88 @@ impl GiftLabels {
             }
         }
     }
+}
+
+/// Applies one action to its room's sessions (and pairs).
+fn apply(room: &mut Room, w: Waiting, max_viewers: usize, stage: &Stage) {
+    let Waiting {
+        user,
+        t,
+        kind,
+        value,
+        pos,
+    } = w;
+    let content = room.content_start_ms.unwrap_or(-1);
+    match kind {
+        ActionKind::Enter => {
+            if room.viewers.len() >= max_viewers && !room.viewers.contains_key(&user) {
+                stage.dropped("room_full", 1);
+                return;
+            }
+            let s = Session {
+                enter_ms: t,
+                ..Session::default()
+            };
+            room.viewers.insert(user.clone(), s);
+            push_pending(room, pair(user, t, &s, content, Trigger::Enter, pos));
+        }
+        ActionKind::Leave => {
+            room.viewers.remove(&user);
+        }
+        ActionKind::Like | ActionKind::Comment | ActionKind::Follow => {
+            if let Some(s) = room.viewers.get_mut(&user) {
+                match kind {
+                    ActionKind::Like => s.likes += 1,
+                    ActionKind::Comment => s.comments += 1,
+                    _ => s.followed = true,
+                }
+            }
+        }
+        ActionKind::Gift => {
+            if !room.pending.is_empty() {
+                room.gifts
+                    .entry(user.clone())
+                    .or_default()
+                    .push_back((t, value));
+            }
+            if let Some(s) = room.viewers.get_mut(&user) {
+                s.gifts += 1;
+                s.gift_value = s.gift_value.saturating_add(value);
+                let s = *s;
+                push_pending(room, pair(user, t, &s, content, Trigger::Gift, pos));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The room's segment from `start` completed at `at`: it is the room's
+/// content from then on, and every viewer present gets a pair.
+fn content(room: &mut Room, start: i64, at: i64) {
+    room.content_start_ms = Some(start);
+    let mut users: Vec<(&Arc<str>, &Session)> = room.viewers.iter().collect();
+    users.sort_by(|a, b| a.0.cmp(b.0));
+    let new: Vec<Pair> = users
+        .into_iter()
+        .map(|(u, s)| Pair {
+            user: u.clone(),
+            t: at,
+            row: s.row(at),
+            content_start_ms: start,
+            trigger: Trigger::Content,
+            holds: Holds::default(),
+        })
+        .collect();
+    for p in new {
+        push_pending(room, p);
+    }
+}
+
+/// Queues a pair, keeping the queue in time order (a late action's pair
+/// can be older than the newest).
+fn push_pending(room: &mut Room, p: Pair) {
+    let i = room.pending.partition_point(|q| q.t <= p.t);
+    room.pending.insert(i, p);
 }
 
 /// The changelog record of a room's state, taken at `cut`.
@@ -366,12 +531,25 @@ fn room_record(room: &Room, cut: &Cut) -> GiftLabelsRecord {
         content_start_ms: room.content_start_ms.unwrap_or(0),
         has_content: room.content_start_ms.is_some(),
         now_ms: room.now,
+        waiting: room
+            .waiting
+            .iter()
+            .map(|w| GiftLabelsAction {
+                user_id: w.user.to_string(),
+                t_ms: w.t,
+                kind: w.kind as i32,
+                value: w.value,
+                offset: w.pos.offset,
+            })
+            .collect(),
+        live_segments: room.live.iter().copied().collect(),
+        ticked_ms: room.ticked,
     }
 }
 
 /// A room as its changelog record has it (the record covers what it holds:
-/// nothing is held for it). Pairs of an unknown trigger or row width are
-/// left out.
+/// nothing is held for it). Pairs of an unknown trigger or row width, and
+/// waiting actions of an unknown kind, are left out.
 fn room_from(r: GiftLabelsRecord) -> Room {
     let mut users: HashMap<Arc<str>, ()> = HashMap::new();
     let mut user = |u: String| -> Arc<str> {
@@ -426,14 +604,33 @@ fn room_from(r: GiftLabelsRecord) -> Room {
             .or_default()
             .push_back((g.t_ms, g.value));
     }
+    let waiting = r
+        .waiting
+        .into_iter()
+        .filter_map(|w| {
+            Some(Waiting {
+                kind: ActionKind::try_from(w.kind).ok()?,
+                user: user(w.user_id),
+                t: w.t_ms,
+                value: w.value,
+                pos: Position {
+                    kind: InputKind::Actions,
+                    offset: w.offset,
+                },
+            })
+        })
+        .collect();
     Room {
         log: Logged::default(),
         streamer_id: Arc::from(r.streamer_id),
         viewers,
+        waiting,
         pending,
         gifts,
+        live: r.live_segments.into_iter().collect(),
         content_start_ms: r.has_content.then_some(r.content_start_ms),
         now: r.now_ms,
+        ticked: r.ticked_ms,
     }
 }
 
@@ -530,70 +727,20 @@ impl Operator for GiftLabels {
     }
 
     fn on_record(&mut self, event: &Event, pos: Position, _late: bool, ctx: &mut Context<'_>) {
-        if let Event::Action(a) = event {
-            self.on_action(a, pos, ctx);
-        }
-    }
-
-    fn on_note(&mut self, note: &Note, _ctx: &mut Context<'_>) {
-        let Note::Content {
-            room_id,
-            streamer_id,
-            start_ms,
-            at_ms,
-            ..
-        } = note
-        else {
-            return;
-        };
-        let Some(room) = self.rooms.get_mut(room_id) else {
-            return;
-        };
-        let seen = match room.content_start_ms {
-            Some(s) => s >= *start_ms,
-            // A room with no segment yet that was restored: the segment
-            // may have completed before the room's record was taken, when
-            // the room was not there (dropped, and made again by a later
-            // action). Segments completed by the cut are taken as such.
-            None => room
-                .log
-                .restored()
-                .and_then(|c| c.next_tick_ms)
-                .is_some_and(|n| *at_ms <= n),
-        };
-        if seen {
-            // A segment seen already (sent again by a replay).
-            return;
-        }
-        room.log.changed();
-        if room.streamer_id.is_empty() {
-            room.streamer_id = streamer_id.clone();
-        }
-        room.content_start_ms = Some(*start_ms);
-        // Scored when the content is there: at the room's newest time.
-        let t = room.now.max(*at_ms);
-        let mut users: Vec<(&Arc<str>, &Session)> = room.viewers.iter().collect();
-        users.sort_by(|a, b| a.0.cmp(b.0));
-        let new: Vec<Pair> = users
-            .into_iter()
-            .map(|(u, s)| Pair {
-                user: u.clone(),
-                t,
-                row: s.row(t),
-                content_start_ms: *start_ms,
-                trigger: Trigger::Content,
-                holds: Holds::default(),
-            })
-            .collect();
-        // Keep the queue in time order (a content note can trail the actions).
-        for p in new {
-            let i = room.pending.partition_point(|q| q.t <= p.t);
-            room.pending.insert(i, p);
+        match event {
+            Event::Action(a) => self.on_action(a, pos, ctx),
+            Event::Video(_) | Event::Audio(_) | Event::Comment(_) => {
+                let room = event.room_id();
+                if !room.is_empty() {
+                    self.on_stream(room, event.event_time_ms(), pos, ctx.tick_ms());
+                }
+            }
+            Event::ShortVideo(_) => {}
         }
     }
 
     fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
-        self.resolve(tick_start_ms + ctx.tick_ms(), ctx);
+        self.close(tick_start_ms + ctx.tick_ms(), ctx);
     }
 
     fn holds(&self, holds: &mut Holds) {
@@ -606,6 +753,9 @@ impl Operator for GiftLabels {
             for p in &room.pending {
                 holds.merge(&p.holds);
             }
+            for w in &room.waiting {
+                holds.hold(w.pos);
+            }
         }
     }
 
@@ -616,6 +766,7 @@ impl Operator for GiftLabels {
     fn on_revoke(&mut self) {
         self.rooms.clear();
         self.log.clear();
+        self.closed_through = None;
     }
 
     fn resumed_at(&self) -> Option<Cut> {
@@ -654,7 +805,7 @@ impl Operator for GiftLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::InputKind;
+    use crate::schema::Comment;
     use crate::state::room_log::testing::{replay_actions, restore, take_snapshot, Act};
     use std::collections::BTreeSet;
 
@@ -677,8 +828,8 @@ mod tests {
             .collect()
     }
 
-    /// [`replay_actions`], every third tick completing a content segment
-    /// in the rooms with an action in it (a note before the tick closes).
+    /// [`replay_actions`], each room streaming (a comment at the tick's
+    /// start) in the ticks it has an action in, read before the tick closes.
     fn replay(
         op: &mut GiftLabels,
         acts: &[Act],
@@ -686,20 +837,17 @@ mod tests {
         at: impl FnMut(&mut GiftLabels, usize, &Cut, &mut Context<'_>),
     ) -> Vec<(String, Vec<u8>)> {
         let notes = |op: &mut GiftLabels, nt: i64, rooms: &BTreeSet<u8>, ctx: &mut Context<'_>| {
-            if nt % 3000 != 0 {
-                return;
-            }
             for &room in rooms {
-                let note = Note::Content {
-                    room_id: Arc::from(format!("r{room}").as_str()),
-                    streamer_id: Arc::from(format!("s{room}").as_str()),
-                    start_ms: nt - 3000,
-                    end_ms: nt,
-                    at_ms: nt + 1000,
-                    content: Arc::new(crate::operators::mmbee_content::content_row(&[], &[], &[])),
-                    holds: Holds::default(),
+                let c = Event::Comment(Comment {
+                    room_id: format!("r{room}"),
+                    event_time_ms: nt,
+                    ..Comment::default()
+                });
+                let pos = Position {
+                    kind: InputKind::Comments,
+                    offset: nt / 1000,
                 };
-                op.on_note(&note, ctx);
+                op.on_record(&c, pos, false, ctx);
             }
         };
         replay_actions(op, acts, from, 10, notes, at)
@@ -707,7 +855,7 @@ mod tests {
 
     proptest::proptest! {
         /// A gift-label state restored from its changelog records, fed a
-        /// replay from anywhere at or before the cut (content notes of
+        /// replay from anywhere at or before the cut (stream records of
         /// replayed ticks included), writes exactly the samples the
         /// uninterrupted run wrote after the cut, byte for byte, and none
         /// it wrote before; once the records are written nothing is held.
@@ -734,9 +882,12 @@ mod tests {
                     (t, room, user, kinds[what as usize])
                 })
                 .collect();
+            // Content moments in the middle of a tick.
             let cfg = Arc::new(MmbeeConfig {
                 enabled: true,
                 horizon_ms: 3_000,
+                segment_ms: 2_000,
+                finalize_delay_ms: 1_500,
                 ..MmbeeConfig::default()
             });
             let at = ((acts.len() as f64) * at_frac) as usize;
@@ -825,18 +976,17 @@ mod tests {
             false,
             &mut ctx,
         );
-        op.on_note(
-            &Note::Content {
-                room_id: Arc::from("r"),
-                streamer_id: Arc::from("s"),
-                start_ms: 0,
-                end_ms: 10_000,
-                at_ms: 13_000,
-                content: Arc::new(crate::operators::mmbee_content::content_row(&[], &[], &[])),
-                holds: Holds::default(),
-            },
-            &mut ctx,
-        );
+        // The room streams in its first segment: complete at 13 s.
+        let comment = Event::Comment(Comment {
+            room_id: "r".into(),
+            event_time_ms: 5_000,
+            ..Comment::default()
+        });
+        let at = Position {
+            kind: InputKind::Comments,
+            offset: 0,
+        };
+        op.on_record(&comment, at, false, &mut ctx);
         op.on_record(
             &act(20_000, "a", ActionKind::Gift, 52),
             pos(4),

@@ -200,7 +200,8 @@ impl MmbeeContent {
                 if !seg.live {
                     continue;
                 }
-                let at_ms = room.now.max(end);
+                // The moment the row is final, whenever it is found to be.
+                let at_ms = end + delay;
                 let content = content_row(&seg.frames, &seg.comments, &seg.transcripts);
                 let holds = seg.holds;
                 if self.cfg.samples {

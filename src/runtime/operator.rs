@@ -198,7 +198,8 @@ pub enum Note {
         start_ms: i64,
         /// End of the segment (exclusive).
         end_ms: i64,
-        /// Event time at which it completed (the room's newest tick end).
+        /// Event time from which it is the room's content: its end plus the
+        /// finalize delay (whenever the operator found it complete).
         at_ms: i64,
         /// The segment's content row (layout `mmbee-content-v1`).
         content: Arc<crate::operators::mmbee_content::ContentRow>,
