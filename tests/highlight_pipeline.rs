@@ -327,7 +327,12 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
         prefix: common::unique("highlight-clean"),
     };
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let extra = extra(&models);
+    // MMBee's training data too (content segments, gifts, labelled pairs;
+    // no model: no scoring).
+    let extra = format!(
+        "{}\n[operators.mmbee]\nenabled = true\nsamples = true\nmodel = \"\"\n",
+        extra(&models)
+    );
     let pipeline = common::pipeline(&dir, &topics, &extra);
     let reference = common::reference_pipeline(&dir, &topics, &clean, &extra);
     common::create_topics(&pipeline);
@@ -444,6 +449,28 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
                 );
                 lines.push(format!("room-features max difference {worst:.1e}"));
             }
+            "training-samples" => {
+                // MMBee's pairs and gifts are made without the encoders:
+                // the clean run's bytes exactly.
+                let mmbee: Vec<String> = differing
+                    .iter()
+                    .map(|id| sample_task(&faulted, id))
+                    .filter(|task| task == "mmbee" || task == "mmbee-gifts")
+                    .collect();
+                assert!(
+                    mmbee.is_empty(),
+                    "{} MMBee pair or gift samples differ from the clean run",
+                    mmbee.len()
+                );
+                let tasks = task_counts(&clean_recs);
+                for task in ["mmbee", "mmbee-gifts", "mmbee-content", "highlight"] {
+                    assert!(
+                        tasks.get(task).is_some_and(|&n| n > 0),
+                        "no {task} samples in the clean run: {tasks:?}"
+                    );
+                }
+                lines.push(format!("samples by task {tasks:?}"));
+            }
             "highlight-scores" => {
                 let worst = worst_score_difference(&clean_recs, &faulted);
                 assert!(
@@ -531,6 +558,25 @@ fn worst_feature_difference(clean: &[common::Rec], faulted: &[common::Rec]) -> f
         }
     }
     worst
+}
+
+/// The task of the training sample with id `id` in `recs`.
+fn sample_task(recs: &[common::Rec], id: &str) -> String {
+    recs.iter()
+        .map(|r| TrainingSample::decode(&r.payload[..]).expect("training sample"))
+        .find(|s| s.id == id)
+        .map(|s| s.task)
+        .unwrap_or_default()
+}
+
+/// Training samples per task.
+fn task_counts(recs: &[common::Rec]) -> BTreeMap<String, usize> {
+    let mut n = BTreeMap::new();
+    for r in recs {
+        let s = TrainingSample::decode(&r.payload[..]).expect("training sample");
+        *n.entry(s.task).or_default() += 1;
+    }
+    n
 }
 
 /// The largest difference between the scores of one tick of one room in

@@ -60,6 +60,8 @@ pub struct MmbeeContent {
     stage: Stage,
     /// A room's features moved on since the last completion pass.
     dirty: bool,
+    /// The partition's tick length (known from the first tick).
+    tick_ms: Option<i64>,
 }
 
 #[derive(Default)]
@@ -155,6 +157,7 @@ impl MmbeeContent {
             written: counter!(TRAINING_SAMPLES, "task" => TASK),
             stage: Stage::new("mmbee_content"),
             dirty: false,
+            tick_ms: None,
         }
     }
 
@@ -366,6 +369,7 @@ impl Operator for MmbeeContent {
     }
 
     fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
+        self.tick_ms = Some(ctx.tick_ms());
         self.complete(tick_start_ms + ctx.tick_ms(), ctx);
     }
 
@@ -384,10 +388,15 @@ impl Operator for MmbeeContent {
     }
 
     fn unfinished_tick(&self) -> Option<i64> {
+        // A segment's sample is an output of the tick ending with it (the
+        // ticks before are done: a replay rebuilds the segment from the
+        // inputs it holds, whatever their outputs).
+        let tick = self.tick_ms.unwrap_or(self.cfg.segment_ms);
         self.rooms
             .values()
             .filter_map(|r| r.segments.keys().next().copied())
             .min()
+            .map(|s| s + self.cfg.segment_ms - tick)
     }
 
     fn holds(&self, holds: &mut Holds) {
