@@ -312,9 +312,9 @@ fn highlight_events_match_the_simulated_highlights() {
 /// which restores the room changelog and replays. A reference group reads the
 /// same input beside it, untouched. Every record the reference writes on
 /// `room-features`, `highlight-scores`, `highlights` (open and closed),
-/// `training-samples` and `room-stats` must be there, with nothing else:
-/// `room-stats` byte for byte; features and scores within rounding (a
-/// comment's embedding depends in its last bits on the batch it ran in).
+/// `training-samples` and `room-stats` must be there, with nothing else,
+/// byte for byte: every extra record is an exact replay. The training
+/// samples include MMBee's (content segments, gifts, labelled pairs).
 #[test]
 fn highlights_after_sigkills_are_what_a_clean_run_writes() {
     const KILL_ROOMS: usize = 4;
@@ -428,58 +428,29 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
             "{topic}: {got}\n{}",
             engine.log_tail()
         );
-        // Bytes: the records made without the text encoder are the clean
-        // run's exactly; an embedding of a comment batched with other
-        // comments comes out different in the last bits (ONNX Runtime's
-        // kernels by batch shape), so features and what follows from them
-        // may differ there, by no more than rounding.
+        // Bytes: every record is the clean run's exactly, embeddings
+        // included (the text encoder gives a comment the same bits in any
+        // batch), so every extra record is an exact replay.
         let differing: Vec<&String> = got.differ.iter().chain(&got.conflicts).collect();
-        match topic {
-            "room-stats" => assert!(
-                differing.is_empty(),
-                "room-stats: {} ticks differ from the clean run, e.g. {:?}",
-                differing.len(),
-                differing.first()
-            ),
-            "room-features" => {
-                let worst = worst_feature_difference(&clean_recs, &faulted);
+        if topic == "room-features" && !differing.is_empty() {
+            name_feature_difference(&clean_recs, &faulted);
+        }
+        assert!(
+            differing.is_empty(),
+            "{topic}: {} records differ from the clean run's bytes, e.g. {:?} ({})",
+            differing.len(),
+            differing.first(),
+            lines.join(", ")
+        );
+        if topic == "training-samples" {
+            let tasks = task_counts(&clean_recs);
+            for task in ["mmbee", "mmbee-gifts", "mmbee-content", "highlight"] {
                 assert!(
-                    worst < 1e-5,
-                    "room-features differ by up to {worst} from the clean run"
+                    tasks.get(task).is_some_and(|&n| n > 0),
+                    "no {task} samples in the clean run: {tasks:?}"
                 );
-                lines.push(format!("room-features max difference {worst:.1e}"));
             }
-            "training-samples" => {
-                // MMBee's pairs and gifts are made without the encoders:
-                // the clean run's bytes exactly.
-                let mmbee: Vec<String> = differing
-                    .iter()
-                    .map(|id| sample_task(&faulted, id))
-                    .filter(|task| task == "mmbee" || task == "mmbee-gifts")
-                    .collect();
-                assert!(
-                    mmbee.is_empty(),
-                    "{} MMBee pair or gift samples differ from the clean run",
-                    mmbee.len()
-                );
-                let tasks = task_counts(&clean_recs);
-                for task in ["mmbee", "mmbee-gifts", "mmbee-content", "highlight"] {
-                    assert!(
-                        tasks.get(task).is_some_and(|&n| n > 0),
-                        "no {task} samples in the clean run: {tasks:?}"
-                    );
-                }
-                lines.push(format!("samples by task {tasks:?}"));
-            }
-            "highlight-scores" => {
-                let worst = worst_score_difference(&clean_recs, &faulted);
-                assert!(
-                    worst < 1e-4,
-                    "highlight scores differ by up to {worst} from the clean run"
-                );
-                lines.push(format!("scores max difference {worst:.1e}"));
-            }
-            _ => {}
+            lines.push(format!("samples by task {tasks:?}"));
         }
         if topic == "highlights" {
             events = got.clean;
@@ -510,9 +481,10 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
     );
 }
 
-/// The largest difference of any value between records of one tick of one
-/// room in `clean` and `faulted` (`room-features`); counts and ids must match.
-fn worst_feature_difference(clean: &[common::Rec], faulted: &[common::Rec]) -> f32 {
+/// Panics naming the room, tick and part of the first `room-features`
+/// record of `faulted` whose counts, models or embeddings differ from the
+/// record of the same id in `clean`.
+fn name_feature_difference(clean: &[common::Rec], faulted: &[common::Rec]) {
     use onair::schema::RoomFeatures;
     let decode = |recs: &[common::Rec]| -> BTreeMap<String, RoomFeatures> {
         recs.iter()
@@ -521,7 +493,6 @@ fn worst_feature_difference(clean: &[common::Rec], faulted: &[common::Rec]) -> f
             .collect()
     };
     let want = decode(clean);
-    let mut worst = 0f32;
     for r in faulted {
         let f = RoomFeatures::decode(&r.payload[..]).expect("room features");
         let Some(w) = want.get(&f.id) else { continue };
@@ -546,27 +517,29 @@ fn worst_feature_difference(clean: &[common::Rec], faulted: &[common::Rec]) -> f
             f.tick_start_ms,
             r.offset
         );
-        for (a, b) in [
-            (&f.image_embedding, &w.image_embedding),
-            (&f.comment_embedding, &w.comment_embedding),
-            (&f.transcript_embedding, &w.transcript_embedding),
+        for (name, a, b) in [
+            ("image", &f.image_embedding, &w.image_embedding),
+            ("comment", &f.comment_embedding, &w.comment_embedding),
+            (
+                "transcript",
+                &f.transcript_embedding,
+                &w.transcript_embedding,
+            ),
         ] {
             assert_eq!(a.len(), b.len(), "{}", f.id);
             for (x, y) in a.iter().zip(b) {
-                worst = worst.max((x - y).abs());
+                let d = (x - y).abs();
+                assert!(
+                    d == 0.0,
+                    "{} (room {}, tick {}, offset {} of room-features): {name} embedding differs by {d:e}",
+                    f.id,
+                    f.room_id,
+                    f.tick_start_ms,
+                    r.offset
+                );
             }
         }
     }
-    worst
-}
-
-/// The task of the training sample with id `id` in `recs`.
-fn sample_task(recs: &[common::Rec], id: &str) -> String {
-    recs.iter()
-        .map(|r| TrainingSample::decode(&r.payload[..]).expect("training sample"))
-        .find(|s| s.id == id)
-        .map(|s| s.task)
-        .unwrap_or_default()
 }
 
 /// Training samples per task.
@@ -577,16 +550,4 @@ fn task_counts(recs: &[common::Rec]) -> BTreeMap<String, usize> {
         *n.entry(s.task).or_default() += 1;
     }
     n
-}
-
-/// The largest difference between the scores of one tick of one room in
-/// `clean` and `faulted` (`highlight-scores`).
-fn worst_score_difference(clean: &[common::Rec], faulted: &[common::Rec]) -> f32 {
-    let decode = |r: &common::Rec| HighlightScore::decode(&r.payload[..]).expect("score");
-    let want: BTreeMap<String, f32> = clean.iter().map(decode).map(|s| (s.id, s.score)).collect();
-    faulted
-        .iter()
-        .map(decode)
-        .filter_map(|s| want.get(&s.id).map(|w| (s.score - w).abs()))
-        .fold(0f32, f32::max)
 }

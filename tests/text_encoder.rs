@@ -195,3 +195,52 @@ fn paraphrases_score_above_unrelated_sentences() {
     assert!(cosine(en, zh) > cosine(en, other));
     assert!(enc.embed(&[]).expect("empty").is_empty());
 }
+
+/// A text's embedding is the same to the last bit whatever it runs with:
+/// alone, first or last in a batch, beside longer texts (more padding),
+/// and with one or two threads. Replays after a restart batch comments
+/// differently from the first run; their records must not differ.
+#[test]
+fn an_embedding_does_not_depend_on_its_batch() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let x = "这波操作太秀了 what a play";
+    let mut seen: Option<Vec<f32>> = None;
+    for threads in [1, 2] {
+        let mut enc = TextEncoder::load(
+            &root.join("models/text/1/model.onnx"),
+            &root.join("models/text/1/tokenizer.json"),
+            threads,
+        )
+        .expect("text encoder (run scripts/models)");
+        let d = TextEncoder::DIM;
+        let long = "a much longer comment, with many more words in it than the one we embed";
+        let mut batch = vec!["gg"; 17];
+        batch[9] = x;
+        let runs: Vec<(&str, Vec<f32>)> = vec![
+            ("alone", enc.embed(&[x]).expect("embed")),
+            (
+                "first of two",
+                enc.embed(&[x, "gg"]).expect("embed")[..d].to_vec(),
+            ),
+            (
+                "beside a longer text",
+                enc.embed(&[long, x]).expect("embed")[d..].to_vec(),
+            ),
+            (
+                "10th of 17",
+                enc.embed(&batch).expect("embed")[9 * d..10 * d].to_vec(),
+            ),
+        ];
+        for (how, e) in runs {
+            let want = seen.get_or_insert_with(|| e.clone());
+            let same = e
+                .iter()
+                .zip(want.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{how}, {threads} threads: other bits than the first run"
+            );
+        }
+    }
+}

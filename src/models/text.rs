@@ -61,10 +61,26 @@ impl TextEncoder {
 
     /// Embeds `texts` (as E5 queries), one row of [`Self::DIM`] values each,
     /// back to back.
+    ///
+    /// A text's embedding is the same to the last bit whatever it is batched
+    /// with: with ONNX Runtime's CPU kernels a row of a batch of two or more
+    /// that has padding gets the same bits whatever the batch's size, order
+    /// or amount of padding, but a row with none, or a batch of one, takes
+    /// other kernels (last bits differ). So every row is padded (see
+    /// [`tokenize`]) and a single text runs as a batch of two, itself twice.
     pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<f32>, ModelError> {
-        if texts.is_empty() {
-            return Ok(Vec::new());
+        match texts {
+            [] => Ok(Vec::new()),
+            [one] => {
+                let mut e = self.run(&[one, one])?;
+                e.truncate(Self::DIM);
+                Ok(e)
+            }
+            _ => self.run(texts),
         }
+    }
+
+    fn run(&mut self, texts: &[&str]) -> Result<Vec<f32>, ModelError> {
         let Tokens { ids, mask, n, len } = tokenize(&self.tokenizer, texts)?;
         let runtime = |e: ort::Error| ModelError::Runtime(format!("text encoder: {e}"));
         let ids_t = TensorRef::from_array_view(([n, len], &ids[..])).map_err(runtime)?;
@@ -95,10 +111,12 @@ pub(crate) struct Tokens {
     pub len: usize,
 }
 
-/// Tokenises `texts` as E5 queries (`query: ` prefix), cut at
-/// [`TextEncoder::MAX_TOKENS`] and padded to the longest.
+/// Tokenises `texts` as E5 queries (`query: ` prefix), cut at one token
+/// short of [`TextEncoder::MAX_TOKENS`] and padded one token past the
+/// longest: every row has padding, so no row takes the kernels of an
+/// unpadded one (whose last bits differ, see [`TextEncoder::embed`]).
 pub(crate) fn tokenize(tokenizer: &Tokenizer, texts: &[&str]) -> Result<Tokens, ModelError> {
-    let max = TextEncoder::MAX_TOKENS;
+    let max = TextEncoder::MAX_TOKENS - 1;
     let prefixed: Vec<String> = texts.iter().map(|t| format!("query: {t}")).collect();
     let encodings = tokenizer
         .encode_batch(prefixed, true)
@@ -108,7 +126,7 @@ pub(crate) fn tokenize(tokenizer: &Tokenizer, texts: &[&str]) -> Result<Tokens, 
         .map(|e| e.get_ids().len().min(max))
         .max()
         .unwrap_or(0)
-        .max(1);
+        + 1;
     let n = encodings.len();
     let mut ids = vec![i64::from(TextEncoder::PAD); n * len];
     let mut mask = vec![0i64; n * len];
