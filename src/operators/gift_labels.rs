@@ -315,15 +315,10 @@ impl GiftLabels {
                 continue;
             }
             room.ticked = end;
-            let mut due: Vec<Waiting> = Vec::new();
-            let mut i = 0;
-            while i < room.waiting.len() {
-                if room.waiting[i].t < end {
-                    due.push(room.waiting.remove(i));
-                } else {
-                    i += 1;
-                }
-            }
+            let (mut due, later): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut room.waiting)
+                .into_iter()
+                .partition(|w| w.t < end);
+            room.waiting = later;
             due.sort_by_key(|w| (w.t, w.pos.offset));
             let moments: Vec<i64> = room
                 .live

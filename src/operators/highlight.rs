@@ -438,7 +438,7 @@ impl Highlight {
                     o.clone()
                 });
                 if let Some(open) = open {
-                    let record = self.event(key, &open, 0);
+                    let record = self.event(key, &open, 0, tick.tick + tick_ms);
                     self.opened.increment(1);
                     ctx.emit(event_output(record, &open, None));
                 }
@@ -453,14 +453,17 @@ impl Highlight {
             return;
         };
         if (end - open.start) / self.tick_ms >= i64::from(open.threshold.min_ticks) {
-            let record = self.event(key, &open, end);
+            let record = self.event(key, &open, end, end);
             self.closed.increment(1);
             ctx.emit(event_output(record, &open, Some(end)));
         }
     }
 
-    /// The event record of `open` (end 0: still open).
-    fn event(&self, key: &Arc<str>, open: &Open, end: i64) -> HighlightEvent {
+    /// The event record of `open` (end 0: still open), its top comments
+    /// from the ticks before `through` only: those ticks have closed, so
+    /// the comments are all there however far the input has run ahead of
+    /// the model.
+    fn event(&self, key: &Arc<str>, open: &Open, end: i64, through: i64) -> HighlightEvent {
         let room = self.rooms.get(key);
         let streamer_id = room.map(|r| r.streamer_id.clone()).unwrap_or_default();
         let (top_comments, peak_transcript) = room
@@ -469,7 +472,7 @@ impl Highlight {
                     top_comments(
                         &r.comments,
                         open.peak_tick,
-                        open.peak_tick + COMMENTS_AFTER_PEAK_MS.max(self.tick_ms),
+                        (open.peak_tick + COMMENTS_AFTER_PEAK_MS.max(self.tick_ms)).min(through),
                         self.svc.cfg.top_comments,
                     ),
                     transcript_around(&r.transcripts, open.peak_tick, self.tick_ms),
@@ -491,9 +494,11 @@ impl Highlight {
         }
     }
 
-    fn on_comment(&mut self, c: &crate::schema::Comment, pos: Position) {
+    fn on_comment(&mut self, c: &crate::schema::Comment, pos: Position, late: bool) {
         let per_tick = self.svc.cfg.comments_per_tick;
-        if per_tick == 0 || c.text.trim().is_empty() {
+        if per_tick == 0 || c.text.trim().is_empty() || late {
+            // A late comment's tick was scored: whether an event would
+            // see it depends on when it came.
             return;
         }
         let history = self.svc.cfg.history_ticks;
@@ -512,14 +517,19 @@ impl Highlight {
         room.comments_tick.1 += 1;
         let text: String = c.text.trim().chars().take(280).collect();
         room.comments.push_back((c.event_time_ms, text));
+        // The open highlight's peak keeps its comments: its record takes
+        // them when it closes, however long after.
+        let peak = room.open.as_ref().map_or(i64::MAX, |o| o.peak_tick);
         while room
             .comments
             .front()
-            .is_some_and(|(t, _)| *t < c.event_time_ms - keep_ms)
+            .is_some_and(|(t, _)| *t < c.event_time_ms - keep_ms && *t < peak)
         {
             room.comments.pop_front();
         }
-        while room.comments.len() > per_tick * (history + 1) {
+        while room.comments.len() > per_tick * (history + 1)
+            && room.comments.front().is_some_and(|(t, _)| *t < peak)
+        {
             room.comments.pop_front();
         }
     }
@@ -721,9 +731,9 @@ impl Operator for Highlight {
         self.state_bytes = Some(gauge!(HIGHLIGHT_STATE_BYTES, "partition" => p));
     }
 
-    fn on_record(&mut self, event: &Event, pos: Position, _late: bool, _ctx: &mut Context<'_>) {
+    fn on_record(&mut self, event: &Event, pos: Position, late: bool, _ctx: &mut Context<'_>) {
         match event {
-            Event::Comment(c) => self.on_comment(c, pos),
+            Event::Comment(c) => self.on_comment(c, pos, late),
             Event::Video(v) if !v.streamer_id.is_empty() => {
                 let Some(room) = self.room_at(&v.room_id, pos) else {
                     return;
