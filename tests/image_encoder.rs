@@ -126,3 +126,50 @@ fn photos_are_recognised_through_the_frame_path() {
     assert!(encoder.embed(&batch[..100]).is_err());
     assert!(encoder.embed(&[]).is_err());
 }
+
+/// A frame's embedding has the same bits whatever batch it runs in (alone,
+/// first of two, in the middle of 5, last of 16 and of 32): the batcher
+/// groups frames as they come, so a replay batches them otherwise, and
+/// MMBee's content and the room features must come out the same.
+#[test]
+fn an_embedding_does_not_depend_on_its_batch() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    onair::models::onnx::init_onnx_runtime(None).expect("ONNX Runtime (run scripts/models)");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let frames: Vec<Vec<f32>> = (0..32)
+        .map(|_| {
+            (0..ImageEncoder::FRAME)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed % 4001) as f32 / 1000.0 - 2.0
+                })
+                .collect()
+        })
+        .collect();
+    for threads in [1, 2] {
+        let mut encoder =
+            ImageEncoder::load(&root.join("models/image/1/model.onnx"), threads).expect("encoder");
+        let mut bits = |order: &[usize], at: usize| -> Vec<u32> {
+            let batch: Vec<f32> = order.iter().flat_map(|&i| frames[i].clone()).collect();
+            let out = encoder.embed(&batch).expect("embed");
+            out.embedding(at)
+                .expect("embedding")
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        let want = bits(&[0], 0);
+        assert_eq!(bits(&[0, 1], 0), want, "first of two, {threads} threads");
+        assert_eq!(
+            bits(&[3, 1, 0, 4, 2], 2),
+            want,
+            "3rd of 5, {threads} threads"
+        );
+        let sixteen: Vec<usize> = (1..16).chain([0]).collect();
+        assert_eq!(bits(&sixteen, 15), want, "last of 16, {threads} threads");
+        let all: Vec<usize> = (0..32).rev().collect();
+        assert_eq!(bits(&all, 31), want, "last of 32, {threads} threads");
+    }
+}

@@ -135,7 +135,12 @@ enum Req {
     Frame {
         room: Arc<str>,
         time_ms: i64,
+        /// The tick that waits for it (every frame, so that a tick's
+        /// features, and the segments completed by them, come after its
+        /// frames' embeddings).
         tick: Option<i64>,
+        /// Whether it is one of the tick's timeline frames (in its mean).
+        timeline: bool,
         /// The video segment's start and end.
         segment: Option<(i64, i64)>,
     },
@@ -418,6 +423,7 @@ impl Features {
                 room,
                 time_ms,
                 tick,
+                timeline,
                 segment,
             } => {
                 let Some(r) = self.rooms.get_mut(&room) else {
@@ -425,7 +431,7 @@ impl Features {
                 };
                 if let Some(acc) = tick.and_then(|t| r.ticks.get_mut(&t)) {
                     acc.pending = acc.pending.saturating_sub(1);
-                    if let Some(e) = &embedding {
+                    if let (Some(e), true) = (&embedding, timeline) {
                         mean_in(&mut acc.feats.image, acc.feats.frames, e);
                         acc.feats.frames += 1;
                         acc.feats.image_model = model.clone();
@@ -683,17 +689,19 @@ impl Operator for Features {
             let Some(room) = self.rooms.get_mut(&key) else {
                 return;
             };
-            let tick = if timeline {
-                match Self::acc(room, tick) {
-                    Some(acc) => {
-                        acc.pending += 1;
-                        acc.holds.hold(pos);
-                        Some(tick)
-                    }
-                    None => None,
+            if !timeline && !segment {
+                continue;
+            }
+            // A segment frame holds its tick too: MMBee's content segment
+            // completes with the features of a later tick, and must find
+            // its frames there whenever their embeddings come back.
+            let tick = match Self::acc(room, tick) {
+                Some(acc) => {
+                    acc.pending += 1;
+                    acc.holds.hold(pos);
+                    Some(tick)
                 }
-            } else {
-                None
+                None => None,
             };
             if segment {
                 room.window.segment(seg.0, seg.1);
@@ -705,6 +713,7 @@ impl Operator for Features {
                 room: key.clone(),
                 time_ms: frame.time_ms,
                 tick,
+                timeline,
                 segment: segment.then_some(seg),
             });
             self.submit_image(key.clone(), id, frame.tensor.clone());

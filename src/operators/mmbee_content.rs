@@ -111,6 +111,17 @@ fn spread(n: usize, k: usize) -> Vec<usize> {
     }
 }
 
+/// Puts an embedding into a list kept in (time, embedding bits) order: items
+/// of one time (comments sent in the same millisecond) take the same places
+/// whatever order their embeddings came back in, so a replay builds the same
+/// row.
+fn insert_in_order(list: &mut Vec<(i64, Arc<[f32]>)>, t: i64, e: &Arc<[f32]>) {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let key = bits(e);
+    let i = list.partition_point(|(t2, e2)| *t2 < t || (*t2 == t && bits(e2) <= key));
+    list.insert(i, (t, e.clone()));
+}
+
 /// Builds the content row from a segment's embeddings (each list sorted by time).
 /// Embeddings of the wrong width are left out.
 pub fn content_row(
@@ -319,16 +330,14 @@ impl Operator for MmbeeContent {
                     Embedded::SegmentFrame { time_ms } => match self.open_segment(room_id, time_ms)
                     {
                         Some(seg) => {
-                            let i = seg.frames.partition_point(|(t, _)| *t <= time_ms);
-                            seg.frames.insert(i, (time_ms, embedding.clone()));
+                            insert_in_order(&mut seg.frames, time_ms, embedding);
                             seg.image_model = model;
                         }
                         None => self.stage.dropped("late_content", 1),
                     },
                     Embedded::Comment { time_ms } => match self.open_segment(room_id, time_ms) {
                         Some(seg) => {
-                            let i = seg.comments.partition_point(|(t, _)| *t <= time_ms);
-                            seg.comments.insert(i, (time_ms, embedding.clone()));
+                            insert_in_order(&mut seg.comments, time_ms, embedding);
                             seg.text_model = model;
                         }
                         None => self.stage.dropped("late_content", 1),
@@ -339,8 +348,7 @@ impl Operator for MmbeeContent {
                         let mut s = self.seg_start(start_ms);
                         while s <= end_ms {
                             if let Some(seg) = self.open_segment(room_id, s) {
-                                let i = seg.transcripts.partition_point(|(t, _)| *t <= start_ms);
-                                seg.transcripts.insert(i, (start_ms, embedding.clone()));
+                                insert_in_order(&mut seg.transcripts, start_ms, embedding);
                                 seg.text_model.clone_from(&model);
                                 placed = true;
                             }
@@ -423,6 +431,34 @@ mod tests {
 
     fn emb(dim: usize, x: f32) -> Arc<[f32]> {
         vec![x; dim].into()
+    }
+
+    #[test]
+    fn items_of_one_time_take_the_same_places_in_any_arrival_order() {
+        let items = [(5, 0.3), (2, 0.9), (5, -0.1), (5, 0.3), (7, 0.0), (5, 2.0)];
+        let mut orders = vec![items.to_vec()];
+        let mut reversed = items.to_vec();
+        reversed.reverse();
+        orders.push(reversed);
+        let mut rotated = items.to_vec();
+        rotated.rotate_left(2);
+        orders.push(rotated);
+        let lists: Vec<Vec<(i64, Vec<u32>)>> = orders
+            .iter()
+            .map(|order| {
+                let mut list = Vec::new();
+                for &(t, x) in order {
+                    insert_in_order(&mut list, t, &emb(4, x));
+                }
+                list.iter()
+                    .map(|(t, e)| (*t, e.iter().map(|v| v.to_bits()).collect()))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(lists[0], lists[1]);
+        assert_eq!(lists[0], lists[2]);
+        let times: Vec<i64> = lists[0].iter().map(|(t, _)| *t).collect();
+        assert_eq!(times, vec![2, 5, 5, 5, 5, 7]);
     }
 
     fn features(room: &str, tick: i64) -> Note {
