@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{read_until, Proc, Rng, Topics};
+use common::{read_until, Proc, Topics};
 use onair::schema::{HighlightEvent, HighlightScore, TrainingSample};
 use prost::Message;
 
@@ -319,13 +319,7 @@ fn highlight_events_match_the_simulated_highlights() {
 fn highlights_after_sigkills_are_what_a_clean_run_writes() {
     const KILL_ROOMS: usize = 4;
     const KILL_SECONDS: i64 = 90;
-    let dir = common::scratch("highlight-kills");
-    let topics = Topics {
-        prefix: common::unique("highlight-kills"),
-    };
-    let clean = Topics {
-        prefix: common::unique("highlight-clean"),
-    };
+    let (dir, topics, clean) = common::kill_case("highlight");
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     // MMBee's training data too (content segments, gifts, labelled pairs;
     // no model: no scoring).
@@ -339,7 +333,7 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
     common::create_topics(&reference);
     let mut reference = Proc::engine(&dir, &reference, "reference");
     let instance = ["--instance-id", "onair-0"];
-    let mut engine = Proc::engine_with(&dir, &pipeline, "engine-0", &instance);
+    let engine = Proc::engine_with(&dir, &pipeline, "engine-0", &instance);
     let scored = |p: &Proc| {
         p.scrape()
             .and_then(|t| common::metric(&t, "onair_highlight_scores_total", &[]))
@@ -360,25 +354,9 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
             "--no-speech",
         ],
     );
-    let wait = |p: &Proc, n: f64, what: &str| {
-        let until = Instant::now() + Duration::from_secs(300);
-        while scored(p) < n {
-            assert!(Instant::now() < until, "{what}\n{}", p.log_tail());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    wait(&engine, 20.0, "no scores from the first engine");
-    let mut rng = Rng::from_clock();
-    eprintln!("kill moments: seed {}", rng.0);
-    let mut recoveries = Vec::new();
-    for k in 1..=4 {
-        std::thread::sleep(Duration::from_millis(1000 + rng.below(5000)));
-        engine.kill9();
-        let killed = Instant::now();
-        engine = Proc::engine_with(&dir, &pipeline, &format!("engine-{k}"), &instance);
-        wait(&engine, 1.0, &format!("no scores after kill {k}"));
-        recoveries.push(killed.elapsed());
-    }
+    common::wait_for_count(&engine, 20.0, "no scores from the first engine", &scored);
+    let (mut engine, recoveries) =
+        common::kill_and_replace(engine, &dir, &pipeline, &instance, 4, (1000, 5000), &scored);
     assert!(
         sim.wait(Duration::from_secs(300)).success(),
         "{}",
@@ -466,14 +444,8 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
         events > 0,
         "no highlight written: the hysteresis went untested"
     );
-    for e in [&mut engine, &mut reference] {
-        e.signal_term();
-        assert!(
-            e.wait(Duration::from_secs(60)).success(),
-            "{}",
-            e.log_tail()
-        );
-    }
+    engine.stop();
+    reference.stop();
     println!(
         "fault: 4 SIGKILLs, features and highlight | records lost 0 | {} | kill to first score: {}",
         lines.join(", "),

@@ -72,6 +72,49 @@ fn auc_var(a: f64, p: f64, n: f64) -> f64 {
     (a * (1.0 - a) + (p - 1.0) * (q1 - a * a) + (n - 1.0) * (q2 - a * a)) / (p * n).max(1.0)
 }
 
+/// The pipeline's simulator, features and MMBee sections: the simulator's
+/// world (`seed`, `rooms`, comments per second and viewers) at a small video
+/// size, the shipped encoders, and MMBee with the committed model and graph
+/// (training samples too with `samples`).
+fn mmbee_pipeline(
+    models: &Path,
+    seed: u64,
+    rooms: usize,
+    comments_per_sec: f64,
+    viewers: usize,
+    samples: bool,
+) -> String {
+    format!(
+        r#"
+[simulator]
+seed = {seed}
+rooms = {rooms}
+comments_per_sec = {comments_per_sec:.1}
+viewers = {viewers}
+shared_viewers = 0.8
+video_width = 256
+video_height = 144
+video_fps = 5
+segment_ms = 2000
+video_variants = 12
+[operators.features]
+enabled = true
+image_model = "{image}"
+text_model = "{text}"
+reload_interval_ms = 0
+[operators.mmbee]
+enabled = true
+samples = {samples}
+model = "{mmbee}"
+graph = "{graph}"
+"#,
+        image = models.join("image").display(),
+        text = models.join("text").display(),
+        mmbee = models.join("mmbee").display(),
+        graph = models.join("mmbee/graph").display(),
+    )
+}
+
 #[test]
 fn viewers_get_gift_predictions_that_rank_as_the_card_promises() {
     let dir = common::scratch("mmbee");
@@ -94,35 +137,7 @@ fn viewers_get_gift_predictions_that_rank_as_the_card_promises() {
     let pipeline = common::pipeline(
         &dir,
         &topics,
-        &format!(
-            r#"
-[simulator]
-seed = 5
-rooms = {ROOMS}
-comments_per_sec = 3.0
-viewers = 60
-shared_viewers = 0.8
-video_width = 256
-video_height = 144
-video_fps = 5
-segment_ms = 2000
-video_variants = 12
-[operators.features]
-enabled = true
-image_model = "{image}"
-text_model = "{text}"
-reload_interval_ms = 0
-[operators.mmbee]
-enabled = true
-samples = false
-model = "{mmbee}"
-graph = "{graph}"
-"#,
-            image = models.join("image").display(),
-            text = models.join("text").display(),
-            mmbee = models.join("mmbee").display(),
-            graph = models.join("mmbee/graph").display(),
-        ),
+        &mmbee_pipeline(&models, 5, ROOMS, 3.0, 60, false),
     );
     // The user stage handles a partition's actions in event time once its
     // watermark passes them; the rooms' partitions must stay within the
@@ -376,5 +391,192 @@ graph = "{graph}"
     assert!(
         a >= card_auc - tol,
         "AUC {a:.3} is below the card's {card_auc:.3} by more than {tol:.3}"
+    );
+}
+
+/// Gift predictions survive SIGKILLs: an engine killed 4 times at random
+/// moments (each time restarted with the same instance id, so it takes its
+/// partitions back) writes every prediction that a reference engine beside
+/// it, reading the same input untouched, writes; every extra record is an
+/// exact replay of one of them. Both stages die with the engine: the room
+/// stage writes actions and room content again after a restart (the user
+/// stage takes them once), and content that reaches the room table late is
+/// still joined as of when it completed (the table's content progress).
+/// MMBee's training data must be byte for byte the reference's; a
+/// prediction may differ only in the last bits of its probability (see
+/// below).
+#[test]
+fn gift_predictions_after_sigkills_are_what_a_clean_run_writes() {
+    const KILL_ROOMS: usize = 6;
+    const KILL_SECONDS: i64 = 120;
+    let (dir, topics, clean) = common::kill_case("mmbee");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let extra = mmbee_pipeline(&models, 11, KILL_ROOMS, 2.0, 40, true);
+    let pipeline = common::pipeline(&dir, &topics, &extra);
+    let reference = common::reference_pipeline(&dir, &topics, &clean, &extra);
+    // A restarted room stage drains its backlog at full speed, running its
+    // partitions apart: the user stage's event-time order across rooms
+    // holds within the allowed lateness (see the test above).
+    const LATENESS_S: u64 = 30;
+    for p in [&pipeline, &reference] {
+        let text = std::fs::read_to_string(p).expect("pipeline");
+        assert!(text.contains("allowed_lateness_ms = 15000"));
+        std::fs::write(
+            p,
+            text.replace(
+                "allowed_lateness_ms = 15000",
+                &format!("allowed_lateness_ms = {}", LATENESS_S * 1000),
+            ),
+        )
+        .expect("pipeline");
+    }
+    common::create_topics(&pipeline);
+    common::create_topics(&reference);
+    let mut reference = Proc::engine(&dir, &reference, "reference");
+    let instance = ["--instance-id", "onair-0"];
+    let engine = Proc::engine_with(&dir, &pipeline, "engine-0", &instance);
+    let predicted = |p: &Proc| {
+        let text = p.scrape().unwrap_or_default();
+        ["enter", "content", "gift"]
+            .iter()
+            .map(|k| {
+                common::metric(&text, "onair_gift_predictions_total", &[("trigger", k)])
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    let mut sim = Proc::simulate(
+        &dir,
+        &pipeline,
+        &[
+            "--duration",
+            &format!("{KILL_SECONDS}s"),
+            "--speed",
+            "1",
+            "--no-speech",
+        ],
+    );
+    common::wait_for_count(
+        &engine,
+        5.0,
+        "no predictions from the first engine",
+        &predicted,
+    );
+    let (mut engine, recoveries) = common::kill_and_replace(
+        engine,
+        &dir,
+        &pipeline,
+        &instance,
+        4,
+        (2000, 6000),
+        &predicted,
+    );
+    assert!(
+        sim.wait(Duration::from_secs(300)).success(),
+        "{}",
+        sim.log_tail()
+    );
+    // The reference settles first: no new record for longer than the
+    // allowed lateness (once input stops, the watermarks pass the last
+    // actions and segments with the wall clock). Then the killed engine's
+    // topic must come to hold every id the reference wrote (it restarted
+    // later, so it finishes later); it is read until it does, and 10 s more.
+    let id = |r: &common::Rec| r.headers.get("onair-id").cloned().unwrap_or_default();
+    let mut last = (0, Instant::now());
+    let clean_recs = read_until(
+        &clean.name("gift-predictions"),
+        Duration::from_secs(600),
+        |recs| {
+            if recs.len() != last.0 {
+                last = (recs.len(), Instant::now());
+            }
+            !recs.is_empty() && last.1.elapsed() > Duration::from_secs(LATENESS_S + 15)
+        },
+    );
+    let want: std::collections::BTreeSet<String> = clean_recs.iter().map(id).collect();
+    let mut complete: Option<Instant> = None;
+    let faulted = read_until(
+        &topics.name("gift-predictions"),
+        Duration::from_secs(600),
+        |recs| {
+            if complete.is_none() {
+                let got: std::collections::BTreeSet<String> = recs.iter().map(id).collect();
+                if want.is_subset(&got) {
+                    complete = Some(Instant::now());
+                }
+            }
+            complete.is_some_and(|at| at.elapsed() > Duration::from_secs(10))
+        },
+    );
+    let got = common::against_clean(&clean_recs, &faulted);
+    let mut triggers: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &clean_recs {
+        let p = GiftPrediction::decode(&r.payload[..]).expect("prediction decodes");
+        *triggers.entry(p.trigger).or_default() += 1;
+    }
+    assert!(
+        got.lost.is_empty() && got.extra.is_empty() && got.clean > 0,
+        "gift-predictions: {got}\n{}",
+        engine.log_tail()
+    );
+    // Bytes: a replayed prediction is the clean run's exactly.
+    // Bytes. MMBee's training data (content rows, labelled pairs, gifts)
+    // must be the clean run's exactly, and so must every prediction but
+    // for the last bits of its probability: MFQ gives the same content row
+    // tokens that differ by up to a few ulps between two engines (not by
+    // batch, see tests/mmbee_scoring.rs; not found yet), and scores read them.
+    let by_id = |recs: &[common::Rec]| -> BTreeMap<String, GiftPrediction> {
+        recs.iter()
+            .map(|r| {
+                let p = GiftPrediction::decode(&r.payload[..]).expect("prediction decodes");
+                (p.id.clone(), p)
+            })
+            .collect()
+    };
+    let (want, have) = (by_id(&clean_recs), by_id(&faulted));
+    let mut rounding = 0;
+    let mut worst = 0f32;
+    for id in got.differ.iter().chain(&got.conflicts) {
+        for r in faulted
+            .iter()
+            .filter(|r| r.headers.get("onair-id") == Some(id))
+        {
+            let p = GiftPrediction::decode(&r.payload[..]).expect("prediction decodes");
+            let c = &want[id];
+            let same_but_probability = GiftPrediction {
+                probability: c.probability,
+                ..p.clone()
+            } == *c;
+            let d = (p.probability - c.probability).abs();
+            assert!(
+                same_but_probability && d < 1e-6,
+                "gift-predictions: {p:?} differs from the clean run's {c:?}"
+            );
+            worst = worst.max(d);
+        }
+        rounding += 1;
+    }
+    assert_eq!(have.len(), want.len());
+    let samples = {
+        let read = |t: &Topics| {
+            read_until(&t.name("training-samples"), Duration::from_secs(15), |_| {
+                false
+            })
+        };
+        common::against_clean(&read(&clean), &read(&topics))
+    };
+    assert!(
+        samples.exact() && samples.clean > 0,
+        "training-samples: {samples}"
+    );
+    engine.stop();
+    reference.stop();
+    println!(
+        "fault: 4 SIGKILLs, MMBee scoring | records lost 0 | gift-predictions {} {triggers:?} ({} replays; {rounding} with another probability, by at most {worst:e}) | training-samples {} ({} replays, 0 with other bytes) | kill to first prediction: {}",
+        got.clean,
+        got.replays,
+        samples.clean,
+        samples.replays,
+        common::summary(&recoveries)
     );
 }

@@ -76,6 +76,12 @@ impl Harness {
             kind: InputKind::UserActions,
             offset: self.offset,
         };
+        // Its position on the room stage's input (the repartition operator's
+        // annotation): one source partition, in order.
+        let mut e = e;
+        if let Event::Action(a) = &mut e {
+            a.source_offset = self.offset;
+        }
         self.op.on_record(&e, pos, false, &mut ctx);
         drop(ctx);
         assert!(out.is_empty(), "scores come back through poll");
@@ -384,6 +390,7 @@ fn script() -> Vec<Item> {
     };
     let mut items = Vec::new();
     let mut inside: Vec<Option<usize>> = vec![None; 5];
+    let mut source_offset = 0;
     for s in 0..180i64 {
         let t = T0 + 14_000 + s * 1000;
         if s % 10 == 0 {
@@ -414,9 +421,18 @@ fn script() -> Vec<Item> {
                     _ => (ROOMS[r], ActionKind::Like, 0),
                 },
             };
-            items.push(Item::Action(action(t + dt, room, &user, kind, value)));
+            let mut a = action(t + dt, room, &user, kind, value);
+            if let Event::Action(a) = &mut a {
+                a.source_offset = source_offset;
+            }
+            source_offset += 1;
+            items.push(Item::Action(a));
         }
         items.push(Item::Tick(t + 1000));
+    }
+    // Half a minute more of ticks: a room stage running behind catches up.
+    for s in 180..210i64 {
+        items.push(Item::Tick(T0 + 14_000 + s * 1000 + 1000));
     }
     items
 }
@@ -424,14 +440,27 @@ fn script() -> Vec<Item> {
 /// Runs `items` through a scoring operator; with `crash_at`, the operator is
 /// dropped before that item, a new one restores the changelog records written
 /// so far and the input is replayed from the last committed offset (the
-/// lowest position the operator held at the last commit). Returns every
-/// prediction written, by id (a second write of an id must be identical).
+/// lowest position the operator held at the last commit). With `lag_ms`, the
+/// table is gated and the room stage runs that far behind: a segment reaches
+/// the table only when a tick ends `lag_ms` after its completion, with the
+/// progress saying so. Returns every prediction written, by id (a second
+/// write of an id must be identical).
 fn run(
     svc: &Arc<MmbeeService>,
     items: &[Item],
     crash_at: Option<usize>,
+    lag_ms: Option<i64>,
 ) -> BTreeMap<String, GiftPrediction> {
-    let table = RoomTable::new();
+    let table = match lag_ms {
+        Some(_) => {
+            let t = RoomTable::gated();
+            t.assigned(1);
+            t.caught_up();
+            t
+        }
+        None => RoomTable::new(),
+    };
+    let late: std::cell::RefCell<Vec<(&str, RoomContent)>> = Default::default();
     let new_op = || GiftScoring::new(svc.clone(), table.clone()).with_changelog_interval(3000);
     let mut op = new_op();
     let mut changelog: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
@@ -456,13 +485,29 @@ fn run(
                 op.on_record(e, pos, false, &mut ctx);
             }
             Item::Content(room, start) if !replay => {
-                table.put(
-                    room,
-                    content(svc, &format!("streamer-of-{room}"), *start, 0.1),
-                );
+                let c = content(svc, &format!("streamer-of-{room}"), *start, 0.1);
+                match lag_ms {
+                    Some(_) => late.borrow_mut().push((room, c)),
+                    None => {
+                        table.put(room, c);
+                    }
+                }
             }
             Item::Content(..) => {}
-            Item::Tick(end) => op.on_tick(end - 1000, &mut ctx),
+            Item::Tick(end) => {
+                if let Some(lag) = lag_ms.filter(|_| !replay) {
+                    let through = end - lag;
+                    late.borrow_mut().retain(|(room, c)| {
+                        let due = c.at_ms <= through;
+                        if due {
+                            table.put(room, c.clone());
+                        }
+                        !due
+                    });
+                    table.progress(0, 0, through);
+                }
+                op.on_tick(end - 1000, &mut ctx)
+            }
         }
         drop(ctx);
         let until = Instant::now() + Duration::from_secs(30);
@@ -537,11 +582,11 @@ fn run(
 fn a_restart_from_the_changelog_writes_what_a_clean_run_writes() {
     let svc = service();
     let items = script();
-    let clean = run(&svc, &items, None);
+    let clean = run(&svc, &items, None, None);
     assert!(clean.len() > 150, "too few predictions: {}", clean.len());
     let mut crashes = 0;
     for at in (7..items.len()).step_by(23) {
-        let crashed = run(&svc, &items, Some(at));
+        let crashed = run(&svc, &items, Some(at), None);
         let missing: Vec<&String> = clean.keys().filter(|k| !crashed.contains_key(*k)).collect();
         let extra: Vec<&String> = crashed.keys().filter(|k| !clean.contains_key(*k)).collect();
         assert!(
@@ -568,4 +613,207 @@ fn a_restart_from_the_changelog_writes_what_a_clean_run_writes() {
         crashes += 1;
     }
     assert!(crashes >= 10);
+}
+
+/// Panics with the first difference between two runs' predictions.
+fn same_predictions(
+    what: &str,
+    want: &BTreeMap<String, GiftPrediction>,
+    got: &BTreeMap<String, GiftPrediction>,
+) {
+    let missing: Vec<&GiftPrediction> = want
+        .iter()
+        .filter(|(k, _)| !got.contains_key(*k))
+        .map(|(_, p)| p)
+        .collect();
+    let extra: Vec<&GiftPrediction> = got
+        .iter()
+        .filter(|(k, _)| !want.contains_key(*k))
+        .map(|(_, p)| p)
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: {} missing, e.g. {:?}; {} not in the reference, e.g. {:?}",
+        missing.len(),
+        missing.first(),
+        extra.len(),
+        extra.first()
+    );
+    for (id, p) in got {
+        assert!(
+            (want[id].probability - p.probability).abs() < 1e-5,
+            "{what}: {p:?}, but {:?} in the reference",
+            want[id]
+        );
+    }
+}
+
+/// The room stage writes the actions of a source partition again when it
+/// restarts: taken once, they change nothing (a gift counted twice would
+/// change the viewer's history and every later score).
+#[test]
+fn actions_the_room_stage_writes_again_are_taken_once() {
+    let svc = service();
+    let items = script();
+    let clean = run(&svc, &items, None, None);
+    let mut again = items.clone();
+    for at in [len_third(&items), 2 * len_third(&items)] {
+        let earlier: Vec<Item> = items[..at]
+            .iter()
+            .filter(|i| matches!(i, Item::Action(_)))
+            .rev()
+            .take(12)
+            .cloned()
+            .collect();
+        let gifts = earlier
+            .iter()
+            .filter(|i| matches!(i, Item::Action(Event::Action(a)) if a.kind() == ActionKind::Gift))
+            .count();
+        assert!(gifts > 0, "the repeated actions include a gift");
+        let pos = again.len() - (items.len() - at);
+        for it in earlier.into_iter().rev() {
+            again.insert(pos, it);
+        }
+    }
+    same_predictions("repeated actions", &clean, &run(&svc, &again, None, None));
+    same_predictions(
+        "repeated actions and a crash",
+        &clean,
+        &run(&svc, &again, Some(2 * len_third(&items) + 5), None),
+    );
+}
+
+fn len_third(items: &[Item]) -> usize {
+    items.len() / 3
+}
+
+/// Content that reaches the table late (the room stage behind) is joined as
+/// of when it completed: with the table's progress holding the join back,
+/// the predictions are those of a room stage that keeps up, crash or not.
+#[test]
+fn content_that_comes_late_is_joined_as_of_its_completion() {
+    let svc = service();
+    let items = script();
+    let clean = run(&svc, &items, None, None);
+    for lag in [1_000, 7_000, 25_000] {
+        same_predictions(
+            &format!("content {lag} ms late"),
+            &clean,
+            &run(&svc, &items, None, Some(lag)),
+        );
+    }
+    same_predictions(
+        "content 7000 ms late and a crash",
+        &clean,
+        &run(&svc, &items, Some(items.len() / 2), Some(7_000)),
+    );
+}
+
+/// MFQ's tokens and the ranker's probability for an input are the same bits
+/// whatever batch it runs in (alone, first of two, in the middle of five
+/// others), with one thread or two: the batcher groups rooms and pairs as
+/// they come, so a replay batches them otherwise.
+#[test]
+fn mfq_and_the_ranker_do_not_depend_on_their_batch() {
+    use onair::models::mmbee::{ContentInput, Gift, MmbeeModel, PairInput, SessionRow};
+    use onair::operators::mmbee_content::{COMMENTS, CONTENT_WIDTH, FRAMES, TRANSCRIPTS};
+    onair::models::onnx::init_onnx_runtime(None).expect("ONNX Runtime (run scripts/models)");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mmbee");
+    let version = onair::models::serving::latest_version(&root).expect("a committed version");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut uniform = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % 2001) as f32 / 1000.0 - 1.0
+    };
+    let contents: Vec<ContentInput> = (0..16)
+        .map(|i| ContentInput {
+            row: (0..CONTENT_WIDTH).map(|_| uniform()).collect(),
+            frames: 1 + i % FRAMES,
+            comment_tokens: (3 * i) % (COMMENTS + 1),
+            transcript_tokens: i % (TRANSCRIPTS + 1),
+            streamer_id: Arc::from(format!("streamer-{i:04}")),
+        })
+        .collect();
+    for threads in [1, 2] {
+        let graph = onair::graph::tables::GraphTables::read(&root.join("graph/1"))
+            .expect("the committed graph tables");
+        let mut m = MmbeeModel::load(&version, threads)
+            .and_then(|m| m.with_graph(Some(Arc::new(graph))))
+            .expect("the committed version loads");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let c = &contents;
+        let alone = m.content(&[&c[0]]).expect("mfq");
+        let two = m.content(&[&c[0], &c[1]]).expect("mfq");
+        let six = m
+            .content(&[&c[3], &c[1], &c[2], &c[0], &c[5], &c[4]])
+            .expect("mfq");
+        let all: Vec<&ContentInput> = c.iter().rev().collect();
+        let sixteen = m.content(&all).expect("mfq");
+        let want = bits(&two[0]);
+        assert_eq!(
+            bits(&alone[0]),
+            want,
+            "MFQ alone vs first of two, {threads} threads"
+        );
+        assert_eq!(
+            bits(&six[3]),
+            want,
+            "MFQ 4th of six vs first of two, {threads} threads"
+        );
+        assert_eq!(
+            bits(&sixteen[15]),
+            want,
+            "MFQ last of 16 vs first of two, {threads} threads"
+        );
+        for k in 1..c.len() {
+            let some: Vec<&ContentInput> = c[..=k].iter().rev().collect();
+            let out = m.content(&some).expect("mfq");
+            assert_eq!(
+                bits(&out[k]),
+                want,
+                "MFQ last of {}, {threads} threads",
+                k + 1
+            );
+        }
+        let pairs: Vec<_> = (0..6)
+            .map(|i| {
+                let p = PairInput {
+                    tokens: two[i % 2].clone(),
+                    tokens_model: onair::models::serving::version_label(&version),
+                    streamer_id: Arc::from(format!("streamer-{i:04}")),
+                    user_id: Arc::from(format!("user-{i:06}")),
+                    history: (0..i)
+                        .map(|k| Gift {
+                            streamer_id: Arc::from(format!("streamer-{k:04}")),
+                            t_ms: T0 + k as i64 * 1000,
+                            value: 1 + k as u64,
+                        })
+                        .collect(),
+                    session: SessionRow {
+                        present_ms: 1000.0 * i as f32,
+                        likes: i as f32,
+                        ..SessionRow::default()
+                    },
+                    t_ms: T0 + 60_000,
+                };
+                m.features(&p).0
+            })
+            .collect();
+        let alone = m.rank(&[&pairs[0]]).expect("ranker");
+        let two = m.rank(&[&pairs[0], &pairs[1]]).expect("ranker");
+        let six = m
+            .rank(&[
+                &pairs[2], &pairs[5], &pairs[0], &pairs[1], &pairs[4], &pairs[3],
+            ])
+            .expect("ranker");
+        let want = two[0].to_bits();
+        assert_eq!(alone[0].to_bits(), want, "ranker alone, {threads} threads");
+        assert_eq!(
+            six[2].to_bits(),
+            want,
+            "ranker 3rd of six, {threads} threads"
+        );
+    }
 }

@@ -192,6 +192,7 @@ fn run_engine(arrivals: &[SimEvent], until_ms: i64, lateness_ms: i64) -> Console
             checkpoint_every: Duration::from_millis(100),
             changelog: None,
             snapshot_every: None,
+            progress: None,
         });
         let mut offsets = [0i64; 4];
         for ev in arrivals {

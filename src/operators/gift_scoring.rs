@@ -17,13 +17,27 @@
 //! has content tokens: a viewer who enters a room before its first segment
 //! completes is scored when it does.
 //!
+//! The join goes no further than the table is complete
+//! ([`RoomTable::content_through`]: the room stage's content progress), so
+//! content that reaches the table late (MFQ is slow, the room stage restarted)
+//! is still joined as of when it completed, and a replay after a crash scores
+//! the same pairs at the same times as a clean run. Every segment the table
+//! passes on is joined, not only a room's latest.
+//!
+//! The room stage writes a source partition's actions in offset order, and
+//! writes them again when it replays after a restart: an action whose source
+//! offset is not past the newest taken from its source partition is such a
+//! replay and is dropped (`dropped{reason="duplicate"}`), so a gift is never
+//! counted twice.
+//!
 //! State survives restarts and hand-overs through the user stage's changelog
 //! (the same topic as the behaviour sequences'): every
 //! `changelog_interval_ms`, each user whose state changed gets a record of
 //! their sessions, gifting history and the actions read but still waiting
 //! for the watermark, with the partition's next input offset then; each room
 //! whose content segment changed gets a record of it (start, tokens), since the
-//! `room-embeddings` table keeps only a room's latest. The input positions
+//! `room-embeddings` table keeps only a room's latest; and the newest source
+//! offset per source partition gets one record. The input positions
 //! read since the previous write are held until those records are
 //! acknowledged. On assignment the records are read back before any input
 //! ([`Operator::restore`]); a replayed action of a restored user below that
@@ -75,9 +89,18 @@ pub struct GiftScoring {
     /// When each room's content in the state completed, and the MFQ version
     /// that made its tokens.
     content_at: HashMap<Arc<str>, (i64, Arc<str>)>,
-    /// Content read from the table that completed after this partition's
-    /// event time: applied once the ticks pass it.
-    waiting: HashMap<Arc<str>, RoomContent>,
+    /// Content read from the table, by (completion, room, segment start):
+    /// applied once the ticks pass its completion and the table is complete
+    /// through it.
+    waiting: BTreeMap<(i64, Arc<str>, i64), RoomContent>,
+    /// Each room's latest content that completed by the event time handled:
+    /// what a viewer who enters gets.
+    latest: HashMap<Arc<str>, RoomContent>,
+    /// Per room-stage partition, the newest source offset of the actions
+    /// taken: an action at or below it is a room-stage replay.
+    sources: HashMap<i32, i64>,
+    /// Whether `sources` changed since the last changelog write.
+    sources_unwritten: bool,
     /// End of the last closed tick.
     watermark: i64,
     /// Actions waiting for the watermark, by (event time, arrival): the
@@ -136,7 +159,10 @@ impl GiftScoring {
             state: ScoringState::new(),
             action_ms: 0,
             content_at: HashMap::new(),
-            waiting: HashMap::new(),
+            waiting: BTreeMap::new(),
+            latest: HashMap::new(),
+            sources: HashMap::new(),
+            sources_unwritten: false,
             watermark: i64::MIN,
             buffered: BTreeMap::new(),
             arrivals: 0,
@@ -192,25 +218,27 @@ impl GiftScoring {
         true
     }
 
-    /// A viewer enters `room` at `t_ms`: the state gets the room's content
-    /// from the table first, if it had completed by then.
+    /// A viewer enters `room` at `t_ms`: the state gets the room's latest
+    /// content that had completed by then first.
     fn sync_room(&mut self, room: &str, t_ms: i64) {
-        if let Some(c) = self.table.get(room).filter(|c| c.at_ms <= t_ms) {
-            self.apply(&Arc::from(room), c);
+        let latest = self.latest.get_key_value(room);
+        if let Some((room, c)) = latest.filter(|(_, c)| c.at_ms <= t_ms) {
+            let (room, c) = (room.clone(), c.clone());
+            self.apply(&room, c);
         }
     }
 
-    /// Reads the table's changes into `waiting` (the newest segment per room).
+    /// Reads the table's changes into `waiting` (every segment, each once).
     fn read_table(&mut self) {
         let (changes, next) = self.table.changes_since(self.seen);
         self.seen = next;
         for (room, c) in changes {
-            let newer = self
-                .waiting
+            let passed = self
+                .latest
                 .get(&room)
-                .is_none_or(|w| w.start_ms < c.start_ms);
-            if newer {
-                self.waiting.insert(room, c);
+                .is_some_and(|l| l.start_ms >= c.start_ms);
+            if !passed {
+                self.waiting.insert((c.at_ms, room, c.start_ms), c);
             }
         }
     }
@@ -219,25 +247,43 @@ impl GiftScoring {
     /// room content that completed at or before it: an event-time join of the
     /// partition's actions with the room table, so a viewer who left before a
     /// segment completed is not scored on it, and a gift re-scores exactly the
-    /// rooms the viewer was in at the gift.
+    /// rooms the viewer was in at the gift. No further than the table is
+    /// complete: content that came late would otherwise be joined as of
+    /// when it came.
     fn advance(&mut self, wm: i64) {
         self.read_table();
+        // An action at t needs the content that completed at or before t.
+        let (actions_before, content_through) = match self.table.content_through() {
+            Some(complete) => (wm.min(complete.saturating_add(1)), wm.min(complete)),
+            None => (wm, wm),
+        };
         loop {
-            let action = self.buffered.keys().next().map(|k| k.0).filter(|&t| t < wm);
+            let action = self
+                .buffered
+                .keys()
+                .next()
+                .map(|k| k.0)
+                .filter(|&t| t < actions_before);
             let content = self
                 .waiting
-                .iter()
-                .filter(|(_, c)| c.at_ms <= wm)
-                .min_by_key(|(_, c)| c.at_ms)
-                .map(|(r, c)| (r.clone(), c.at_ms));
-            let content_first = match (action, &content) {
+                .keys()
+                .next()
+                .map(|k| k.0)
+                .filter(|&at| at <= content_through);
+            let content_first = match (action, content) {
                 (_, None) => false,
                 (None, Some(_)) => true,
-                (Some(t), Some((_, at))) => *at <= t,
+                (Some(t), Some(at)) => at <= t,
             };
             if content_first {
-                let room = content.map(|(r, _)| r).unwrap_or_else(|| Arc::from(""));
-                if let Some(c) = self.waiting.remove(&room) {
+                if let Some(((_, room, _), c)) = self.waiting.pop_first() {
+                    let newer = self
+                        .latest
+                        .get(&room)
+                        .is_none_or(|l| l.start_ms < c.start_ms);
+                    if newer {
+                        self.latest.insert(room.clone(), c.clone());
+                    }
                     if self.state.viewers(&room) > 0 {
                         self.apply(&room, c);
                         self.score_due();
@@ -407,9 +453,19 @@ impl GiftScoring {
                     .collect(),
                 pending: pending.remove(&*user).unwrap_or_default(),
                 received_through: self.received_through,
-                room: None,
+                ..GiftScoringRecord::default()
             };
             records.push((user.as_bytes().to_vec(), rec));
+        }
+        if std::mem::take(&mut self.sources_unwritten) {
+            let rec = GiftScoringRecord {
+                schema_version: SCHEMA_VERSION,
+                sources: self.sources.iter().map(|(&p, &o)| (p, o)).collect(),
+                received_through: self.received_through,
+                ..GiftScoringRecord::default()
+            };
+            // NUL and no room.
+            records.push((vec![0u8], rec));
         }
         let mut rooms: Vec<Arc<str>> = self.rooms_unwritten.drain().collect();
         rooms.sort();
@@ -561,6 +617,15 @@ impl Operator for GiftScoring {
                 self.stage.dropped("replayed", 1);
                 return;
             }
+            // The room stage writes a source partition's actions in offset
+            // order; one it writes again after a restart is one taken.
+            let newest = self.sources.entry(a.source_partition).or_insert(-1);
+            if a.source_offset <= *newest {
+                self.stage.dropped("duplicate", 1);
+                return;
+            }
+            *newest = a.source_offset;
+            self.sources_unwritten = true;
             self.received_through = self.received_through.max(pos.offset + 1);
             self.unflushed.hold(pos);
             self.unwritten.insert(Arc::from(a.user_id.as_str()));
@@ -627,6 +692,13 @@ impl Operator for GiftScoring {
             );
             return;
         };
+        if user == "\0" {
+            for (p, o) in rec.sources {
+                let newest = self.sources.entry(p).or_insert(-1);
+                *newest = (*newest).max(o);
+            }
+            return;
+        }
         if let Some(room) = user.strip_prefix('\0') {
             if let Some(r) = rec.room {
                 let room: Arc<str> = Arc::from(room);
@@ -693,6 +765,10 @@ impl Operator for GiftScoring {
         self.state = ScoringState::new();
         self.content_at.clear();
         self.waiting.clear();
+        self.latest.clear();
+        self.sources.clear();
+        self.sources_unwritten = false;
+        self.seen = 0;
         self.buffered.clear();
     }
 }

@@ -43,6 +43,7 @@ pub struct MmbeeFusion {
     reply: ReplyTo<Reply>,
     rx: mpsc::Receiver<Done<Reply>>,
     stage: Stage,
+    tick_ms: i64,
 }
 
 impl MmbeeFusion {
@@ -57,6 +58,7 @@ impl MmbeeFusion {
             reply: ReplyTo { tx, wake: None },
             rx,
             stage: Stage::new("mmbee_fusion"),
+            tick_ms: 1_000,
         }
     }
 
@@ -96,6 +98,7 @@ impl MmbeeFusion {
                 model_version: model.clone(),
                 segment_start_ms: p.start_ms,
                 segment_end_ms: p.end_ms,
+                ..RoomEmbedding::default()
             };
             self.stage.sent.increment(1);
             ctx.emit(Output {
@@ -119,6 +122,14 @@ impl Operator for MmbeeFusion {
 
     fn on_start(&mut self, ctx: &mut Context<'_>) {
         self.reply.wake = ctx.wake();
+        self.tick_ms = ctx.tick_ms();
+    }
+
+    /// The tick a segment completed in, while its tokens are computed: the
+    /// partition's content progress stays before it (see
+    /// [`crate::sources::room_table`]).
+    fn unfinished_tick(&self) -> Option<i64> {
+        self.pending.values().map(|p| p.at_ms - self.tick_ms).min()
     }
 
     fn on_record(&mut self, _event: &Event, _pos: Position, _late: bool, _ctx: &mut Context<'_>) {}

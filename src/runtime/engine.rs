@@ -139,9 +139,8 @@ impl Engine {
         });
         // Read from and written to Kafka: the rooms' lasting state goes to
         // the room changelog.
-        let changelog = reader.is_some()
-            && config.sink.kind == crate::config::SinkKind::Kafka
-            && config.runtime.snapshot_interval_ms > 0;
+        let kafka = reader.is_some() && config.sink.kind == crate::config::SinkKind::Kafka;
+        let changelog = kafka && config.runtime.snapshot_interval_ms > 0;
         PartitionSpec {
             partition,
             kinds: &InputKind::ROOM,
@@ -166,6 +165,8 @@ impl Engine {
             }),
             snapshot_every: changelog
                 .then(|| Duration::from_millis(config.runtime.snapshot_interval_ms)),
+            progress: (kafka && writes_room_content(config, services))
+                .then_some(config.kafka.topics.partitions),
         }
     }
 
@@ -204,6 +205,7 @@ impl Engine {
             }),
             // Its operators write their changelog at their own ticks.
             snapshot_every: None,
+            progress: None,
         }
     }
 
@@ -236,7 +238,13 @@ impl Engine {
         let handle = tokio::runtime::Handle::current();
         let mut pollers = Vec::new();
         if config.user_stage() {
-            let table = crate::sources::room_table::RoomTable::new();
+            // The room stage writes its content progress with the content:
+            // the table waits for it.
+            let table = if writes_room_content(&config, &services) {
+                crate::sources::room_table::RoomTable::gated()
+            } else {
+                crate::sources::room_table::RoomTable::new()
+            };
             services.room_table = Some(table.clone());
             let (kafka, topic, table_stop) = (
                 config.kafka.clone(),
@@ -404,6 +412,13 @@ impl Engine {
 /// The `transactional.id` of an instance's producer: stable across restarts
 /// of a static member (so the restarted instance fences its predecessor and
 /// aborts its open transaction), unique otherwise.
+/// Whether the room stage writes rooms' content to `room-embeddings` (MMBee's
+/// fusion runs: content from the features' embeddings, and a model), and with
+/// it its content progress, which the user stage's table then waits for.
+fn writes_room_content(config: &PipelineConfig, services: &Services) -> bool {
+    config.operators.mmbee.enabled && services.features.is_some() && services.mmbee.is_some()
+}
+
 fn transactional_id(group_id: &str, instance_id: Option<&str>) -> String {
     match instance_id {
         Some(id) => format!("{group_id}-{id}"),

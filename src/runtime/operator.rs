@@ -92,6 +92,12 @@ pub enum OutputTopic {
         /// The partition.
         partition: i32,
     },
+    /// A room-stage partition's content progress, on one partition of the
+    /// `room-embeddings` topic (see [`crate::sources::room_table`]).
+    RoomProgress {
+        /// The partition of `room-embeddings`.
+        partition: i32,
+    },
 }
 
 impl OutputTopic {
@@ -111,6 +117,7 @@ impl OutputTopic {
             OutputTopic::UserSequences => "user_sequences",
             OutputTopic::UserChangelog { .. } => "user_changelog",
             OutputTopic::RoomChangelog { .. } => "room_changelog",
+            OutputTopic::RoomProgress { .. } => "room_progress",
         }
     }
 

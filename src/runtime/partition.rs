@@ -31,7 +31,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use super::feed::{Polled, RecordRef, StreamReader};
 use super::media::{MediaStage, Slot};
-use super::operator::{each_operator, Context, Operator, Output, Position};
+use super::operator::{each_operator, Context, Operator, Output, OutputTopic, Position};
 use crate::config::{DeadLetterConfig, MediaConfig, RuntimeConfig};
 use crate::decode::pool::DecodePool;
 use crate::decode::MediaError;
@@ -152,6 +152,11 @@ pub struct PartitionTask {
     /// How often operators are asked for changelog records (see
     /// [`Operator::snapshot`]; None: never).
     snapshot_every: Option<Duration>,
+    /// Partitions of `room-embeddings` to write this partition's content
+    /// progress to at each tick close (None: it writes none).
+    progress: Option<i32>,
+    /// The progress last written.
+    progress_written: Option<i64>,
     /// Where the restored state was taken (see [`Operator::resumed_at`]):
     /// the first tick closed is at or before its first open one.
     resumed: Option<crate::state::Cut>,
@@ -268,6 +273,11 @@ pub struct PartitionSpec {
     /// How often the operators write their changed state to the changelog
     /// (see [`Operator::snapshot`]; None: the stage does not ask them to).
     pub snapshot_every: Option<Duration>,
+    /// The room stage's content progress: the number of partitions of
+    /// `room-embeddings`, to each of which a tick close writes the time
+    /// through which this partition's rooms' content is written (None: the
+    /// stage writes no room content).
+    pub progress: Option<i32>,
 }
 
 /// Reads one partition of a stage's changelog back (see
@@ -364,6 +374,8 @@ impl PartitionTask {
             cfg: spec.runtime,
             changelog: spec.changelog,
             snapshot_every: spec.snapshot_every,
+            progress: spec.progress,
+            progress_written: None,
             resumed: None,
         };
         let join = tokio::spawn(task.run());
@@ -1037,7 +1049,54 @@ impl PartitionTask {
         if let Some(st) = self.stream_time {
             metrics::histogram!(m::WATERMARK_DELAY).record((st - nt).max(0) as f64 / 1000.0);
         }
+        self.write_progress(nt);
         self.flush_outputs(Some(nt)).await;
+    }
+
+    /// Writes the partition's content progress after closing the ticks
+    /// through `closed`: every output of a tick at or before it has been
+    /// made (the operators finished it), so, sent after them on the same
+    /// producer, the record follows them on every `room-embeddings`
+    /// partition. Written when it moved.
+    fn write_progress(&mut self, closed: i64) {
+        let Some(n) = self.progress else {
+            return;
+        };
+        let unfinished = self.ops.iter().filter_map(|o| o.unfinished_tick()).min();
+        let through = unfinished.map_or(closed, |u| u.min(closed));
+        if self.progress_written.is_some_and(|w| w >= through) {
+            return;
+        }
+        self.progress_written = Some(through);
+        let rec = crate::schema::RoomEmbedding {
+            schema_version: crate::schema::SCHEMA_VERSION,
+            source_partition: self.partition,
+            content_through_ms: through,
+            event_time_ms: through,
+            ..Default::default()
+        };
+        let mut key = b"\0progress/".to_vec();
+        key.extend_from_slice(self.partition.to_string().as_bytes());
+        for q in 0..n {
+            let id = crate::schema::deterministic_id(&[
+                b"room-progress",
+                &self.partition.to_le_bytes(),
+                &q.to_le_bytes(),
+                &through.to_le_bytes(),
+            ]);
+            let mut rec = rec.clone();
+            rec.id = id.clone();
+            self.outputs.push(Output {
+                topic: OutputTopic::RoomProgress { partition: q },
+                id,
+                key: key.clone(),
+                payload: prost::Message::encode_to_vec(&rec),
+                headers: Vec::new(),
+                model_version: None,
+                tick_end_ms: None,
+                depends_on: Holds::default(),
+            });
+        }
     }
 
     /// Sends the collected outputs as one batch. `tick_end` marks a batch that

@@ -262,7 +262,9 @@ impl Sink for ConsoleSink {
                 OutputTopic::RoomEmbeddings => v.room_embeddings += 1,
                 OutputTopic::GiftPredictions => v.gift_predictions += 1,
                 OutputTopic::UserSequences => v.user_sequences += 1,
-                OutputTopic::UserChangelog { .. } | OutputTopic::RoomChangelog { .. } => {}
+                OutputTopic::UserChangelog { .. }
+                | OutputTopic::RoomChangelog { .. }
+                | OutputTopic::RoomProgress { .. } => {}
                 OutputTopic::RoomFeatures => {
                     if let Ok(f) = RoomFeatures::decode(&out.payload[..]) {
                         let key = (f.room_id.clone(), f.tick_start_ms);

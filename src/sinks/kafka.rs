@@ -38,7 +38,7 @@ fn topic_name(t: &TopicsConfig, o: OutputTopic) -> &str {
         OutputTopic::HighlightScores => &t.highlight_scores,
         OutputTopic::Highlights => &t.highlights,
         OutputTopic::UserActions => &t.user_actions,
-        OutputTopic::RoomEmbeddings => &t.room_embeddings,
+        OutputTopic::RoomEmbeddings | OutputTopic::RoomProgress { .. } => &t.room_embeddings,
         OutputTopic::GiftPredictions => &t.gift_predictions,
         OutputTopic::UserSequences => &t.user_sequences,
         OutputTopic::UserChangelog { .. } => &t.user_state,
@@ -163,9 +163,9 @@ impl Sink for KafkaSink {
             });
         }
         let partition = match out.topic {
-            OutputTopic::UserChangelog { partition } | OutputTopic::RoomChangelog { partition } => {
-                Some(partition)
-            }
+            OutputTopic::UserChangelog { partition }
+            | OutputTopic::RoomChangelog { partition }
+            | OutputTopic::RoomProgress { partition } => Some(partition),
             _ => None,
         };
         let topic = topic_name(&self.topics, out.topic);

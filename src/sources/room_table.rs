@@ -5,6 +5,17 @@
 //! ask for what changed since they last looked ([`RoomTable::changes_since`]);
 //! the reader wakes them when something did.
 //!
+//! The topic also carries the room stage's progress (see `RoomEmbedding` in
+//! the schema): every room-stage partition writes, to every partition of the
+//! topic, the time through which it has written its rooms' content. A table
+//! that is *gated* ([`RoomTable::gated`]: the engine's room stage writes that
+//! progress) says through what time its content is complete
+//! ([`RoomTable::content_through`]): only once it has read each partition up
+//! to where that partition ended when it was assigned, and then the least
+//! progress over every partition of the topic and every room-stage partition
+//! that reported on it. Joining content no later than that makes the join
+//! independent of when the content arrived.
+//!
 //! Not for: room-keyed state (the room stage owns it), or committing offsets
 //! (a table is rebuilt from the topic at every start).
 
@@ -16,6 +27,7 @@ use std::time::Duration;
 use metrics::gauge;
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
@@ -73,10 +85,30 @@ impl RoomContent {
 #[derive(Default)]
 struct Inner {
     rooms: HashMap<Arc<str>, RoomContent>,
-    /// (sequence number, room) of every change, oldest first.
-    log: VecDeque<(u64, Arc<str>)>,
+    /// (sequence number, room, content) of every change, oldest first.
+    log: VecDeque<(u64, Arc<str>, RoomContent)>,
     next_seq: u64,
     wakes: Vec<Weak<Notify>>,
+    /// Whether [`RoomTable::content_through`] waits for progress.
+    gated: bool,
+    /// Partitions of the topic, once assigned.
+    partitions: Option<i32>,
+    /// Whether every partition has been read up to where it ended at assignment.
+    caught_up: bool,
+    /// Per topic partition, per room-stage partition: its progress.
+    progress: HashMap<i32, HashMap<i32, i64>>,
+}
+
+impl Inner {
+    fn wake(&mut self) {
+        self.wakes.retain(|w| match w.upgrade() {
+            Some(n) => {
+                n.notify_one();
+                true
+            }
+            None => false,
+        });
+    }
 }
 
 /// The table (see the module docs).
@@ -94,9 +126,72 @@ impl std::fmt::Debug for RoomTable {
 }
 
 impl RoomTable {
-    /// An empty table.
+    /// An empty table whose content is complete as soon as it is there (for
+    /// a table filled by hand).
     pub fn new() -> Arc<Self> {
         Arc::new(RoomTable::default())
+    }
+
+    /// An empty table that follows the room stage's progress: its content
+    /// is complete through [`RoomTable::content_through`].
+    pub fn gated() -> Arc<Self> {
+        let t = RoomTable::default();
+        t.lock().gated = true;
+        Arc::new(t)
+    }
+
+    /// The time through which every room's content that completed by then
+    /// is in the table; None when the table is not gated (all it has is
+    /// complete). `i64::MIN` until it has caught up and every partition of
+    /// the topic has progress.
+    pub fn content_through(&self) -> Option<i64> {
+        let g = self.lock();
+        if !g.gated {
+            return None;
+        }
+        let Some(n) = g.partitions.filter(|_| g.caught_up) else {
+            return Some(i64::MIN);
+        };
+        let mut through = i64::MAX;
+        for q in 0..n {
+            let least = g
+                .progress
+                .get(&q)
+                .and_then(|by_source| by_source.values().min().copied());
+            through = through.min(least.unwrap_or(i64::MIN));
+        }
+        Some(through)
+    }
+
+    /// The topic's partitions have been assigned (`n` of them).
+    pub fn assigned(&self, n: i32) {
+        self.lock().partitions = Some(n);
+    }
+
+    /// Every partition has been read up to where it ended at assignment.
+    pub fn caught_up(&self) {
+        let mut g = self.lock();
+        if !g.caught_up {
+            g.caught_up = true;
+            g.wake();
+        }
+    }
+
+    /// Room-stage partition `source` has written, before this point of
+    /// topic partition `partition`, every room's content that completed at
+    /// or before `through`. Progress never goes back.
+    pub fn progress(&self, partition: i32, source: i32, through: i64) {
+        let mut g = self.lock();
+        let slot = g
+            .progress
+            .entry(partition)
+            .or_default()
+            .entry(source)
+            .or_insert(i64::MIN);
+        if through > *slot {
+            *slot = through;
+            g.wake();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -117,20 +212,14 @@ impl RoomTable {
             .rooms
             .get_key_value(room)
             .map_or_else(|| Arc::from(room), |(k, _)| k.clone());
-        g.rooms.insert(key.clone(), content);
+        g.rooms.insert(key.clone(), content.clone());
         let seq = g.next_seq;
         g.next_seq += 1;
-        g.log.push_back((seq, key));
+        g.log.push_back((seq, key, content));
         while g.log.len() > LOG_KEPT {
             g.log.pop_front();
         }
-        g.wakes.retain(|w| match w.upgrade() {
-            Some(n) => {
-                n.notify_one();
-                true
-            }
-            None => false,
-        });
+        g.wake();
         gauge!(ROOM_TABLE_ROOMS).set(g.rooms.len() as f64);
         true
     }
@@ -150,30 +239,28 @@ impl RoomTable {
         self.len() == 0
     }
 
-    /// The rooms changed since sequence number `seq` (each once, with its
-    /// content now), and the sequence number to ask from next time. A reader
-    /// further behind than the log reaches gets every room.
+    /// Every change since sequence number `seq`, oldest first (a room's
+    /// segments each once, in the order they came), and the sequence number
+    /// to ask from next time. A reader further behind than the log reaches
+    /// gets every room's latest.
     pub fn changes_since(&self, seq: u64) -> (Vec<(Arc<str>, RoomContent)>, u64) {
         let g = self.lock();
         let next = g.next_seq;
         if seq >= next {
             return (Vec::new(), next);
         }
-        let rooms: Vec<Arc<str>> = if g.log.front().is_some_and(|(s, _)| *s <= seq) {
-            let mut seen = std::collections::HashSet::new();
+        let out = if g.log.front().is_some_and(|(s, _, _)| *s <= seq) {
             g.log
                 .iter()
-                .filter(|(s, _)| *s >= seq)
-                .filter(|(_, r)| seen.insert(r.clone()))
-                .map(|(_, r)| r.clone())
+                .filter(|(s, _, _)| *s >= seq)
+                .map(|(_, r, c)| (r.clone(), c.clone()))
                 .collect()
         } else {
-            g.rooms.keys().cloned().collect()
+            g.rooms
+                .iter()
+                .map(|(r, c)| (r.clone(), c.clone()))
+                .collect()
         };
-        let out = rooms
-            .into_iter()
-            .filter_map(|r| g.rooms.get(&r).cloned().map(|c| (r, c)))
-            .collect();
         (out, next)
     }
 
@@ -182,10 +269,16 @@ impl RoomTable {
         self.lock().wakes.push(Arc::downgrade(wake));
     }
 
-    /// Decodes one `room-embeddings` record and puts it. None: not a valid
-    /// record (counted, skipped: the table is an output of ours).
-    pub fn put_record(&self, payload: &[u8]) -> Option<bool> {
+    /// Decodes one record of `room-embeddings` partition `partition` and
+    /// puts it: a room's content, or a room-stage partition's progress.
+    /// None: not a valid record (counted, skipped: the table is an output of
+    /// ours).
+    pub fn put_record(&self, partition: i32, payload: &[u8]) -> Option<bool> {
         let rec = RoomEmbedding::decode(payload).ok()?;
+        if rec.room_id.is_empty() && rec.embedding.is_empty() {
+            self.progress(partition, rec.source_partition, rec.content_through_ms);
+            return Some(false);
+        }
         if rec.room_id.is_empty() || rec.embedding.is_empty() {
             return None;
         }
@@ -216,13 +309,15 @@ pub fn follow(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", "100")
+        .set("enable.partition.eof", "true");
     let consumer: BaseConsumer = c.create().map_err(|source| KafkaFailure::Client {
         what: "room-table consumer",
         source,
     })?;
     let stage = Stage::new("room_table");
     let mut assigned = 0;
+    let mut ends: HashMap<i32, i64> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         if assigned == 0 {
             match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
@@ -244,6 +339,27 @@ pub fn follow(
                                 source,
                             })?;
                         assigned = n;
+                        table.assigned(n as i32);
+                        // Where each partition ends now: the table is caught
+                        // up once it has read that far.
+                        for p in 0..n as i32 {
+                            let end = match consumer.fetch_watermarks(
+                                topic,
+                                p,
+                                Duration::from_secs(10),
+                            ) {
+                                Ok((low, high)) if high > low => high,
+                                Ok(_) => continue,
+                                Err(e) => {
+                                    warn!(topic, partition = p, error = %e, "no end offset for the room table; reading it as empty");
+                                    continue;
+                                }
+                            };
+                            ends.insert(p, end);
+                        }
+                        if ends.is_empty() {
+                            table.caught_up();
+                        }
                         info!(topic, partitions = n, "following the room table");
                     }
                 }
@@ -257,9 +373,29 @@ pub fn follow(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(msg)) => {
                 stage.received.increment(1);
-                match msg.payload().and_then(|p| table.put_record(p)) {
+                match msg
+                    .payload()
+                    .and_then(|p| table.put_record(msg.partition(), p))
+                {
                     Some(_) => stage.sent.increment(1),
                     None => stage.error("invalid_record"),
+                }
+                if ends
+                    .get(&msg.partition())
+                    .is_some_and(|&end| msg.offset() + 1 >= end)
+                {
+                    ends.remove(&msg.partition());
+                    if ends.is_empty() {
+                        table.caught_up();
+                    }
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                // The end (a transaction's control record may be the last
+                // offset: no message reaches it).
+                let was_behind = ends.remove(&p).is_some();
+                if was_behind && ends.is_empty() {
+                    table.caught_up();
                 }
             }
             Some(Err(e)) => {
@@ -288,7 +424,7 @@ mod tests {
     }
 
     #[test]
-    fn newer_segments_replace_older_and_changes_are_read_once() {
+    fn newer_segments_replace_older_and_every_change_is_read_once() {
         let t = RoomTable::new();
         let wake = Arc::new(Notify::new());
         t.subscribe(&wake);
@@ -297,14 +433,57 @@ mod tests {
         assert!(t.put("b", content(0)));
         assert!(t.put("a", content(20_000)));
         let (changes, next) = t.changes_since(0);
-        let mut rooms: Vec<(&str, i64)> = changes.iter().map(|(r, c)| (&**r, c.start_ms)).collect();
-        rooms.sort();
-        assert_eq!(rooms, vec![("a", 20_000), ("b", 0)]);
+        let rooms: Vec<(&str, i64)> = changes.iter().map(|(r, c)| (&**r, c.start_ms)).collect();
+        assert_eq!(rooms, vec![("a", 10_000), ("b", 0), ("a", 20_000)]);
         assert_eq!(next, 3);
         assert!(t.changes_since(next).0.is_empty());
         assert!(t.put("b", content(10_000)));
         let (changes, _) = t.changes_since(next);
         assert_eq!(changes.len(), 1);
         assert_eq!(&*changes[0].0, "b");
+    }
+
+    #[test]
+    fn gated_content_is_complete_through_the_least_progress_once_caught_up() {
+        let t = RoomTable::gated();
+        assert_eq!(
+            RoomTable::new().content_through(),
+            None,
+            "a table filled by hand"
+        );
+        assert_eq!(t.content_through(), Some(i64::MIN), "nothing assigned yet");
+        t.assigned(2);
+        t.progress(0, 0, 5_000);
+        t.progress(0, 1, 3_000);
+        t.progress(1, 0, 4_000);
+        assert_eq!(t.content_through(), Some(i64::MIN), "not caught up");
+        t.caught_up();
+        assert_eq!(t.content_through(), Some(3_000));
+        t.progress(0, 1, 2_000);
+        assert_eq!(t.content_through(), Some(3_000), "progress never goes back");
+        t.progress(0, 1, 9_000);
+        assert_eq!(t.content_through(), Some(4_000));
+        let g = RoomTable::gated();
+        g.assigned(2);
+        g.caught_up();
+        g.progress(0, 0, 5_000);
+        assert_eq!(
+            g.content_through(),
+            Some(i64::MIN),
+            "a partition without progress"
+        );
+        let mut rec = RoomEmbedding {
+            source_partition: 3,
+            content_through_ms: 7_000,
+            ..RoomEmbedding::default()
+        };
+        assert_eq!(g.put_record(1, &rec.encode_to_vec()), Some(false));
+        assert_eq!(g.content_through(), Some(5_000));
+        rec.room_id = "r".into();
+        assert_eq!(
+            g.put_record(1, &rec.encode_to_vec()),
+            None,
+            "a room without tokens"
+        );
     }
 }

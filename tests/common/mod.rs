@@ -233,6 +233,13 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, and asserts that it drains and exits cleanly within 60 s.
+    pub fn stop(&mut self) {
+        self.signal_term();
+        let status = self.wait(Duration::from_secs(60));
+        assert!(status.success(), "{status}\n{}", self.log_tail());
+    }
+
     pub fn signal_term(&self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -569,4 +576,56 @@ pub fn summary(d: &[Duration]) -> String {
         }
         _ => "none".into(),
     }
+}
+
+/// Waits up to 300 s for `count` of `p` to reach `n`; panics with `what`
+/// and the log's tail otherwise.
+pub fn wait_for_count(p: &Proc, n: f64, what: &str, count: &dyn Fn(&Proc) -> f64) {
+    let until = Instant::now() + Duration::from_secs(300);
+    while count(p) < n {
+        assert!(Instant::now() < until, "{what}\n{}", p.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// SIGKILLs `engine` `kills` times, each `pause_ms.0` plus up to
+/// `pause_ms.1` ms after the previous recovery (the moments from the
+/// clock; the seed is printed), each time starting a replacement
+/// `engine-<k>` with `args` and waiting for its `count` to pass 0. Returns
+/// the last replacement and each kill's time to that first output.
+pub fn kill_and_replace(
+    mut engine: Proc,
+    dir: &Path,
+    pipeline: &Path,
+    args: &[&str],
+    kills: usize,
+    pause_ms: (u64, u64),
+    count: &dyn Fn(&Proc) -> f64,
+) -> (Proc, Vec<Duration>) {
+    let mut rng = Rng::from_clock();
+    eprintln!("kill moments: seed {}", rng.0);
+    let mut recoveries = Vec::new();
+    for k in 1..=kills {
+        std::thread::sleep(Duration::from_millis(pause_ms.0 + rng.below(pause_ms.1)));
+        engine.kill9();
+        let killed = Instant::now();
+        engine = Proc::engine_with(dir, pipeline, &format!("engine-{k}"), args);
+        wait_for_count(&engine, 1.0, &format!("no output after kill {k}"), count);
+        recoveries.push(killed.elapsed());
+    }
+    (engine, recoveries)
+}
+
+/// A kill case's scratch directory, the topics of the engine it kills
+/// (`<name>-kills-…`) and those of the reference beside it (`<name>-clean-…`).
+pub fn kill_case(name: &str) -> (PathBuf, Topics, Topics) {
+    (
+        scratch(&format!("{name}-kills")),
+        Topics {
+            prefix: unique(&format!("{name}-kills")),
+        },
+        Topics {
+            prefix: unique(&format!("{name}-clean")),
+        },
+    )
 }
