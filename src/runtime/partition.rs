@@ -1062,7 +1062,7 @@ impl PartitionTask {
         let Some(n) = self.progress else {
             return;
         };
-        let unfinished = self.ops.iter().filter_map(|o| o.unfinished_tick()).min();
+        let unfinished = self.unfinished_tick();
         let through = unfinished.map_or(closed, |u| u.min(closed));
         if self.progress_written.is_some_and(|w| w >= through) {
             return;
@@ -1097,6 +1097,12 @@ impl PartitionTask {
                 depends_on: Holds::default(),
             });
         }
+    }
+
+    /// The earliest tick an operator has not finished (see
+    /// [`Operator::unfinished_tick`]).
+    fn unfinished_tick(&self) -> Option<i64> {
+        self.ops.iter().filter_map(|o| o.unfinished_tick()).min()
     }
 
     /// Sends the collected outputs as one batch. `tick_end` marks a batch that
@@ -1193,7 +1199,7 @@ impl PartitionTask {
     /// not written again, and their inputs need not all be replayed, so the
     /// next owner must not write them either).
     fn emitted_through_ms(&self) -> Option<i64> {
-        let unfinished = self.ops.iter().filter_map(|o| o.unfinished_tick()).min();
+        let unfinished = self.unfinished_tick();
         let e = match (self.emitted_through, unfinished) {
             (Some(e), Some(u)) => Some(e.min(u)),
             (e, _) => e,
