@@ -523,11 +523,28 @@ impl MmbeeModel {
     }
 
     /// MFQ over rooms' content segments.
+    ///
+    /// A room's tokens are the same to the last bit whatever they are batched
+    /// with. With ONNX Runtime's CPU kernels a batch of two or more gives
+    /// every row the same bits whatever its size or order, but a batch of one
+    /// takes other kernels for a row whose frame or transcript slots are all
+    /// filled (its last bits differ;
+    /// `tests/mmbee_scoring.rs::mfq_and_the_ranker_do_not_depend_on_their_batch`).
+    /// So a single segment runs as a batch of two, itself twice.
     pub fn content(&mut self, inputs: &[&ContentInput]) -> Result<Vec<Arc<[f32]>>, ModelError> {
-        let b = inputs.len();
-        if b == 0 {
-            return Ok(Vec::new());
+        match inputs {
+            [] => Ok(Vec::new()),
+            [one] => {
+                let mut tokens = self.run_content(&[one, one])?;
+                tokens.truncate(1);
+                Ok(tokens)
+            }
+            _ => self.run_content(inputs),
         }
+    }
+
+    fn run_content(&mut self, inputs: &[&ContentInput]) -> Result<Vec<Arc<[f32]>>, ModelError> {
+        let b = inputs.len();
         let g = self.spec.dims.graph;
         let mut frames = Vec::with_capacity(b * FRAMES * IMAGE_DIM);
         let mut comments = Vec::with_capacity(b * COMMENTS * TEXT_DIM);

@@ -103,13 +103,17 @@ pub struct GiftScoring {
     sources_unwritten: bool,
     /// End of the last closed tick.
     watermark: i64,
-    /// Actions waiting for the watermark, by (event time, arrival): the
-    /// repartition topic interleaves rooms whose partitions run at their own
-    /// pace, so a partition's actions are put back in event-time order first.
-    buffered: BTreeMap<(i64, u64), (ViewerAction, Position)>,
-    arrivals: u64,
+    /// Actions waiting for the watermark, by (event time, source partition,
+    /// source offset): the repartition topic interleaves rooms whose
+    /// partitions run at their own pace, so a partition's actions are put
+    /// back in event-time order first, ties (a viewer's actions in two rooms
+    /// in the same millisecond) by where the room stage read them, never by
+    /// when they arrived.
+    buffered: BTreeMap<(i64, i32, i64), (ViewerAction, Position)>,
     /// Position of the newest action, held while its pairs are scored.
     last_pos: Option<Position>,
+    /// Positions of the actions handled since pairs were last scored.
+    group: Holds,
     pending: HashMap<u64, Pending>,
     /// Requests on their way to the batcher.
     outbox: Outbox<Request>,
@@ -165,8 +169,8 @@ impl GiftScoring {
             sources_unwritten: false,
             watermark: i64::MIN,
             buffered: BTreeMap::new(),
-            arrivals: 0,
             last_pos: None,
+            group: Holds::default(),
             pending: HashMap::new(),
             outbox: Outbox::default(),
             next_id: 0,
@@ -291,6 +295,16 @@ impl GiftScoring {
                 }
             } else if let Some((_, (a, pos))) = action.and_then(|_| self.buffered.pop_first()) {
                 self.handle(&a, pos);
+                // The viewer's pairs are scored once every action at this
+                // millisecond is in (a prediction's id is its time).
+                let same_time = self
+                    .buffered
+                    .keys()
+                    .next()
+                    .is_some_and(|k| k.0 == a.event_time_ms && k.0 < actions_before);
+                if !same_time {
+                    self.score_due();
+                }
             } else {
                 break;
             }
@@ -327,7 +341,7 @@ impl GiftScoring {
             }
             _ => return,
         }
-        self.score_due();
+        self.group.hold(pos);
     }
 
     /// Turns the due pairs into ranker requests. A pair is scored as of the
@@ -335,7 +349,7 @@ impl GiftScoring {
     /// the room's content segment completed.
     fn score_due(&mut self) {
         let due = self.state.take_due();
-        let mut holds = Holds::default();
+        let mut holds = std::mem::take(&mut self.group);
         if let Some(p) = self.last_pos {
             holds.hold(p);
         }
@@ -629,9 +643,10 @@ impl Operator for GiftScoring {
             self.received_through = self.received_through.max(pos.offset + 1);
             self.unflushed.hold(pos);
             self.unwritten.insert(Arc::from(a.user_id.as_str()));
-            self.arrivals += 1;
-            self.buffered
-                .insert((a.event_time_ms, self.arrivals), (a.clone(), pos));
+            self.buffered.insert(
+                (a.event_time_ms, a.source_partition, a.source_offset),
+                (a.clone(), pos),
+            );
         }
     }
 
@@ -737,13 +752,14 @@ impl Operator for GiftScoring {
         self.state.restore_user(user, sessions, history);
         for p in rec.pending {
             let Some(a) = p.action else { continue };
-            self.arrivals += 1;
             let pos = Position {
                 kind: InputKind::UserActions,
                 offset: p.offset,
             };
-            self.buffered
-                .insert((a.event_time_ms, self.arrivals), (a, pos));
+            self.buffered.insert(
+                (a.event_time_ms, a.source_partition, a.source_offset),
+                (a, pos),
+            );
         }
         self.replayed_below
             .insert(Arc::from(user), rec.received_through);
@@ -761,6 +777,7 @@ impl Operator for GiftScoring {
         self.unwritten.clear();
         self.rooms_unwritten.clear();
         self.unflushed = Holds::default();
+        self.group = Holds::default();
         self.replayed_below.clear();
         self.state = ScoringState::new();
         self.content_at.clear();
