@@ -15,8 +15,13 @@
 //!
 //! A live entry carries the room's highlight score (attached by the room
 //! stage, see [`super::repartition`]) and the room's content representation
-//! at entry: the mean of its MMBee content tokens from the `room-embeddings`
-//! table, when the room's current segment had completed by the entry.
+//! at entry: the mean of the MMBee content tokens of the room's latest
+//! segment that completed by the entry, from the `room-embeddings` table
+//! ([`RoomTable::pooled_as_of`]). When the table is gated (the room stage
+//! writes its content progress), a closed tick waits until the table is
+//! complete through its end before its actions join
+//! ([`Operator::unfinished_tick`] keeps the checkpoint behind it), so an
+//! entry gets the same content however late the segment reached the table.
 //!
 //! State survives restarts and hand-overs through the user stage's changelog
 //! (`[kafka.topics] user_state`, compacted): at the end of the first tick
@@ -34,7 +39,7 @@
 //! Not for: the sequence rules themselves ([`crate::state::sequence`]), or
 //! the room side of anything.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use metrics::{counter, gauge, Counter, Gauge};
@@ -47,12 +52,13 @@ use crate::metrics::{
 use crate::models::interests::InterestModel;
 use crate::runtime::{changelog_key, Context, Holds, Operator, Output, OutputTopic, Position};
 use crate::schema::{
-    deterministic_id, ActionKind, Behaviour as BehaviourRecord, Event, TrainingSample,
-    UserSequence, SCHEMA_VERSION,
+    deterministic_id, Behaviour as BehaviourRecord, Event, TrainingSample, UserSequence,
+    SCHEMA_VERSION,
 };
 use crate::sources::room_table::RoomTable;
 use crate::state::sequence::{
-    Act, Applied, Behaviour, Bounds, Domain, Feedback, LabelReport, Source, UserState, LIVE_LABELS,
+    Act, Applied, Behaviour, Bounds, Domain, Feedback, LabelReport, Source, Step, UserState,
+    LIVE_LABELS,
 };
 
 /// Training-sample task of the moment labels.
@@ -71,6 +77,9 @@ pub struct UserSequences {
     users: HashMap<Arc<str>, UserState>,
     /// Actions waiting for their tick to close, with their input positions.
     pending: Vec<(Arc<str>, Act, Position)>,
+    /// Starts of the ticks the runtime closed that wait, in order, for the
+    /// room table to hold their entries' content.
+    deferred: VecDeque<i64>,
     /// Users whose sequence changed since the last tick.
     dirty: BTreeSet<Arc<str>>,
     /// Restored users whose last snapshot may not have been written: it is
@@ -108,6 +117,7 @@ impl UserSequences {
             interests: None,
             users: HashMap::new(),
             pending: Vec::new(),
+            deferred: VecDeque::new(),
             dirty: BTreeSet::new(),
             republish: Vec::new(),
             replayed_through: None,
@@ -137,14 +147,29 @@ impl UserSequences {
         self.users.get(user)
     }
 
-    /// The room's content vector at `t`: its current segment's, when that
-    /// completed by `t`.
-    fn content(&self, room: &str, t: i64) -> Option<Arc<[f32]>> {
-        let c = self.table.as_ref()?.get(room)?;
-        (c.at_ms <= t).then(|| c.pooled().into())
+    /// Gives a live entry the room's content vector as of its time: that of
+    /// the room's latest segment completed by then.
+    fn with_content(&self, act: &mut Act) {
+        if act.domain == Domain::Live && act.step == Step::Enter {
+            act.content = self
+                .table
+                .as_ref()
+                .and_then(|t| t.pooled_as_of(&act.item, act.time_ms));
+        }
     }
 
-    /// The action as the sequence takes it, and its user.
+    /// Whether the table holds every room's content that completed before
+    /// `end`, so actions before `end` can join (a table filled by hand, or
+    /// none, always does).
+    fn content_complete(&self, end: i64) -> bool {
+        self.table
+            .as_ref()
+            .and_then(|t| t.content_through())
+            .is_none_or(|through| through >= end - 1)
+    }
+
+    /// The action as the sequence takes it, and its user. A live entry gets
+    /// its room's content when it joins ([`Self::with_content`]).
     fn act(&self, event: &Event, pos: Position) -> Option<(String, Act)> {
         match event {
             Event::Action(a) => {
@@ -153,10 +178,7 @@ impl UserSequences {
                     partition: a.source_partition,
                     offset: a.source_offset,
                 };
-                let content = (a.kind() == ActionKind::Enter)
-                    .then(|| self.content(&a.room_id, a.event_time_ms))
-                    .flatten();
-                Some((a.user_id.clone(), Act::live(a, source, content)?))
+                Some((a.user_id.clone(), Act::live(a, source, None)?))
             }
             Event::ShortVideo(s) => {
                 let source = Source {
@@ -174,7 +196,8 @@ impl UserSequences {
 impl UserSequences {
     /// Folds `act` into `user`'s sequence; `publish`: the user gets a
     /// snapshot at the end of this tick if it changed.
-    fn take(&mut self, user: Arc<str>, act: Act, pos: Position, publish: bool) {
+    fn take(&mut self, user: Arc<str>, mut act: Act, pos: Position, publish: bool) {
+        self.with_content(&mut act);
         let state = self
             .users
             .entry(user.clone())
@@ -191,6 +214,89 @@ impl UserSequences {
             }
             Applied::Duplicate => self.stage.dropped("duplicate", 1),
             Applied::TooLate => self.stage.dropped("too_late", 1),
+        }
+    }
+
+    /// Closes the ticks the runtime closed, in order, as far as the room
+    /// table is complete for their entries (`force`: all of them).
+    fn close_ready(&mut self, ctx: &mut Context<'_>, force: bool) {
+        while let Some(&tick_start_ms) = self.deferred.front() {
+            if !force && !self.content_complete(tick_start_ms + ctx.tick_ms()) {
+                break;
+            }
+            self.deferred.pop_front();
+            self.close_tick(tick_start_ms, ctx);
+        }
+    }
+
+    /// One tick: its actions join, snapshots and labels go out.
+    fn close_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
+        let as_of = tick_start_ms + ctx.tick_ms();
+        // The tick's actions join in event time (ties by source position),
+        // so its snapshots hold exactly the actions before its end whatever
+        // order the streams delivered them in.
+        let (mut due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(_, a, _)| a.time_ms < as_of);
+        self.pending = rest;
+        due.sort_by_key(|(_, a, _)| (a.time_ms, a.source));
+        for (user, act, pos) in due {
+            self.take(user, act, pos, true);
+        }
+        for user in std::mem::take(&mut self.republish) {
+            if let Some(state) = self.users.get(&user) {
+                ctx.emit(snapshot(&user, state, state.published_as_of_ms));
+                self.snapshots.increment(1);
+                self.stage.sent.increment(1);
+            }
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        for user in &dirty {
+            let Some(state) = self.users.get_mut(user) else {
+                continue;
+            };
+            state.published_as_of_ms = as_of;
+            ctx.emit(snapshot(user, state, as_of));
+            self.snapshots.increment(1);
+            self.stage.sent.increment(1);
+        }
+        if self.cfg.samples {
+            let mut done = Vec::new();
+            let (period, long_view) = (self.cfg.label_period_ms, self.cfg.long_view_ms);
+            for user in &self.labelling {
+                let Some(state) = self.users.get_mut(user) else {
+                    done.push(user.clone());
+                    continue;
+                };
+                for r in state.labels(as_of, period) {
+                    debug_assert_eq!((r.positives | r.negatives) & !LIVE_LABELS, 0);
+                    ctx.emit(label_sample(long_view, user, state, &r, as_of));
+                    self.samples.increment(1);
+                }
+                if !state.labelling() {
+                    done.push(user.clone());
+                }
+            }
+            for u in done {
+                self.labelling.remove(&u);
+            }
+        }
+        let horizon = as_of - self.cfg.reorder_ms;
+        let bounds = self.bounds;
+        let users = &mut self.users;
+        self.unsettled.retain(|u| match users.get_mut(u) {
+            Some(state) => {
+                state.advance(horizon, &bounds);
+                state.recent() > 0
+            }
+            None => false,
+        });
+        if let Some(g) = &self.users_gauge {
+            g.set(self.users.len() as f64);
+        }
+        // Last, so the records hold this tick's label progress and horizon.
+        if as_of.saturating_sub(self.written_ms) >= self.cfg.changelog_interval_ms {
+            self.write_changelog(as_of, ctx);
         }
     }
 
@@ -369,6 +475,10 @@ impl Operator for UserSequences {
     fn on_start(&mut self, ctx: &mut Context<'_>) {
         self.partition = ctx.partition();
         self.replayed_through = ctx.replayed_through();
+        // Ticks waiting for content close when the table moves on.
+        if let (Some(table), Some(w)) = (&self.table, ctx.wake()) {
+            table.subscribe(&w);
+        }
         self.users_gauge = Some(gauge!(SEQUENCE_USERS, "partition" => self.partition.to_string()));
     }
 
@@ -380,7 +490,8 @@ impl Operator for UserSequences {
             Some((k, _)) => k.clone(),
             None => Arc::from(user),
         };
-        if late {
+        let deferred = self.deferred.front().is_some_and(|&t| act.time_ms >= t);
+        if late && !deferred {
             // Its tick has closed. When that tick's snapshots were written
             // before a restart, the action is a replay the restored state
             // lacks: it joins silently, as the uninterrupted run had it by
@@ -393,75 +504,22 @@ impl Operator for UserSequences {
     }
 
     fn on_tick(&mut self, tick_start_ms: i64, ctx: &mut Context<'_>) {
-        let as_of = tick_start_ms + ctx.tick_ms();
-        // The tick's actions join in event time (ties by source position),
-        // so its snapshots hold exactly the actions before its end whatever
-        // order the streams delivered them in.
-        let (mut due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|(_, a, _)| a.time_ms < as_of);
-        self.pending = rest;
-        due.sort_by_key(|(_, a, _)| (a.time_ms, a.source));
-        for (user, act, pos) in due {
-            self.take(user, act, pos, true);
-        }
-        for user in std::mem::take(&mut self.republish) {
-            if let Some(state) = self.users.get(&user) {
-                ctx.emit(snapshot(&user, state, state.published_as_of_ms));
-                self.snapshots.increment(1);
-                self.stage.sent.increment(1);
-            }
-        }
-        let dirty = std::mem::take(&mut self.dirty);
-        for user in &dirty {
-            let Some(state) = self.users.get_mut(user) else {
-                continue;
-            };
-            state.published_as_of_ms = as_of;
-            ctx.emit(snapshot(user, state, as_of));
-            self.snapshots.increment(1);
-            self.stage.sent.increment(1);
-        }
-        if self.cfg.samples {
-            let mut done = Vec::new();
-            let (period, long_view) = (self.cfg.label_period_ms, self.cfg.long_view_ms);
-            for user in &self.labelling {
-                let Some(state) = self.users.get_mut(user) else {
-                    done.push(user.clone());
-                    continue;
-                };
-                for r in state.labels(as_of, period) {
-                    debug_assert_eq!((r.positives | r.negatives) & !LIVE_LABELS, 0);
-                    ctx.emit(label_sample(long_view, user, state, &r, as_of));
-                    self.samples.increment(1);
-                }
-                if !state.labelling() {
-                    done.push(user.clone());
-                }
-            }
-            for u in done {
-                self.labelling.remove(&u);
-            }
-        }
-        let horizon = as_of - self.cfg.reorder_ms;
-        let bounds = self.bounds;
-        let users = &mut self.users;
-        self.unsettled.retain(|u| match users.get_mut(u) {
-            Some(state) => {
-                state.advance(horizon, &bounds);
-                state.recent() > 0
-            }
-            None => false,
-        });
-        if let Some(g) = &self.users_gauge {
-            g.set(self.users.len() as f64);
-        }
-        // Last, so the records hold this tick's label progress and horizon.
-        if as_of.saturating_sub(self.written_ms) >= self.cfg.changelog_interval_ms {
-            self.write_changelog(as_of, ctx);
-        }
+        self.deferred.push_back(tick_start_ms);
+        self.close_ready(ctx, false);
     }
 
+    fn poll(&mut self, ctx: &mut Context<'_>) {
+        self.close_ready(ctx, false);
+    }
+
+    fn on_finish(&mut self, ctx: &mut Context<'_>) {
+        // The input has ended: what the table has is all it will get.
+        self.close_ready(ctx, true);
+    }
+
+    fn unfinished_tick(&self) -> Option<i64> {
+        self.deferred.front().copied()
+    }
     fn holds(&self, holds: &mut Holds) {
         holds.merge(&self.unflushed);
         for (_, _, pos) in &self.pending {
@@ -510,6 +568,7 @@ impl Operator for UserSequences {
     fn on_revoke(&mut self) {
         self.unflushed = Holds::default();
         self.pending.clear();
+        self.deferred.clear();
         self.republish.clear();
         self.unwritten.clear();
         self.written_ms = i64::MIN;
@@ -554,6 +613,105 @@ mod tests {
             op.on_tick(T0 + k * TICK, &mut ctx);
         }
         outputs.into_iter().map(|o| (o.id, o.payload)).collect()
+    }
+
+    fn segment(start_ms: i64, at_ms: i64) -> crate::sources::room_table::RoomContent {
+        crate::sources::room_table::RoomContent {
+            streamer_id: Arc::from("s"),
+            start_ms,
+            at_ms,
+            tokens: vec![start_ms as f32, 1.0].into(),
+            dim: 2,
+            model: Arc::from("mmbee@1"),
+        }
+    }
+
+    /// The snapshots written for two users who enter room r at T0 + 700
+    /// and T0 + 1700, the room's segments completing at T0 + 500 and T0 +
+    /// 1200, when the room table gets each segment and the room stage's
+    /// progress at tick `arrive[i]` (the progress through T0 + 500 and T0 +
+    /// 1200 after each).
+    fn entries(arrive: [i64; 2]) -> Vec<(String, Vec<u8>)> {
+        let cfg = Arc::new(UserSequencesConfig {
+            enabled: true,
+            ..UserSequencesConfig::default()
+        });
+        let table = RoomTable::gated();
+        table.assigned(1);
+        table.caught_up();
+        let mut op = UserSequences::new(cfg, Some(table.clone()));
+        let mut outputs = Vec::new();
+        let enter = |user: &str, t: i64, offset: i64| {
+            let a = crate::schema::ViewerAction {
+                room_id: "r".into(),
+                user_id: user.into(),
+                streamer_id: "s".into(),
+                event_time_ms: t,
+                kind: crate::schema::ActionKind::Enter as i32,
+                source_offset: offset,
+                ..Default::default()
+            };
+            let pos = Position {
+                kind: InputKind::UserActions,
+                offset,
+            };
+            (Event::Action(a), pos)
+        };
+        let segments = [(0, T0 + 500), (T0 + 500, T0 + 1200)];
+        for k in -1..8 {
+            let mut ctx = Context::new(&mut outputs, 0, TICK);
+            if k == -1 {
+                for (e, pos) in [enter("u1", T0 + 700, 0), enter("u2", T0 + 1700, 1)] {
+                    op.on_record(&e, pos, false, &mut ctx);
+                }
+            }
+            for (i, &(start, at)) in segments.iter().enumerate() {
+                if arrive[i] == k {
+                    table.put("r", segment(start, at));
+                    table.progress(0, 0, at);
+                }
+            }
+            op.poll(&mut ctx);
+            if (0..4).contains(&k) {
+                op.on_tick(T0 + k * TICK, &mut ctx);
+            }
+            // Later the room stage has passed everything.
+            if k == 6 {
+                table.progress(0, 0, T0 + 10 * TICK);
+                op.poll(&mut ctx);
+            }
+        }
+        outputs
+            .into_iter()
+            .filter(|o| o.topic == OutputTopic::UserSequences)
+            .map(|o| (o.id, o.payload))
+            .collect()
+    }
+
+    /// A live entry carries the content of the room's latest segment that
+    /// completed by the entry, however late the segment reached the table:
+    /// its tick waits for the room stage's progress.
+    #[test]
+    fn entries_take_the_content_of_their_time_whenever_it_arrives() {
+        let on_time = entries([-1, 0]);
+        let content = |out: &[(String, Vec<u8>)]| -> Vec<(String, Vec<f32>)> {
+            out.iter()
+                .map(|(_, p)| {
+                    let s = UserSequence::decode(&p[..]).unwrap();
+                    (s.user_id.clone(), s.behaviours[0].content.clone())
+                })
+                .collect()
+        };
+        assert_eq!(
+            content(&on_time),
+            vec![
+                ("u1".to_string(), vec![0.0, 1.0]),
+                ("u2".to_string(), vec![(T0 + 500) as f32, 1.0])
+            ]
+        );
+        for arrive in [[2, 2], [0, 5], [3, 3], [5, 6], [1, 4]] {
+            assert_eq!(entries(arrive), on_time, "segments at ticks {arrive:?}");
+        }
     }
 
     proptest::proptest! {

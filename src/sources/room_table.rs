@@ -41,6 +41,11 @@ use crate::schema::RoomEmbedding;
 /// Changes remembered for readers that fall behind; older ones read the whole table.
 const LOG_KEPT: usize = 100_000;
 
+/// How far back, in event time behind the newest segment in the table, a
+/// room's earlier segments are kept for [`RoomTable::pooled_as_of`]: a
+/// segment goes once its successor completed longer ago than this.
+pub const HISTORY_MS: i64 = 15 * 60 * 1000;
+
 /// One room's latest content.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoomContent {
@@ -82,9 +87,17 @@ impl RoomContent {
     }
 }
 
+/// A segment in a room's history: when it completed, and its pooled tokens.
+type Segment = (i64, Arc<[f32]>);
+
 #[derive(Default)]
 struct Inner {
     rooms: HashMap<Arc<str>, RoomContent>,
+    /// Per room, (completion, pooled content) of its segments, oldest first,
+    /// back to [`HISTORY_MS`] behind `newest_ms`.
+    history: HashMap<Arc<str>, VecDeque<Segment>>,
+    /// The latest completion of any segment put.
+    newest_ms: i64,
     /// (sequence number, room, content) of every change, oldest first.
     log: VecDeque<(u64, Arc<str>, RoomContent)>,
     next_seq: u64,
@@ -213,6 +226,14 @@ impl RoomTable {
             .get_key_value(room)
             .map_or_else(|| Arc::from(room), |(k, _)| k.clone());
         g.rooms.insert(key.clone(), content.clone());
+        g.newest_ms = g.newest_ms.max(content.at_ms);
+        let horizon = g.newest_ms.saturating_sub(HISTORY_MS);
+        let segments = g.history.entry(key.clone()).or_default();
+        let at = segments.partition_point(|(at, _)| *at <= content.at_ms);
+        segments.insert(at, (content.at_ms, content.pooled().into()));
+        while segments.get(1).is_some_and(|(next, _)| *next < horizon) {
+            segments.pop_front();
+        }
         let seq = g.next_seq;
         g.next_seq += 1;
         g.log.push_back((seq, key, content));
@@ -227,6 +248,17 @@ impl RoomTable {
     /// A room's content.
     pub fn get(&self, room: &str) -> Option<RoomContent> {
         self.lock().rooms.get(room).cloned()
+    }
+
+    /// The room's content as of `t`: the pooled tokens ([`RoomContent::pooled`])
+    /// of its latest segment that completed at or before `t`. Segments
+    /// superseded more than [`HISTORY_MS`] before the newest in the table
+    /// are forgotten.
+    pub fn pooled_as_of(&self, room: &str, t: i64) -> Option<Arc<[f32]>> {
+        let g = self.lock();
+        let segments = g.history.get(room)?;
+        let n = segments.partition_point(|(at, _)| *at <= t);
+        n.checked_sub(1).map(|i| segments[i].1.clone())
     }
 
     /// Rooms in the table.
@@ -421,6 +453,39 @@ mod tests {
             dim: 1,
             model: Arc::from("mmbee@1"),
         }
+    }
+
+    #[test]
+    fn a_room_is_read_as_of_a_time_from_its_recent_segments() {
+        let t = RoomTable::new();
+        let at = |start: i64| start + 13_000;
+        assert!(t.put("a", content(0)));
+        assert!(t.put("a", content(10_000)));
+        assert!(t.put("b", content(0)));
+        let as_of = |room: &str, ms: i64| t.pooled_as_of(room, ms).map(|v| v[0]);
+        assert_eq!(as_of("a", at(0) - 1), None, "nothing had completed");
+        assert_eq!(as_of("a", at(0)), Some(0.0));
+        assert_eq!(as_of("a", at(10_000) - 1), Some(0.0));
+        assert_eq!(as_of("a", at(10_000)), Some(10_000.0));
+        assert_eq!(as_of("c", at(10_000)), None, "an unknown room");
+        // A segment goes once its successor completed more than the horizon
+        // before the newest in the table; the successor stays.
+        assert!(t.put("b", content(10_000 + HISTORY_MS)));
+        assert_eq!(
+            as_of("a", at(0)),
+            Some(0.0),
+            "a's second completed within the horizon"
+        );
+        assert!(t.put("b", content(20_000 + HISTORY_MS)));
+        assert_eq!(
+            as_of("a", at(0)),
+            Some(0.0),
+            "pruned only when a room changes"
+        );
+        assert!(t.put("a", content(30_000 + HISTORY_MS)));
+        assert_eq!(as_of("a", at(0)), None, "forgotten");
+        assert_eq!(as_of("a", at(10_000)), Some(10_000.0));
+        assert_eq!(as_of("a", i64::MAX), Some((30_000 + HISTORY_MS) as f32));
     }
 
     #[test]
