@@ -769,7 +769,7 @@ fn content_that_comes_late_is_joined_as_of_its_completion() {
 }
 
 /// MFQ's tokens and the ranker's probability for an input are the same bits
-/// whatever batch it runs in (alone, first of two, in the middle of five
+/// whatever batch it runs in (alone, first of two, anywhere in up to 240
 /// others), with one thread or two: the batcher groups rooms and pairs as
 /// they come, so a replay batches them otherwise.
 #[test]
@@ -846,43 +846,95 @@ fn mfq_and_the_ranker_do_not_depend_on_their_batch() {
                 );
             }
         }
-        let pairs: Vec<_> = (0..6)
+        // Pairs of viewers in the graph and not, with histories up to past
+        // the ranker's sequence length (alone, 7 of 300 such pairs took
+        // other kernels).
+        let users: Vec<String> = std::fs::read_to_string(root.join("graph/1/nodes.tsv"))
+            .expect("graph nodes")
+            .lines()
+            .filter_map(|l| l.strip_prefix("u\t"))
+            .filter_map(|l| l.split('\t').next())
+            .take(30)
+            .map(str::to_string)
+            .chain((0..10).map(|i| format!("unknown-{i}")))
+            .collect();
+        let pairs: Vec<_> = (0..240)
             .map(|i| {
+                let n = [0, 1, 3, 7, 33, 40][i % 6];
                 let p = PairInput {
-                    tokens: two[i % 2].clone(),
+                    tokens: each_tokens(&mut m, &c[i % c.len()]),
                     tokens_model: onair::models::serving::version_label(&version),
-                    streamer_id: Arc::from(format!("streamer-{i:04}")),
-                    user_id: Arc::from(format!("user-{i:06}")),
-                    history: (0..i)
+                    streamer_id: Arc::from(format!("streamer-{:04}", i % 8)),
+                    user_id: Arc::from(users[i % users.len()].as_str()),
+                    history: (0..n)
                         .map(|k| Gift {
-                            streamer_id: Arc::from(format!("streamer-{k:04}")),
-                            t_ms: T0 + k as i64 * 1000,
+                            streamer_id: Arc::from(format!("streamer-{:04}", k % 12)),
+                            t_ms: T0 + k as i64 * 1777,
                             value: 1 + k as u64,
                         })
                         .collect(),
                     session: SessionRow {
-                        present_ms: 1000.0 * i as f32,
-                        likes: i as f32,
-                        ..SessionRow::default()
+                        present_ms: 7.3 * (uniform() + 1.0) * 5000.0,
+                        likes: (n % 4) as f32,
+                        comments: (n % 3) as f32,
+                        gifts: (n % 2) as f32,
+                        gift_value: (n * 3 % 5) as f32,
+                        followed: n % 2 == 0,
                     },
-                    t_ms: T0 + 60_000,
+                    t_ms: T0 + 60_000 + i as i64 * 613,
                 };
                 m.features(&p).0
             })
             .collect();
-        let alone = m.rank(&[&pairs[0]]).expect("ranker");
-        let two = m.rank(&[&pairs[0], &pairs[1]]).expect("ranker");
-        let six = m
-            .rank(&[
-                &pairs[2], &pairs[5], &pairs[0], &pairs[1], &pairs[4], &pairs[3],
-            ])
-            .expect("ranker");
-        let want = two[0].to_bits();
-        assert_eq!(alone[0].to_bits(), want, "ranker alone, {threads} threads");
-        assert_eq!(
-            six[2].to_bits(),
-            want,
-            "ranker 3rd of six, {threads} threads"
-        );
+        let alone: Vec<u32> = pairs
+            .iter()
+            .map(|p| m.rank(&[p]).expect("ranker")[0].to_bits())
+            .collect();
+        let all: Vec<_> = pairs.iter().collect();
+        let reversed: Vec<_> = pairs.iter().take(100).rev().collect();
+        // Only pairs whose history fills the sequence (no padding there).
+        let full: Vec<usize> = (0..240).filter(|i| i % 6 >= 4).collect();
+        let full_batch: Vec<_> = full.iter().map(|&i| &pairs[i]).collect();
+        for (what, batch, index) in [
+            (
+                "full histories",
+                m.rank(&full_batch).expect("ranker"),
+                full.clone(),
+            ),
+            (
+                "all 240",
+                m.rank(&all).expect("ranker"),
+                (0..240).collect::<Vec<_>>(),
+            ),
+            (
+                "100 reversed",
+                m.rank(&reversed).expect("ranker"),
+                (0..100).rev().collect(),
+            ),
+        ] {
+            for (j, &i) in index.iter().enumerate() {
+                assert_eq!(
+                    batch[j].to_bits(),
+                    alone[i],
+                    "ranker pair {i} at {j} of {what} vs alone, {threads} threads"
+                );
+            }
+        }
+        for i in 0..pairs.len() - 1 {
+            let two = m.rank(&[&pairs[i + 1], &pairs[i]]).expect("ranker");
+            assert_eq!(
+                two[1].to_bits(),
+                alone[i],
+                "ranker pair {i} second of two vs alone, {threads} threads"
+            );
+        }
     }
+}
+
+/// MFQ's tokens for one segment, alone.
+fn each_tokens(
+    m: &mut onair::models::mmbee::MmbeeModel,
+    c: &onair::models::mmbee::ContentInput,
+) -> Arc<[f32]> {
+    m.content(&[c]).expect("mfq").remove(0)
 }

@@ -527,8 +527,8 @@ impl MmbeeModel {
     /// A room's tokens are the same to the last bit whatever they are batched
     /// with. With ONNX Runtime's CPU kernels a batch of two or more gives
     /// every row the same bits whatever its size or order, but a batch of one
-    /// takes other kernels for a row whose frame or transcript slots are all
-    /// filled (its last bits differ;
+    /// takes other kernels for some rows, e.g. one whose frame or transcript
+    /// slots are all filled (its last bits differ;
     /// `tests/mmbee_scoring.rs::mfq_and_the_ranker_do_not_depend_on_their_batch`).
     /// So a single segment runs as a batch of two, itself twice.
     pub fn content(&mut self, inputs: &[&ContentInput]) -> Result<Vec<Arc<[f32]>>, ModelError> {
@@ -612,11 +612,48 @@ impl MmbeeModel {
     }
 
     /// The ranker over pairs.
+    ///
+    /// A pair's probability is the same to the last bit whatever it is
+    /// batched with. With ONNX Runtime's CPU kernels it was not: alone, or
+    /// beside pairs whose history or graph slots are all filled like its
+    /// own, some pairs took other kernels (last bits differ;
+    /// `tests/mmbee_scoring.rs::mfq_and_the_ranker_do_not_depend_on_their_batch`).
+    /// So every batch runs with one more pair, an anchor whose slots are
+    /// mostly padding, and its probability is dropped.
     pub fn rank(&mut self, inputs: &[&PairFeatures]) -> Result<Vec<f32>, ModelError> {
-        let b = inputs.len();
-        if b == 0 {
+        if inputs.is_empty() {
             return Ok(Vec::new());
         }
+        let anchor = self.anchor();
+        let mut batch = inputs.to_vec();
+        batch.push(&anchor);
+        let mut p = self.run_rank(&batch)?;
+        p.truncate(inputs.len());
+        Ok(p)
+    }
+
+    /// The pair run beside every batch of the ranker: no content, no graph,
+    /// one gift in its history.
+    fn anchor(&self) -> PairFeatures {
+        let gift = Gift {
+            streamer_id: Arc::from(""),
+            t_ms: 0,
+            value: 1,
+        };
+        PairFeatures::build(
+            &self.spec,
+            None,
+            self.empty.clone(),
+            "",
+            "",
+            &[gift],
+            &SessionRow::default(),
+            1,
+        )
+    }
+
+    fn run_rank(&mut self, inputs: &[&PairFeatures]) -> Result<Vec<f32>, ModelError> {
+        let b = inputs.len();
         let Dims {
             d,
             queries: n,
