@@ -527,11 +527,14 @@ impl Operator for UserSequences {
         }
     }
 
-    /// The users held: while there are any, every tick is closed (none
-    /// skipped as empty), so a tick's actions and labels come out as of
-    /// their own tick.
+    /// The users held: while there are any, or actions waiting for their
+    /// tick, every tick is closed (none skipped as empty), so a tick's
+    /// actions and labels come out as of their own tick. (Before the first
+    /// users joined, ticks waiting for the room table let the runtime skip
+    /// ticks, and their actions came out as of a later one.)
     fn rooms(&self) -> usize {
-        self.users.len()
+        let waiting = !self.pending.is_empty() || !self.deferred.is_empty();
+        self.users.len().max(usize::from(waiting))
     }
 
     fn restore(&mut self, key: &[u8], value: &[u8], emitted_through_ms: Option<i64>) {
