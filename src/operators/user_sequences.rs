@@ -18,10 +18,12 @@
 //! at entry: the mean of the MMBee content tokens of the room's latest
 //! segment that completed by the entry, from the `room-embeddings` table
 //! ([`RoomTable::pooled_as_of`]). When the table is gated (the room stage
-//! writes its content progress), a closed tick waits until the table is
-//! complete through its end before its actions join
-//! ([`Operator::unfinished_tick`] keeps the checkpoint behind it), so an
-//! entry gets the same content however late the segment reached the table.
+//! writes its content progress), a closed tick with live entries waits until
+//! the table is complete through its end before its actions join (and the
+//! ticks after it wait behind it; [`Operator::unfinished_tick`] keeps the
+//! checkpoint behind them), so an entry gets the same content however late
+//! the segment reached the table. Ticks without entries (short videos while
+//! the room stage is down) do not wait.
 //!
 //! State survives restarts and hand-overs through the user stage's changelog
 //! (`[kafka.topics] user_state`, compacted): at the end of the first tick
@@ -218,10 +220,16 @@ impl UserSequences {
     }
 
     /// Closes the ticks the runtime closed, in order, as far as the room
-    /// table is complete for their entries (`force`: all of them).
+    /// table is complete for their live entries (`force`: all of them).
     fn close_ready(&mut self, ctx: &mut Context<'_>, force: bool) {
         while let Some(&tick_start_ms) = self.deferred.front() {
-            if !force && !self.content_complete(tick_start_ms + ctx.tick_ms()) {
+            let end = tick_start_ms + ctx.tick_ms();
+            // Only live entries read the table: a tick without any (short
+            // videos only, the room stage down) need not wait for it.
+            let entries = self.pending.iter().any(|(_, a, _)| {
+                a.time_ms < end && a.domain == Domain::Live && a.step == Step::Enter
+            });
+            if !force && entries && !self.content_complete(end) {
                 break;
             }
             self.deferred.pop_front();
@@ -715,6 +723,83 @@ mod tests {
         for arrive in [[2, 2], [0, 5], [3, 3], [5, 6], [1, 4]] {
             assert_eq!(entries(arrive), on_time, "segments at ticks {arrive:?}");
         }
+    }
+
+    /// Only ticks with live entries wait for the room table: short videos
+    /// keep flowing while the room stage writes no progress (it is down),
+    /// and a live entry's tick, and those after it, wait.
+    #[test]
+    fn only_ticks_with_entries_wait_for_the_table() {
+        let cfg = Arc::new(UserSequencesConfig {
+            enabled: true,
+            ..UserSequencesConfig::default()
+        });
+        let table = RoomTable::gated();
+        let mut op = UserSequences::new(cfg, Some(table.clone()));
+        let mut outputs = Vec::new();
+        let play = |t: i64, offset: i64| {
+            let s = ShortVideoAction {
+                user_id: "u1".into(),
+                video_id: format!("video-{offset}"),
+                author_id: "author".into(),
+                event_time_ms: t,
+                kind: ShortVideoActionKind::Play as i32,
+                watch_ms: 1000,
+                duration_ms: 5000,
+                ..ShortVideoAction::default()
+            };
+            let pos = Position {
+                kind: InputKind::ShortVideoActions,
+                offset,
+            };
+            (Event::ShortVideo(s), pos)
+        };
+        let enter = Event::Action(crate::schema::ViewerAction {
+            room_id: "r".into(),
+            user_id: "u2".into(),
+            event_time_ms: T0 + 1500,
+            kind: crate::schema::ActionKind::Enter as i32,
+            ..Default::default()
+        });
+        let snapshots = |out: &[Output]| -> Vec<(String, i64)> {
+            out.iter()
+                .filter(|o| o.topic == OutputTopic::UserSequences)
+                .map(|o| {
+                    let s = UserSequence::decode(&o.payload[..]).unwrap();
+                    (s.user_id, s.as_of_ms)
+                })
+                .collect()
+        };
+        {
+            let mut ctx = Context::new(&mut outputs, 0, TICK);
+            let (e, pos) = play(T0 + 200, 0);
+            op.on_record(&e, pos, false, &mut ctx);
+            let pos = Position {
+                kind: InputKind::UserActions,
+                offset: 0,
+            };
+            op.on_record(&enter, pos, false, &mut ctx);
+            let (e, pos) = play(T0 + 2200, 1);
+            op.on_record(&e, pos, false, &mut ctx);
+            for k in 0..3 {
+                op.on_tick(T0 + k * TICK, &mut ctx);
+            }
+        }
+        assert_eq!(snapshots(&outputs), vec![("u1".to_string(), T0 + TICK)]);
+        assert_eq!(op.unfinished_tick(), Some(T0 + TICK));
+        table.assigned(1);
+        table.caught_up();
+        table.progress(0, 0, T0 + 5 * TICK);
+        op.poll(&mut Context::new(&mut outputs, 0, TICK));
+        assert_eq!(
+            snapshots(&outputs),
+            vec![
+                ("u1".to_string(), T0 + TICK),
+                ("u2".to_string(), T0 + 2 * TICK),
+                ("u1".to_string(), T0 + 3 * TICK)
+            ]
+        );
+        assert_eq!(op.unfinished_tick(), None);
     }
 
     proptest::proptest! {
