@@ -301,7 +301,7 @@ impl GiftScoring {
                     .buffered
                     .keys()
                     .next()
-                    .is_some_and(|k| k.0 == a.event_time_ms && k.0 < actions_before);
+                    .is_some_and(|k| k.0 == a.event_time_ms);
                 if !same_time {
                     self.score_due();
                 }
