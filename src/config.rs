@@ -733,7 +733,8 @@ pub struct BatchSettings {
 }
 
 impl PipelineConfig {
-    /// Whether the user stage runs (today: when MMBee scores viewers).
+    /// Whether the user stage runs: MMBee scores viewers (on, with a model),
+    /// or the behaviour sequences are kept.
     pub fn user_stage(&self) -> bool {
         let mb = &self.operators.mmbee;
         (mb.enabled && !mb.model.is_empty()) || self.operators.user_sequences.enabled

@@ -314,7 +314,11 @@ fn highlight_events_match_the_simulated_highlights() {
 /// `room-features`, `highlight-scores`, `highlights` (open and closed),
 /// `training-samples` and `room-stats` must be there, with nothing else,
 /// byte for byte: every extra record is an exact replay. The training
-/// samples include MMBee's (content segments, gifts, labelled pairs).
+/// samples include MMBee's (content segments, gifts, labelled pairs) and the
+/// user stage's live moments. The user stage runs too: the rooms' scores the
+/// room stage writes to `room-embeddings` and the behaviour sequences on
+/// `user-sequences`, whose live entries carry the room's score as of the
+/// entry, must be the reference's byte for byte as well.
 #[test]
 fn highlights_after_sigkills_are_what_a_clean_run_writes() {
     const KILL_ROOMS: usize = 4;
@@ -322,13 +326,21 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
     let (dir, topics, clean) = common::kill_case("highlight");
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     // MMBee's training data too (content segments, gifts, labelled pairs;
-    // no model: no scoring).
+    // no model: no scoring), and the user stage's behaviour sequences, whose
+    // live entries carry the room's highlight score as of the entry (from
+    // the room table: the room stage writes the scores there).
     let extra = format!(
-        "{}\n[operators.mmbee]\nenabled = true\nsamples = true\nmodel = \"\"\n",
+        "{}\n[operators.mmbee]\nenabled = true\nsamples = true\nmodel = \"\"\n\
+         [operators.user_sequences]\nenabled = true\nsamples = true\n",
         extra(&models)
     );
     let pipeline = common::pipeline(&dir, &topics, &extra);
     let reference = common::reference_pipeline(&dir, &topics, &clean, &extra);
+    // The user stage's event-time order across rooms holds within the
+    // allowed lateness, and a restarted room stage drains its backlog with
+    // its partitions apart (see the MMBee kill case).
+    const LATENESS_S: u64 = 60;
+    common::set_lateness(&[&pipeline, &reference], LATENESS_S);
     common::create_topics(&pipeline);
     common::create_topics(&reference);
     let mut reference = Proc::engine(&dir, &reference, "reference");
@@ -422,7 +434,13 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
         );
         if topic == "training-samples" {
             let tasks = task_counts(&clean_recs);
-            for task in ["mmbee", "mmbee-gifts", "mmbee-content", "highlight"] {
+            for task in [
+                "mmbee",
+                "mmbee-gifts",
+                "mmbee-content",
+                "highlight",
+                "live-moment",
+            ] {
                 assert!(
                     tasks.get(task).is_some_and(|&n| n > 0),
                     "no {task} samples in the clean run: {tasks:?}"
@@ -444,10 +462,38 @@ fn highlights_after_sigkills_are_what_a_clean_run_writes() {
         events > 0,
         "no highlight written: the hysteresis went untested"
     );
+    // The user stage: the rooms' scores it read (the progress records are
+    // not replays: which values are written depends on when ticks close),
+    // and the sequences, whose entries carry them, byte for byte.
+    let compare = |topic: &str, skip| common::compare_topic(&clean, &topics, topic, skip);
+    let scores = compare("room-embeddings", |r| r.key.first() == Some(&0));
+    assert!(
+        scores.exact() && scores.clean > 0,
+        "room-embeddings: {scores}"
+    );
+    let clean_sequences = settle(&clean, "user-sequences", 1);
+    let with_score = clean_sequences
+        .iter()
+        .filter(|r| {
+            onair::schema::UserSequence::decode(&r.payload[..])
+                .is_ok_and(|s| s.behaviours.iter().any(|b| b.highlight_score.is_some()))
+        })
+        .count();
+    settle(&topics, "user-sequences", clean_sequences.len());
+    let sequences = compare("user-sequences", |_| false);
+    assert!(
+        sequences.exact() && with_score > 0,
+        "user-sequences: {sequences}; {with_score} snapshots with a highlight score\n{}",
+        engine.log_tail()
+    );
+    lines.push(format!(
+        "room-embeddings scores {} ({} replays), user-sequences {} ({} replays, {with_score} with a score)",
+        scores.clean, scores.replays, sequences.clean, sequences.replays
+    ));
     engine.stop();
     reference.stop();
     println!(
-        "fault: 4 SIGKILLs, features and highlight | records lost 0 | {} | kill to first score: {}",
+        "fault: 4 SIGKILLs, features, highlight and user sequences | records lost 0 | {} | kill to first score: {}",
         lines.join(", "),
         common::summary(&recoveries)
     );

@@ -434,18 +434,7 @@ fn gift_predictions_after_sigkills_are_what_a_clean_run_writes() {
     // other test of this file beside it on two cores, a room partition ran
     // 33 s behind the others after a restart.
     const LATENESS_S: u64 = 60;
-    for p in [&pipeline, &reference] {
-        let text = std::fs::read_to_string(p).expect("pipeline");
-        assert!(text.contains("allowed_lateness_ms = 15000"));
-        std::fs::write(
-            p,
-            text.replace(
-                "allowed_lateness_ms = 15000",
-                &format!("allowed_lateness_ms = {}", LATENESS_S * 1000),
-            ),
-        )
-        .expect("pipeline");
-    }
+    common::set_lateness(&[&pipeline, &reference], LATENESS_S);
     common::create_topics(&pipeline);
     common::create_topics(&reference);
     let mut reference = Proc::engine(&dir, &reference, "reference");
@@ -557,14 +546,7 @@ fn gift_predictions_after_sigkills_are_what_a_clean_run_writes() {
     }
     // A topic of the killed engine against the reference's, without the
     // records `skip` says are not replays.
-    let compare = |topic: &str, skip: fn(&common::Rec) -> bool| {
-        let read = |t: &Topics| {
-            let mut recs = read_until(&t.name(topic), Duration::from_secs(15), |_| false);
-            recs.retain(|r| !skip(r));
-            recs
-        };
-        common::against_clean(&read(&clean), &read(&topics))
-    };
+    let compare = |topic: &str, skip| common::compare_topic(&clean, &topics, topic, skip);
     let samples = compare("training-samples", |_| false);
     assert!(
         samples.exact() && samples.clean > 0,

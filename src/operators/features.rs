@@ -752,10 +752,7 @@ impl Operator for Features {
                     }
                 }
             }
-            Note::Features { .. }
-            | Note::Embedded { .. }
-            | Note::Content { .. }
-            | Note::HighlightScore { .. } => {}
+            Note::Features { .. } | Note::Embedded { .. } | Note::Content { .. } => {}
         }
     }
 

@@ -1,7 +1,8 @@
 //! Highlight detection online: every room's newest tick is scored by the
 //! highlight model from that tick and the ticks before it (never later
-//! ones), the score is written to `highlight-scores`, and runs of high
-//! scores become highlight events on `highlights`.
+//! ones), the score is written to `highlight-scores` (and, for the user
+//! stage's sequences, to `room-embeddings`: see [`Highlight::with_room_scores`]),
+//! and runs of high scores become highlight events on `highlights`.
 //!
 //! # Per room
 //! * A queue of ticks whose features came (from the features operator's
@@ -59,7 +60,8 @@ use crate::models::ModelError;
 use crate::runtime::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
 use crate::schema::{
     deterministic_id, Event, HighlightComment, HighlightEvent, HighlightOpen, HighlightPendingTick,
-    HighlightRoomRecord, HighlightScore, HighlightStepState, HighlightTranscript, SCHEMA_VERSION,
+    HighlightRoomRecord, HighlightScore, HighlightStepState, HighlightTranscript, RoomEmbedding,
+    SCHEMA_VERSION,
 };
 use crate::state::room_log::{Logged, RoomLog};
 use crate::state::Cut;
@@ -219,6 +221,8 @@ pub struct Highlight {
     closed: Counter,
     /// The rooms' changelog: once on, the look-back is not held.
     log: RoomLog,
+    /// Whether scores also go to `room-embeddings`.
+    room_scores: bool,
 }
 
 impl Highlight {
@@ -241,7 +245,16 @@ impl Highlight {
             opened: counter!(HIGHLIGHT_EVENTS, "state" => "open"),
             closed: counter!(HIGHLIGHT_EVENTS, "state" => "closed"),
             log: RoomLog::new("highlight"),
+            room_scores: false,
         }
+    }
+
+    /// Also writes every score to `room-embeddings`, where the user stage's
+    /// room table reads a room's score as of an entry (the partition's
+    /// content progress covers it: a tick is unfinished until scored).
+    pub fn with_room_scores(mut self, on: bool) -> Self {
+        self.room_scores = on;
+        self
     }
 
     /// Sends the room's next tick to the model unless one is there already.
@@ -399,11 +412,33 @@ impl Highlight {
         if let Some(c) = &self.scored {
             c.increment(1);
         }
-        ctx.note(Note::HighlightScore {
-            room_id: key.clone(),
-            tick_start_ms: tick.tick,
-            score: out.score,
-        });
+        let tick_end = tick.tick + self.tick_ms;
+        if self.room_scores {
+            let table = RoomEmbedding {
+                schema_version: SCHEMA_VERSION,
+                id: deterministic_id(&[b"room-score", key.as_bytes(), &tick.tick.to_le_bytes()]),
+                room_id: key.to_string(),
+                streamer_id: record.streamer_id.clone(),
+                event_time_ms: tick_end,
+                model_version: model.to_string(),
+                segment_start_ms: tick.tick,
+                segment_end_ms: tick_end,
+                highlight_score: Some(out.score),
+                ..RoomEmbedding::default()
+            };
+            let mut table_key = key.as_bytes().to_vec();
+            table_key.extend_from_slice(b"\0highlight");
+            ctx.emit(Output {
+                topic: OutputTopic::RoomScores,
+                key: table_key,
+                id: table.id.clone(),
+                payload: table.encode_to_vec(),
+                headers: Vec::new(),
+                model_version: Some(model.to_string()),
+                tick_end_ms: Some(tick_end),
+                depends_on: tick.holds,
+            });
+        }
         ctx.emit(Output {
             topic: OutputTopic::HighlightScores,
             key: key.as_bytes().to_vec(),
@@ -411,7 +446,7 @@ impl Highlight {
             payload: record.encode_to_vec(),
             headers: Vec::new(),
             model_version: Some(model.to_string()),
-            tick_end_ms: Some(tick.tick + self.tick_ms),
+            tick_end_ms: Some(tick_end),
             depends_on: tick.holds,
         });
     }
@@ -798,10 +833,7 @@ impl Operator for Highlight {
                     room.transcripts.pop_front();
                 }
             }
-            Note::Voice { .. }
-            | Note::Embedded { .. }
-            | Note::Content { .. }
-            | Note::HighlightScore { .. } => {}
+            Note::Voice { .. } | Note::Embedded { .. } | Note::Content { .. } => {}
         }
     }
 

@@ -42,6 +42,24 @@ pub struct Services {
     pub interests: Option<Arc<crate::models::interests::InterestModel>>,
 }
 
+/// Whether the room stage writes rooms' highlight scores to `room-embeddings`
+/// (highlight detection runs, and the user stage's sequences read them).
+pub fn writes_room_scores(config: &PipelineConfig, services: &Services) -> bool {
+    services.features.is_some()
+        && services.highlight.is_some()
+        && config.operators.user_sequences.enabled
+}
+
+/// Whether the room stage writes anything to `room-embeddings`: rooms'
+/// content (MMBee's fusion runs: content from the features' embeddings, and
+/// a model) or highlight scores. With it, it writes its progress, which the
+/// user stage's table then waits for.
+pub fn writes_room_table(config: &PipelineConfig, services: &Services) -> bool {
+    let content =
+        config.operators.mmbee.enabled && services.features.is_some() && services.mmbee.is_some();
+    content || writes_room_scores(config, services)
+}
+
 /// Builds the operators a pipeline enables, in the order they run.
 pub fn build(
     config: &PipelineConfig,
@@ -64,7 +82,10 @@ pub fn build(
         ));
         // After features: these read their notes.
         if let Some(svc) = &services.highlight {
-            ops.push(Box::new(highlight::Highlight::new(svc.clone())));
+            ops.push(Box::new(
+                highlight::Highlight::new(svc.clone())
+                    .with_room_scores(writes_room_scores(config, services)),
+            ));
         }
         let hl = &config.operators.highlight_labels;
         if hl.enabled {
@@ -83,7 +104,6 @@ pub fn build(
             }
         }
     }
-    // Last: it reads the highlight operator's notes.
     if config.user_stage() {
         ops.push(Box::new(repartition::Repartition::new()));
     }

@@ -6,30 +6,24 @@
 //!
 //! The record is the action as decoded (protobuf, whatever encoding it came
 //! in), annotated with its source position (`source_partition`,
-//! `source_offset`: the user stage recognises replays by them) and, for
-//! entries, the room's latest highlight score this operator has seen (the
-//! highlight operator's notes; scores come back from the model a little
-//! after their tick, so this is usually the score of a tick or two before).
-//! Its id is derived from the source position too, so a replay after a
-//! restart writes the same ids.
+//! `source_offset`: the user stage recognises replays by them). Its id is
+//! derived from the source position too, so a replay after a restart writes
+//! the same ids.
 //!
-//! Not for: anything the user stage does with them (see `gift_scoring`).
-
-use std::collections::HashMap;
-use std::sync::Arc;
+//! Not for: the room's state at the action (the user stage reads it as of
+//! the action's time from the `room-embeddings` table: content and highlight
+//! score), or anything the user stage does with them (see `gift_scoring`).
 
 use prost::Message;
 
 use crate::metrics::Stage;
-use crate::runtime::{Context, Holds, Note, Operator, Output, OutputTopic, Position};
-use crate::schema::{deterministic_id, ActionKind, Event};
+use crate::runtime::{Context, Holds, Operator, Output, OutputTopic, Position};
+use crate::schema::{deterministic_id, Event};
 
 /// The repartition operator for one partition.
 pub struct Repartition {
     stage: Stage,
     partition: i32,
-    /// Each room's latest highlight score: (tick start, score).
-    highlight: HashMap<Arc<str>, (i64, f32)>,
 }
 
 impl Repartition {
@@ -38,7 +32,6 @@ impl Repartition {
         Repartition {
             stage: Stage::new("repartition"),
             partition: 0,
-            highlight: HashMap::new(),
         }
     }
 }
@@ -66,9 +59,6 @@ impl Operator for Repartition {
         action.source_partition = self.partition;
         action.source_offset = pos.offset;
         action.highlight_score = None;
-        if a.kind() == ActionKind::Enter {
-            action.highlight_score = self.highlight.get(a.room_id.as_str()).map(|&(_, s)| s);
-        }
         let mut holds = Holds::default();
         holds.hold(pos);
         let id = deterministic_id(&[
@@ -89,26 +79,5 @@ impl Operator for Repartition {
         self.stage.sent.increment(1);
     }
 
-    fn on_note(&mut self, note: &Note, _ctx: &mut Context<'_>) {
-        if let Note::HighlightScore {
-            room_id,
-            tick_start_ms,
-            score,
-        } = note
-        {
-            let slot = self
-                .highlight
-                .entry(room_id.clone())
-                .or_insert((i64::MIN, 0.0));
-            if *tick_start_ms >= slot.0 {
-                *slot = (*tick_start_ms, *score);
-            }
-        }
-    }
-
     fn holds(&self, _holds: &mut Holds) {}
-
-    fn on_revoke(&mut self) {
-        self.highlight.clear();
-    }
 }

@@ -13,16 +13,17 @@
 //! a restart: then it is a replay the restored state lacks, and joins
 //! silently.
 //!
-//! A live entry carries the room's highlight score (attached by the room
-//! stage, see [`super::repartition`]) and the room's content representation
-//! at entry: the mean of the MMBee content tokens of the room's latest
-//! segment that completed by the entry, from the `room-embeddings` table
-//! ([`RoomTable::pooled_as_of`]). When the table is gated (the room stage
-//! writes its content progress), a closed tick with live entries waits until
-//! the table is complete through its end before its actions join (and the
-//! ticks after it wait behind it; [`Operator::unfinished_tick`] keeps the
-//! checkpoint behind them), so an entry gets the same content however late
-//! the segment reached the table. Ticks without entries (short videos while
+//! A live entry carries the room's state at entry, from the
+//! `room-embeddings` table: its highlight score, that of its latest tick
+//! scored that ended by the entry ([`RoomTable::score_as_of`]), and its
+//! content representation, the mean of the MMBee content tokens of its
+//! latest segment that completed by the entry ([`RoomTable::pooled_as_of`]).
+//! When the table is gated (the room stage writes its progress), a closed
+//! tick with live entries waits until the table is complete through its end
+//! before its actions join (and the ticks after it wait behind it;
+//! [`Operator::unfinished_tick`] keeps the checkpoint behind them), so an
+//! entry gets the same score and content however late they reached the
+//! table. Ticks without entries (short videos while
 //! the room stage is down) do not wait.
 //!
 //! State survives restarts and hand-overs through the user stage's changelog
@@ -149,14 +150,14 @@ impl UserSequences {
         self.users.get(user)
     }
 
-    /// Gives a live entry the room's content vector as of its time: that of
-    /// the room's latest segment completed by then.
+    /// Gives a live entry the room's state as of its time: the content
+    /// vector of the room's latest segment completed by then, and the score
+    /// of its latest tick ended by then.
     fn with_content(&self, act: &mut Act) {
         if act.domain == Domain::Live && act.step == Step::Enter {
-            act.content = self
-                .table
-                .as_ref()
-                .and_then(|t| t.pooled_as_of(&act.item, act.time_ms));
+            let table = self.table.as_ref();
+            act.content = table.and_then(|t| t.pooled_as_of(&act.item, act.time_ms));
+            act.highlight = table.and_then(|t| t.score_as_of(&act.item, act.time_ms));
         }
     }
 
@@ -639,9 +640,11 @@ mod tests {
 
     /// The snapshots written for two users who enter room r at T0 + 700
     /// and T0 + 1700, the room's segments completing at T0 + 500 and T0 +
-    /// 1200, when the room table gets each segment and the room stage's
-    /// progress at tick `arrive[i]` (the progress through T0 + 500 and T0 +
-    /// 1200 after each).
+    /// 1200 (with highlight scores 0.5 and 0.25 of ticks ending then, and
+    /// one of 0.75 ending at T0 + 1800, after both entries), when the room
+    /// table gets each segment and score and the room stage's progress at
+    /// tick `arrive[i]` (the progress through T0 + 500 and T0 + 1200 after
+    /// each).
     fn entries(arrive: [i64; 2]) -> Vec<(String, Vec<u8>)> {
         let cfg = Arc::new(UserSequencesConfig {
             enabled: true,
@@ -679,6 +682,10 @@ mod tests {
             for (i, &(start, at)) in segments.iter().enumerate() {
                 if arrive[i] == k {
                     table.put("r", segment(start, at));
+                    table.put_score("r", at, 0.5 / (i + 1) as f32);
+                    if i == 1 {
+                        table.put_score("r", T0 + 1800, 0.75);
+                    }
                     table.progress(0, 0, at);
                 }
             }
@@ -700,8 +707,9 @@ mod tests {
     }
 
     /// A live entry carries the content of the room's latest segment that
-    /// completed by the entry, however late the segment reached the table:
-    /// its tick waits for the room stage's progress.
+    /// completed by the entry, and the score of its latest tick that ended
+    /// by then, however late they reached the table: its tick waits for the
+    /// room stage's progress.
     #[test]
     fn entries_take_the_content_of_their_time_whenever_it_arrives() {
         let on_time = entries([-1, 0]);
@@ -720,6 +728,11 @@ mod tests {
                 ("u2".to_string(), vec![(T0 + 500) as f32, 1.0])
             ]
         );
+        let scores: Vec<Option<f32>> = on_time
+            .iter()
+            .map(|(_, p)| UserSequence::decode(&p[..]).unwrap().behaviours[0].highlight_score)
+            .collect();
+        assert_eq!(scores, vec![Some(0.5), Some(0.25)]);
         for arrive in [[2, 2], [0, 5], [3, 3], [5, 6], [1, 4]] {
             assert_eq!(entries(arrive), on_time, "segments at ticks {arrive:?}");
         }

@@ -165,7 +165,7 @@ impl Engine {
             }),
             snapshot_every: changelog
                 .then(|| Duration::from_millis(config.runtime.snapshot_interval_ms)),
-            progress: (kafka && writes_room_content(config, services))
+            progress: (kafka && operators::writes_room_table(config, services))
                 .then_some(config.kafka.topics.partitions),
         }
     }
@@ -240,7 +240,7 @@ impl Engine {
         if config.user_stage() {
             // The room stage writes its content progress with the content:
             // the table waits for it.
-            let table = if writes_room_content(&config, &services) {
+            let table = if operators::writes_room_table(&config, &services) {
                 crate::sources::room_table::RoomTable::gated()
             } else {
                 crate::sources::room_table::RoomTable::new()
@@ -412,13 +412,6 @@ impl Engine {
 /// The `transactional.id` of an instance's producer: stable across restarts
 /// of a static member (so the restarted instance fences its predecessor and
 /// aborts its open transaction), unique otherwise.
-/// Whether the room stage writes rooms' content to `room-embeddings` (MMBee's
-/// fusion runs: content from the features' embeddings, and a model), and with
-/// it its content progress, which the user stage's table then waits for.
-fn writes_room_content(config: &PipelineConfig, services: &Services) -> bool {
-    config.operators.mmbee.enabled && services.features.is_some() && services.mmbee.is_some()
-}
-
 fn transactional_id(group_id: &str, instance_id: Option<&str>) -> String {
     match instance_id {
         Some(id) => format!("{group_id}-{id}"),
@@ -480,8 +473,11 @@ fn services(config: &PipelineConfig) -> Result<Services, EngineError> {
             info!(model = %svc.model.label(), "highlight model serving");
             services.highlight = Some(Arc::new(svc));
         }
-        if config.user_stage() {
-            let svc = crate::models::mmbee::MmbeeService::start(&config.operators.mmbee)?;
+        let mb = &config.operators.mmbee;
+        // Gift prediction: MMBee on with a model (without one, samples only;
+        // the user stage may run for the sequences alone).
+        if mb.enabled && !mb.model.is_empty() {
+            let svc = crate::models::mmbee::MmbeeService::start(mb)?;
             info!(model = %svc.label(), graph = svc.graph_version(), "MMBee serving");
             services.mmbee = Some(Arc::new(svc));
         }

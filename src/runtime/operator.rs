@@ -92,6 +92,9 @@ pub enum OutputTopic {
         /// The partition.
         partition: i32,
     },
+    /// Rooms' highlight scores for the user stage, on `room-embeddings`
+    /// (see [`crate::sources::room_table`]).
+    RoomScores,
     /// A room-stage partition's content progress, on one partition of the
     /// `room-embeddings` topic (see [`crate::sources::room_table`]).
     RoomProgress {
@@ -117,6 +120,7 @@ impl OutputTopic {
             OutputTopic::UserSequences => "user_sequences",
             OutputTopic::UserChangelog { .. } => "user_changelog",
             OutputTopic::RoomChangelog { .. } => "room_changelog",
+            OutputTopic::RoomScores => "room_scores",
             OutputTopic::RoomProgress { .. } => "room_progress",
         }
     }
@@ -212,17 +216,6 @@ pub enum Note {
         content: Arc<crate::operators::mmbee_content::ContentRow>,
         /// The input positions the segment was built from.
         holds: Holds,
-    },
-    /// A room's highlight score for one tick, as written to the
-    /// highlight-scores topic (the scores come back from the model off the
-    /// task, so a tick's note may come after later records of the room).
-    HighlightScore {
-        /// The room.
-        room_id: Arc<str>,
-        /// The tick scored.
-        tick_start_ms: i64,
-        /// The score.
-        score: f32,
     },
     /// Voice activity over a closed tick of a room's audio.
     Voice {

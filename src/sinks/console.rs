@@ -264,6 +264,7 @@ impl Sink for ConsoleSink {
                 OutputTopic::UserSequences => v.user_sequences += 1,
                 OutputTopic::UserChangelog { .. }
                 | OutputTopic::RoomChangelog { .. }
+                | OutputTopic::RoomScores
                 | OutputTopic::RoomProgress { .. } => {}
                 OutputTopic::RoomFeatures => {
                     if let Ok(f) = RoomFeatures::decode(&out.payload[..]) {

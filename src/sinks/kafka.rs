@@ -38,7 +38,9 @@ fn topic_name(t: &TopicsConfig, o: OutputTopic) -> &str {
         OutputTopic::HighlightScores => &t.highlight_scores,
         OutputTopic::Highlights => &t.highlights,
         OutputTopic::UserActions => &t.user_actions,
-        OutputTopic::RoomEmbeddings | OutputTopic::RoomProgress { .. } => &t.room_embeddings,
+        OutputTopic::RoomEmbeddings
+        | OutputTopic::RoomScores
+        | OutputTopic::RoomProgress { .. } => &t.room_embeddings,
         OutputTopic::GiftPredictions => &t.gift_predictions,
         OutputTopic::UserSequences => &t.user_sequences,
         OutputTopic::UserChangelog { .. } => &t.user_state,

@@ -16,6 +16,10 @@
 //! that reported on it. Joining content no later than that makes the join
 //! independent of when the content arrived.
 //!
+//! With the user stage's sequences on, the room stage also writes each
+//! room's highlight score per tick to the topic; the table keeps the recent
+//! ones ([`RoomTable::score_as_of`]), under the same progress.
+//!
 //! Not for: room-keyed state (the room stage owns it), or committing offsets
 //! (a table is rebuilt from the topic at every start).
 
@@ -98,6 +102,14 @@ struct Inner {
     history: HashMap<Arc<str>, VecDeque<Segment>>,
     /// The latest completion of any segment put.
     newest_ms: i64,
+    /// Per room, (tick end, highlight score) of its scored ticks, oldest
+    /// first, back to [`HISTORY_MS`] behind `newest_score_ms`.
+    scores: HashMap<Arc<str>, VecDeque<(i64, f32)>>,
+    /// The latest tick end of any score put.
+    newest_score_ms: i64,
+    /// Up to when every room's history was last pruned (a room prunes its
+    /// own when it changes; one that no longer changes, by these sweeps).
+    swept_ms: i64,
     /// (sequence number, room, content) of every change, oldest first.
     log: VecDeque<(u64, Arc<str>, RoomContent)>,
     next_seq: u64,
@@ -112,7 +124,35 @@ struct Inner {
     progress: HashMap<i32, HashMap<i32, i64>>,
 }
 
+/// Drops the entries of `history` superseded before `horizon`: an entry goes
+/// once its successor came at or before it (the last always stays).
+fn prune<T>(history: &mut VecDeque<(i64, T)>, horizon: i64) {
+    while history.get(1).is_some_and(|(next, _)| *next < horizon) {
+        history.pop_front();
+    }
+}
+
 impl Inner {
+    /// Once every [`HISTORY_MS`] of event time, prunes every room's
+    /// history, so that rooms that ended keep one entry each.
+    fn sweep(&mut self) {
+        let newest = self.newest_ms.max(self.newest_score_ms);
+        if newest < self.swept_ms.saturating_add(HISTORY_MS) {
+            return;
+        }
+        self.swept_ms = newest;
+        let (segments, scores) = (
+            self.newest_ms.saturating_sub(HISTORY_MS),
+            self.newest_score_ms.saturating_sub(HISTORY_MS),
+        );
+        for h in self.history.values_mut() {
+            prune(h, segments);
+        }
+        for h in self.scores.values_mut() {
+            prune(h, scores);
+        }
+    }
+
     fn wake(&mut self) {
         self.wakes.retain(|w| match w.upgrade() {
             Some(n) => {
@@ -231,9 +271,8 @@ impl RoomTable {
         let segments = g.history.entry(key.clone()).or_default();
         let at = segments.partition_point(|(at, _)| *at <= content.at_ms);
         segments.insert(at, (content.at_ms, content.pooled().into()));
-        while segments.get(1).is_some_and(|(next, _)| *next < horizon) {
-            segments.pop_front();
-        }
+        prune(segments, horizon);
+        g.sweep();
         let seq = g.next_seq;
         g.next_seq += 1;
         g.log.push_back((seq, key, content));
@@ -259,6 +298,35 @@ impl RoomTable {
         let segments = g.history.get(room)?;
         let n = segments.partition_point(|(at, _)| *at <= t);
         n.checked_sub(1).map(|i| segments[i].1.clone())
+    }
+
+    /// Puts a room's highlight score for the tick that ended at `tick_end_ms`
+    /// (a replay of one it has replaces it).
+    pub fn put_score(&self, room: &str, tick_end_ms: i64, score: f32) {
+        let mut g = self.lock();
+        g.newest_score_ms = g.newest_score_ms.max(tick_end_ms);
+        let horizon = g.newest_score_ms.saturating_sub(HISTORY_MS);
+        let scores = match g.scores.get_mut(room) {
+            Some(s) => s,
+            None => g.scores.entry(Arc::from(room)).or_default(),
+        };
+        let at = scores.partition_point(|(end, _)| *end < tick_end_ms);
+        match scores.get_mut(at) {
+            Some(slot) if slot.0 == tick_end_ms => slot.1 = score,
+            _ => scores.insert(at, (tick_end_ms, score)),
+        }
+        prune(scores, horizon);
+        g.sweep();
+    }
+
+    /// The room's highlight score as of `t`: that of its latest scored tick
+    /// that ended at or before `t`. Ticks more than [`HISTORY_MS`] older
+    /// than the room's next are forgotten, as segments are.
+    pub fn score_as_of(&self, room: &str, t: i64) -> Option<f32> {
+        let g = self.lock();
+        let scores = g.scores.get(room)?;
+        let n = scores.partition_point(|(end, _)| *end <= t);
+        n.checked_sub(1).map(|i| scores[i].1)
     }
 
     /// Rooms in the table.
@@ -302,13 +370,18 @@ impl RoomTable {
     }
 
     /// Decodes one record of `room-embeddings` partition `partition` and
-    /// puts it: a room's content, or a room-stage partition's progress.
+    /// puts it: a room's content or highlight score, or a room-stage
+    /// partition's progress.
     /// None: not a valid record (counted, skipped: the table is an output of
     /// ours).
     pub fn put_record(&self, partition: i32, payload: &[u8]) -> Option<bool> {
         let rec = RoomEmbedding::decode(payload).ok()?;
         if rec.room_id.is_empty() && rec.embedding.is_empty() {
             self.progress(partition, rec.source_partition, rec.content_through_ms);
+            return Some(false);
+        }
+        if let (Some(score), false) = (rec.highlight_score, rec.room_id.is_empty()) {
+            self.put_score(&rec.room_id, rec.event_time_ms, score);
             return Some(false);
         }
         if rec.room_id.is_empty() || rec.embedding.is_empty() {
@@ -480,12 +553,48 @@ mod tests {
         assert_eq!(
             as_of("a", at(0)),
             Some(0.0),
-            "pruned only when a room changes"
+            "pruned when the room changes, or by a sweep, once a horizon on"
         );
         assert!(t.put("a", content(30_000 + HISTORY_MS)));
         assert_eq!(as_of("a", at(0)), None, "forgotten");
         assert_eq!(as_of("a", at(10_000)), Some(10_000.0));
         assert_eq!(as_of("a", i64::MAX), Some((30_000 + HISTORY_MS) as f32));
+    }
+
+    #[test]
+    fn a_room_has_the_score_of_its_latest_tick_ended_and_ended_rooms_keep_one() {
+        let t = RoomTable::new();
+        t.put_score("a", 2_000, 0.2);
+        t.put_score("a", 1_000, 0.1);
+        t.put_score("a", 4_000, 0.4);
+        t.put_score("a", 2_000, 0.25);
+        assert_eq!(t.score_as_of("a", 999), None, "no tick had ended");
+        assert_eq!(t.score_as_of("a", 1_000), Some(0.1));
+        assert_eq!(
+            t.score_as_of("a", 3_999),
+            Some(0.25),
+            "a replay replaced it"
+        );
+        assert_eq!(t.score_as_of("a", i64::MAX), Some(0.4));
+        assert_eq!(t.score_as_of("b", 4_000), None);
+        // Room "a" ends; "b" goes on: a sweep leaves "a" its last score.
+        for end in (5_000..=5_000 + 2 * HISTORY_MS).step_by(60_000) {
+            t.put_score("b", end, 1.0);
+        }
+        assert_eq!(t.score_as_of("a", 3_999), None, "swept");
+        assert_eq!(t.score_as_of("a", i64::MAX), Some(0.4), "the last stays");
+        assert_eq!(t.lock().scores["a"].len(), 1);
+        assert!(t.lock().scores["b"].len() <= (HISTORY_MS / 60_000) as usize + 2);
+        // Through a record of the topic: not content, no progress.
+        let rec = RoomEmbedding {
+            room_id: "c".into(),
+            event_time_ms: 7_000,
+            highlight_score: Some(0.7),
+            ..RoomEmbedding::default()
+        };
+        assert_eq!(t.put_record(0, &rec.encode_to_vec()), Some(false));
+        assert_eq!(t.score_as_of("c", 7_000), Some(0.7));
+        assert!(t.get("c").is_none());
     }
 
     #[test]

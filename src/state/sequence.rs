@@ -210,8 +210,9 @@ impl Act {
     }
 
     /// A live action as the sequence takes it, read at `source`, with the
-    /// room's content vector (kept for entries only, as is the highlight
-    /// score the action carries). None: a kind that does nothing.
+    /// room's content vector (kept for entries only; the room's highlight
+    /// score is the caller's to set, see [`Act::highlight`], as the one the
+    /// action carries is ignored). None: a kind that does nothing.
     pub fn live(a: &ViewerAction, source: Source, content: Option<Arc<[f32]>>) -> Option<Act> {
         let step = Act::live_step(a.kind())?;
         let enter = step == Step::Enter;
@@ -225,7 +226,7 @@ impl Act {
             watch_ms: a.watch_ms,
             duration_ms: 0,
             gift_value: a.gift_value,
-            highlight: a.highlight_score.filter(|_| enter),
+            highlight: None,
             content: content.filter(|_| enter),
         })
     }

@@ -496,6 +496,37 @@ pub fn against_clean(clean: &[Rec], faulted: &[Rec]) -> Against {
     })
 }
 
+/// `topic` as the faulted run (`faulted`) wrote it against the clean run's
+/// (`clean`), both read to their ends, without the records `skip` says are
+/// not replays (such as progress records).
+pub fn compare_topic(
+    clean: &Topics,
+    faulted: &Topics,
+    topic: &str,
+    skip: fn(&Rec) -> bool,
+) -> Against {
+    let read = |t: &Topics| {
+        let mut recs = read_until(&t.name(topic), Duration::from_secs(15), |_| false);
+        recs.retain(|r| !skip(r));
+        recs
+    };
+    against_clean(&read(clean), &read(faulted))
+}
+
+/// Sets `runtime.allowed_lateness_ms` of pipeline files written by
+/// [`pipeline`] to `seconds`.
+pub fn set_lateness(pipelines: &[&Path], seconds: u64) {
+    for p in pipelines {
+        let text = std::fs::read_to_string(p).expect("pipeline");
+        assert!(text.contains("allowed_lateness_ms = 15000"));
+        let text = text.replace(
+            "allowed_lateness_ms = 15000",
+            &format!("allowed_lateness_ms = {}", seconds * 1000),
+        );
+        std::fs::write(p, text).expect("pipeline");
+    }
+}
+
 /// [`against_clean`] with the records told apart by `id` (for a topic
 /// whose records of one id change, as a highlight written open and then
 /// closed: the id and the bytes).
